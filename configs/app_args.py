@@ -1,0 +1,116 @@
+"""The typed arguments of `serve_app.builder.build_app`: what `serve_config.yaml` passes as `args:`.
+
+Every field is described and bounded; unknown keys are rejected (`extra="forbid"`), so a typo in a
+config file fails `serve run`/`serve deploy` instead of being silently ignored.
+"""
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from configs.model_spec import ModelSpec, TinySpec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(
+        8, ge=1, le=64, description="Most requests one `@serve.batch` call gathers on a replica."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.05,
+        ge=0.0,
+        le=10.0,
+        description="How long the first request of a batch waits for others before the batch runs.",
+    )
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling of the GPU deployment (replicas = GPUs in use)."""
+
+    min_replicas: int = Field(1, ge=0, le=1024, description="Replicas kept even when idle.")
+    max_replicas: int = Field(1, ge=1, le=1024, description="Most replicas autoscaling may start.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, le=1024, description="Ongoing requests per replica that autoscaling aims for."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, le=3600, description="Sustained load before scaling up.")
+    downscale_delay_s: float = Field(300.0, ge=0, le=86400, description="Idle time before scaling down.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class EngineDeploymentConfig(_Strict):
+    """Replica placement of a GPU deployment."""
+
+    num_replicas: int = Field(
+        1, ge=1, le=1024, description="Fixed replica count (leave out when `autoscaling` is set)."
+    )
+    autoscaling: Optional[AutoscalingConfig] = Field(
+        None, description="Autoscale between min and max replicas instead of a fixed count."
+    )
+    num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per replica (1 for one pipeline per GPU).")
+    num_cpus: float = Field(1.0, ge=0, le=64, description="CPUs per replica.")
+    max_queued_requests: int = Field(
+        256,
+        ge=-1,
+        le=100_000,
+        description="Requests allowed to wait for a replica; beyond it callers get 503. -1: unbounded.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replicas_xor_autoscaling(cls, data: dict) -> dict:
+        if isinstance(data, dict) and data.get("autoscaling") and "num_replicas" in data:
+            raise ValueError("give either num_replicas or autoscaling, not both")
+        return data
+
+
+class IngressConfig(_Strict):
+    num_replicas: int = Field(1, ge=1, le=1024, description="HTTP ingress replicas (CPU only).")
+    num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs per ingress replica.")
+    engine_timeout_s: float = Field(
+        600.0, gt=0, le=86400, description="Most time a synchronous request may take end to end (504 after)."
+    )
+
+
+class LimitsConfig(_Strict):
+    """Bounds on what one request may ask for; violations answer 400 naming the field."""
+
+    max_pixels: int = Field(
+        2048 * 2048, ge=64 * 64, le=8192 * 8192, description="Largest width × height accepted."
+    )
+    min_side: int = Field(64, ge=8, le=8192, description="Smallest width or height accepted.")
+    max_steps: int = Field(150, ge=1, le=1000, description="Most denoising steps accepted.")
+    max_n: int = Field(10, ge=1, le=128, description="Most images one request may ask for (`n`).")
+    max_prompt_chars: int = Field(4000, ge=1, le=100_000, description="Longest prompt or negative prompt.")
+
+
+class AppArgs(_Strict):
+    """Everything `build_app` needs; the defaults serve the tiny model on CPU."""
+
+    model: ModelSpec = Field(default_factory=TinySpec, description="Weights of the base deployment.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    engine: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "AppArgs":
+        width, height = self.model.default_size
+        if width * height > self.limits.max_pixels:
+            raise ValueError(
+                f"model.default_size {width}x{height} exceeds limits.max_pixels ({self.limits.max_pixels})"
+            )
+        if self.model.default_steps > self.limits.max_steps:
+            raise ValueError(
+                f"model.default_steps ({self.model.default_steps}) exceeds limits.max_steps ({self.limits.max_steps})"
+            )
+        return self

@@ -1,0 +1,136 @@
+"""Typed model specs: which weights a GPU deployment loads and how.
+
+Pure pydantic, so the ingress (which must stay free of torch) and the engines share one definition.
+A spec is a discriminated union on ``source``; each variant forbids the fields that do not apply to
+it, so a field is never accepted and then ignored.
+"""
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from configs.schedulers import canonical_scheduler
+
+#: Folders of diffusers-layout config files (no weights) shipped in this package.
+MODEL_CONFIG_ROOT = Path(__file__).resolve().parent / "models"
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class _SpecBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        "sdxl-tiny",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:/-]+$",
+        description="Public model id: what `GET /v1/models` lists and what requests name in `model`.",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Torch device: `auto` picks `cuda` when available, else `cpu`.",
+    )
+    dtype: Literal["auto"] | Dtype = Field(
+        "auto",
+        description="Weights and activations dtype: `auto` is float16 on CUDA and float32 on CPU.",
+    )
+    attention: Literal["auto", "sdpa", "xformers"] = Field(
+        "auto",
+        description=(
+            "Attention kernel. `auto` uses xformers when it is importable and the device is CUDA, "
+            "else PyTorch SDPA. `xformers` fails at load time when it cannot be used."
+        ),
+    )
+    default_size: tuple[int, int] = Field(
+        (1024, 1024),
+        description="(width, height) used when a request gives no size.",
+    )
+    default_steps: int = Field(30, ge=1, le=500, description="Denoising steps when a request gives none.")
+    default_guidance_scale: float = Field(
+        5.0, ge=0.0, le=50.0, description="Classifier-free guidance scale when a request gives none."
+    )
+    default_scheduler: str = Field("euler", description="Scheduler id when a request gives none.")
+
+    @field_validator("default_size")
+    @classmethod
+    def _size_multiple_of_8(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if any(side < 64 or side % 8 for side in value):
+            raise ValueError(f"default_size {value!r} must be two multiples of 8, each at least 64")
+        return value
+
+    @field_validator("default_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        return canonical_scheduler(value)
+
+
+class TinySpec(_SpecBase):
+    """The embedded default: a tiny SDXL-architecture pipeline with random weights.
+
+    Built offline from `configs/models/tiny`, saved once with `save_pretrained` into `cache_dir` and
+    then loaded through `from_pretrained`, the same path real weights take.
+    """
+
+    source: Literal["tiny"] = "tiny"
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random weights.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where the built model is saved; default `$SDXL_SERVE_CACHE` or `~/.cache/sdxl-serve`.",
+    )
+    default_size: tuple[int, int] = (128, 128)
+    default_steps: int = Field(4, ge=1, le=500)
+
+
+class PretrainedSpec(_SpecBase):
+    """Real weights in diffusers layout: a hub id or a local folder (`from_pretrained`)."""
+
+    source: Literal["pretrained"]
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="Hub id (e.g. `stabilityai/stable-diffusion-xl-base-1.0`) or a local diffusers folder.",
+    )
+    variant: str | None = Field(None, description="Weight file variant, e.g. `fp16`.")
+    vae_path: str | None = Field(
+        None,
+        description="Optional separate VAE (hub id or folder), e.g. `madebyollin/sdxl-vae-fp16-fix`.",
+    )
+    local_files_only: bool = Field(
+        False, description="Never reach the hub: load only what is on disk or in the HF cache."
+    )
+
+
+class SingleFileSpec(_SpecBase):
+    """One original-format checkpoint (`.safetensors`), loaded with `from_single_file`."""
+
+    source: Literal["single_file"]
+    path: str = Field(..., min_length=1, description="Path or URL of the `.safetensors` checkpoint.")
+    config: str | None = Field(
+        None,
+        description=(
+            "Hub id or local diffusers folder holding the component configs; needed offline, since "
+            "otherwise diffusers fetches the configs from the hub."
+        ),
+    )
+    vae_path: str | None = Field(None, description="Optional separate VAE (hub id or folder).")
+    local_files_only: bool = Field(False, description="Never reach the hub.")
+
+
+class SdxlArchSpec(_SpecBase):
+    """Full-size SDXL architecture (public configs) with random weights: real cost, noise images.
+
+    For GPU benchmarks only; built directly on the device, never saved.
+    """
+
+    name: str = Field("sdxl-arch", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")
+    source: Literal["sdxl-arch"]
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random weights.")
+
+
+ModelSpec = Annotated[
+    Union[TinySpec, PretrainedSpec, SingleFileSpec, SdxlArchSpec],
+    Field(discriminator="source"),
+]

@@ -1,0 +1,170 @@
+"""The base SDXL deployment: one pipeline per replica, dynamic batching with `@serve.batch`.
+
+The request path reads decode → batch → predict → unbatch: `generate` resolves defaults and
+checks limits for one request, `@serve.batch` gathers concurrent ones, the batch runner fuses
+compatible requests into one pipeline call (in a worker thread, so the replica keeps answering
+`cancel`, `progress` and health checks), and each caller gets its own `GenerationResult` back.
+
+torch and diffusers are imported in `__init__`, not at module level: the app builder imports this
+module to bind the graph and stays light; only the replica loads the heavy stack.
+"""
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import TypeAdapter
+from ray import serve
+from ray.serve.metrics import Counter as MetricCounter
+from ray.serve.metrics import Histogram
+
+from configs.app_args import BatchingConfig, LimitsConfig
+from configs.model_spec import ModelSpec
+from deployments.types import (
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequestError,
+    ServiceError,
+    check_limits,
+)
+
+logger = logging.getLogger("ray.serve")
+
+#: How many recent group sizes `stats()` keeps (enough for a benchmark run, bounded for a server).
+_RECENT_GROUPS = 10_000
+
+
+class SDXLBase:
+    """Text-to-image on one SDXL pipeline; `generate` is the handle API other Ray apps call."""
+
+    def __init__(self, model_spec: dict[str, Any], batching: dict[str, Any], limits: dict[str, Any]):
+        from deployments.batching import BatchRunner, RequestControl
+        from deployments.pipelines import load_pipeline
+
+        self._spec = TypeAdapter(ModelSpec).validate_python(model_spec)
+        self._limits = LimitsConfig.model_validate(limits)
+        batching_config = BatchingConfig.model_validate(batching)
+        self._generate_batch.set_max_batch_size(batching_config.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(batching_config.batch_wait_timeout_s)
+
+        started = time.perf_counter()
+        self._pipe = load_pipeline(self._spec)
+        self.load_s = time.perf_counter() - started
+        self._runner = BatchRunner(self._pipe, on_group=self._record_group)
+        self._new_control = RequestControl
+        self._controls: dict[str, Any] = {}
+        self._group_sizes: deque[int] = deque(maxlen=_RECENT_GROUPS)
+        self._totals = Counter()
+        self._group_size_metric = Histogram(
+            "sdxl_group_size",
+            description="Requests fused into one pipeline call.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+        )
+        self._pipeline_calls_metric = MetricCounter(
+            "sdxl_pipeline_calls", description="Pipeline calls (one per compatible group)."
+        )
+        logger.info(
+            "loaded model %r (%s) on %s in %.1fs",
+            self._spec.name,
+            self._spec.source,
+            self._pipe.device,
+            self.load_s,
+        )
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Generate one image. Raises a `ServiceError` subclass (with `status_code`) on failure."""
+        if not isinstance(request, GenerationRequest):
+            raise InvalidRequestError(
+                f"expected a GenerationRequest, got {type(request).__name__}", param="request"
+            )
+        request = request.with_defaults(self._spec)
+        check_limits(request, self._limits)
+        if request.request_id in self._controls:
+            raise InvalidRequestError(
+                f"request_id {request.request_id!r} is already in flight", param="request_id", code="duplicate_id"
+            )
+        control = self._new_control(deadline=request.deadline)
+        self._controls[request.request_id] = control
+        try:
+            outcome = await self._generate_batch(request, control, time.perf_counter())
+        except asyncio.CancelledError:
+            # The caller went away (client disconnect, handle `cancel()`): stop its denoising.
+            control.cancel()
+            raise
+        finally:
+            self._controls.pop(request.request_id, None)
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return outcome
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _generate_batch(
+        self, requests: list[GenerationRequest], controls: list, arrivals: list[float]
+    ) -> list:
+        started = time.perf_counter()
+        outcomes = await asyncio.to_thread(self._runner.run, requests, controls)
+        return [
+            _to_result(request, outcome, queue_s=started - arrived)
+            for request, outcome, arrived in zip(requests, outcomes, arrivals)
+        ]
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel an in-flight request on this replica; False when it is not here (or done)."""
+        control = self._controls.get(request_id)
+        if control is None:
+            return False
+        control.cancel()
+        return True
+
+    def progress(self, request_id: str) -> Optional[dict[str, int]]:
+        """Denoising progress of an in-flight request on this replica, or None."""
+        control = self._controls.get(request_id)
+        return None if control is None else {"step": control.step, "total": control.total}
+
+    def model_info(self) -> dict[str, Any]:
+        """The served model's id and defaults (the ingress lists it at `/v1/models`)."""
+        return {
+            "id": self._spec.name,
+            "source": self._spec.source,
+            "device": str(self._pipe.device),
+            "dtype": str(self._pipe.dtype).removeprefix("torch."),
+            "default_size": list(self._spec.default_size),
+            "load_s": round(self.load_s, 3),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Batching counters: how many pipeline calls ran and how many requests each fused."""
+        return {
+            "pipeline_calls": self._totals["calls"],
+            "requests": self._totals["requests"],
+            "group_sizes": list(self._group_sizes),
+        }
+
+    def _record_group(self, key: tuple, size: int, run_s: float) -> None:
+        self._group_sizes.append(size)
+        self._totals["calls"] += 1
+        self._totals["requests"] += size
+        self._group_size_metric.observe(size)
+        self._pipeline_calls_metric.inc()
+        logger.info("pipeline call: %d request(s) fused, key=%s, %.3fs", size, key, run_s)
+
+
+def _to_result(request: GenerationRequest, outcome: Any, queue_s: float) -> Any:
+    """Unbatch one outcome: errors pass through, float pixels become uint8 like diffusers' PIL path."""
+    if isinstance(outcome, ServiceError):
+        return outcome
+    pixels = np.clip(np.round(outcome.image * 255.0), 0, 255).astype(np.uint8)
+    return GenerationResult(
+        request_id=request.request_id,
+        image=pixels,
+        seed=outcome.seed,
+        batch_size=outcome.batch_size,
+        timings={"queue_s": round(queue_s, 4), "run_s": round(outcome.run_s, 4)},
+    )
+
+
+#: The Ray Serve deployment; `serve_app.builder` sets replicas, resources and batching per config.
+SDXLBaseDeployment = serve.deployment(name="SDXLBase")(SDXLBase)

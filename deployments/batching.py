@@ -1,0 +1,248 @@
+"""The batch runner: fuses compatible requests into one pipeline call. Knows torch, not Ray or HTTP.
+
+A batch arrives as a list of `GenerationRequest`s (whatever `@serve.batch` gathered). The runner
+splits it into groups that share a compatibility key, and runs each group as **one** pipeline
+call in which every request keeps its own prompt, negative prompt and seed (one `torch.Generator`
+per request, so an image does not depend on its batch neighbours). A per-step callback reports
+progress and honours cancel and deadline per request.
+"""
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from deployments.pipelines import make_scheduler
+from deployments.types import (
+    MAX_SEED,
+    DeadlineExceededError,
+    EngineError,
+    GenerationRequest,
+    RequestCancelledError,
+    ServiceError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def compatibility_key(request: GenerationRequest) -> tuple:
+    """What requests must share to run in one forward pass. New features add a field here.
+
+    Everything else (prompt, negative prompt, seed) is per request and batches freely.
+    """
+    return (
+        request.kind,
+        request.width,
+        request.height,
+        request.num_inference_steps,
+        request.scheduler,
+        request.guidance_scale,
+    )
+
+
+def group_by_key(requests: Sequence[GenerationRequest]) -> list[list[int]]:
+    """Indices of `requests` grouped by compatibility key, groups in order of first arrival."""
+    groups: dict[tuple, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(compatibility_key(request), []).append(index)
+    return list(groups.values())
+
+
+class RequestControl:
+    """Cancel flag, deadline and progress of one request, shared between threads.
+
+    The serving side calls `cancel()` (from any thread); the runner reads `should_stop` at every
+    denoising step and reports progress through `on_progress(step, total)`.
+    """
+
+    def __init__(
+        self,
+        deadline: Optional[float] = None,
+        on_progress: Optional[Callable[[int, int], None]] = None,
+    ):
+        self.deadline = deadline
+        self._on_progress = on_progress
+        self._cancelled = threading.Event()
+        self.step = 0
+        self.total = 0
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def expired(self, now: Optional[float] = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.time()) >= self.deadline
+
+    def should_stop(self, now: Optional[float] = None) -> bool:
+        return self.cancelled or self.expired(now)
+
+    def report(self, step: int, total: int) -> None:
+        self.step, self.total = step, total
+        if self._on_progress is not None:
+            self._on_progress(step, total)
+
+    def stop_error(self) -> ServiceError:
+        """The error to answer for a request this control stopped."""
+        if self.cancelled:
+            return RequestCancelledError("the request was cancelled", code="cancelled")
+        return DeadlineExceededError("the request passed its deadline", code="deadline_exceeded")
+
+
+@dataclass
+class RunOutput:
+    """One request's image as float pixels in [0, 1], shape (H, W, 3), before any encoding."""
+
+    image: np.ndarray
+    seed: int
+    batch_size: int
+    run_s: float
+
+
+Outcome = Union[RunOutput, ServiceError]
+
+
+class BatchRunner:
+    """Runs batches of requests on one pipeline. Not thread-safe: one batch at a time per runner.
+
+    The pipeline's components (weights) are shared; each group call gets a fresh pipeline object
+    with its own scheduler, so no scheduler state leaks between groups.
+    """
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionXLPipeline,
+        on_group: Optional[Callable[[tuple, int, float], None]] = None,
+    ):
+        self._base = pipeline
+        self._on_group = on_group
+
+    def run(
+        self,
+        requests: Sequence[GenerationRequest],
+        controls: Optional[Sequence[RequestControl]] = None,
+    ) -> list[Outcome]:
+        """One outcome per request, in order: a `RunOutput` or the `ServiceError` it ended with.
+
+        Requests already cancelled or past their deadline are answered without running.
+        """
+        if controls is None:
+            controls = [RequestControl() for _ in requests]
+        outcomes: list[Optional[Outcome]] = [None] * len(requests)
+        for indices in group_by_key(requests):
+            live = []
+            for index in indices:
+                if controls[index].should_stop():
+                    outcomes[index] = controls[index].stop_error()
+                else:
+                    live.append(index)
+            if live:
+                group = self._run_group([requests[i] for i in live], [controls[i] for i in live])
+                for index, outcome in zip(live, group):
+                    outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    def _run_group(
+        self, requests: list[GenerationRequest], controls: list[RequestControl]
+    ) -> list[Outcome]:
+        first = requests[0]
+        seeds = [r.seed if r.seed is not None else secrets.randbelow(MAX_SEED + 1) for r in requests]
+        # CPU generators: the same seed gives the same starting noise on any device.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        pipe = self._pipeline_for(first)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                embeds = self._encode_prompts(pipe, requests)
+                images = pipe(
+                    **embeds,
+                    height=first.height,
+                    width=first.width,
+                    num_inference_steps=first.num_inference_steps,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators,
+                    output_type="np",
+                    callback_on_step_end=_StepCallback(controls),
+                ).images
+        except Exception:  # one failing group must not take the others down
+            logger.exception("pipeline call failed for %d request(s), key %s", len(requests), compatibility_key(first))
+            return [EngineError("image generation failed on the engine", code="engine_error")] * len(requests)
+        run_s = time.perf_counter() - started
+        if self._on_group is not None:
+            self._on_group(compatibility_key(first), len(requests), run_s)
+        outcomes: list[Outcome] = []
+        for image, seed, control in zip(images, seeds, controls):
+            if control.should_stop():
+                outcomes.append(control.stop_error())
+            else:
+                outcomes.append(RunOutput(image=image, seed=seed, batch_size=len(requests), run_s=run_s))
+        return outcomes
+
+    def _pipeline_for(self, request: GenerationRequest) -> StableDiffusionXLPipeline:
+        # A fresh pipeline object over the shared components (cheap: no weights are copied); it
+        # owns the one piece of per-call state, the scheduler.
+        base = self._base
+        components = dict(base.components)
+        components["scheduler"] = make_scheduler(request.scheduler, base.scheduler.config)
+        pipe = type(base)(
+            **components,
+            force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
+            add_watermarker=getattr(base, "watermark", None) is not None,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @staticmethod
+    def _encode_prompts(pipe: StableDiffusionXLPipeline, requests: list[GenerationRequest]) -> dict:
+        """Text embeddings of the whole group in one encoder pass, each request's own prompts.
+
+        A request without a negative prompt gets what the plain pipeline gives it alone: zeros when
+        the model sets `force_zeros_for_empty_prompt`, else the empty prompt's embedding.
+        """
+        use_cfg = requests[0].guidance_scale > 1.0
+        prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=[r.prompt for r in requests],
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=use_cfg,
+            negative_prompt=[r.negative_prompt or "" for r in requests],
+        )
+        if use_cfg and pipe.config.force_zeros_for_empty_prompt:
+            for row, request in enumerate(requests):
+                if request.negative_prompt is None:
+                    negative_embeds[row].zero_()
+                    negative_pooled[row].zero_()
+        embeds = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+        if use_cfg:
+            embeds.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
+        return embeds
+
+
+class _StepCallback:
+    """`callback_on_step_end`: progress for every request; stop the call when all have stopped.
+
+    A request cancelled while others in its group still run keeps its row until the call ends (its
+    image is then dropped), so its neighbours' images do not change.
+    """
+
+    tensor_inputs: list[str] = []
+
+    def __init__(self, controls: list[RequestControl]):
+        self._controls = controls
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        total = pipe.num_timesteps
+        now = time.time()
+        for control in self._controls:
+            control.report(step + 1, total)
+        if all(control.should_stop(now) for control in self._controls):
+            pipe._interrupt = True
+        return callback_kwargs

@@ -1,0 +1,272 @@
+"""Building and loading SDXL pipelines from a model spec. Knows diffusers and torch, not Ray.
+
+Every source ends in the same object, a `StableDiffusionXLPipeline` on the spec's device and
+dtype. The tiny default is built from the config files in `configs/models/tiny`, saved once with
+`save_pretrained` and then loaded with `from_pretrained`, so the path real weights take is the
+path the tests exercise.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    SchedulerMixin,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from configs.model_spec import (
+    MODEL_CONFIG_ROOT,
+    PretrainedSpec,
+    SdxlArchSpec,
+    SingleFileSpec,
+    TinySpec,
+)
+from configs.schedulers import SCHEDULERS
+
+logger = logging.getLogger(__name__)
+
+AnySpec = Union[TinySpec, PretrainedSpec, SingleFileSpec, SdxlArchSpec]
+
+#: Bump when the tiny builder changes in a way that changes the weights it writes.
+_TINY_BUILD_VERSION = 1
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: scheduler id -> (diffusers class, overrides applied on top of the model's own scheduler config).
+_SCHEDULER_FACTORIES: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "dpmpp_2m_sde_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+if set(_SCHEDULER_FACTORIES) != set(SCHEDULERS):  # the public list and the factories must agree
+    raise RuntimeError("configs.schedulers.SCHEDULERS and _SCHEDULER_FACTORIES disagree")
+
+
+def make_scheduler(scheduler_id: str, base_config: Any) -> SchedulerMixin:
+    """A fresh scheduler of the given id, keeping the model's own betas, spacing and offset."""
+    cls, overrides = _SCHEDULER_FACTORIES[scheduler_id]
+    return cls.from_config(base_config, **overrides)
+
+
+def resolve_device(spec: AnySpec) -> torch.device:
+    if spec.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec.device)
+
+
+def resolve_dtype(spec: AnySpec, device: torch.device) -> torch.dtype:
+    if spec.dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[spec.dtype]
+
+
+def load_pipeline(spec: AnySpec) -> StableDiffusionXLPipeline:
+    """Load (or build) the spec's pipeline on its device and dtype, with its attention backend."""
+    device = resolve_device(spec)
+    dtype = resolve_dtype(spec, device)
+    if isinstance(spec, TinySpec):
+        pipe = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_saved(spec), dtype=dtype)
+    elif isinstance(spec, PretrainedSpec):
+        extra = {"vae": _load_vae(spec.vae_path, dtype, spec.local_files_only)} if spec.vae_path else {}
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            spec.path,
+            dtype=dtype,
+            variant=spec.variant,
+            use_safetensors=True,
+            local_files_only=spec.local_files_only,
+            **extra,
+        )
+    elif isinstance(spec, SingleFileSpec):
+        extra = {"vae": _load_vae(spec.vae_path, dtype, spec.local_files_only)} if spec.vae_path else {}
+        pipe = StableDiffusionXLPipeline.from_single_file(
+            spec.path,
+            config=spec.config,
+            dtype=dtype,
+            local_files_only=spec.local_files_only,
+            **extra,
+        )
+    elif isinstance(spec, SdxlArchSpec):
+        pipe = build_random_pipeline(MODEL_CONFIG_ROOT / "sdxl-arch", spec.seed, device, dtype)
+    else:  # pragma: no cover - the discriminated union admits nothing else
+        raise TypeError(f"unsupported model spec {type(spec).__name__}")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    set_attention_backend(pipe, spec.attention, device)
+    return pipe
+
+
+def _load_vae(path: str, dtype: torch.dtype, local_files_only: bool) -> AutoencoderKL:
+    return AutoencoderKL.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+
+
+def set_attention_backend(pipe: StableDiffusionXLPipeline, choice: str, device: torch.device) -> str:
+    """Switch to xformers when asked (or on `auto` when usable); otherwise keep PyTorch SDPA.
+
+    Returns the backend in use. xformers cannot run on CPU, so `auto` never picks it there.
+    """
+    if choice == "sdpa":
+        return "sdpa"
+    usable = device.type == "cuda" and _xformers_importable()
+    if choice == "xformers" and not usable:
+        raise ValueError(
+            f"attention 'xformers' needs the xformers package and a CUDA device (device is {device})"
+        )
+    if usable:
+        pipe.enable_xformers_memory_efficient_attention()
+        return "xformers"
+    return "sdpa"
+
+
+def _xformers_importable() -> bool:
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- random-weight models from config files -------------------------------------------------
+
+
+def byte_level_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over single bytes (no merges), built offline.
+
+    Every text tokenizes (one token per character), ids stay below 514, and `<|endoftext|>` has the
+    highest id so CLIP's legacy pooling (argmax of ids) lands on it as with the real vocabulary.
+    """
+    byte_chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for char in byte_chars:
+        vocab[char] = len(vocab)
+    for char in byte_chars:
+        vocab[char + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _bytes_to_unicode() -> list[str]:
+    # CLIP's reversible byte -> printable-unicode table, in CLIP's order.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def build_random_pipeline(
+    config_dir: Path, seed: int, device: torch.device, dtype: torch.dtype
+) -> StableDiffusionXLPipeline:
+    """An SDXL pipeline with the architecture of `config_dir` and random weights from `seed`.
+
+    Components are created directly on `device` (no CPU round trip for full-size models) in a fixed
+    order after one `manual_seed`, so the same seed gives the same weights on the same device.
+    """
+    config_dir = Path(config_dir)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(_read_json(config_dir / "unet" / "config.json"))
+        vae = AutoencoderKL.from_config(_read_json(config_dir / "vae" / "config.json"))
+        text_encoder = CLIPTextModel(_clip_config(config_dir / "text_encoder" / "config.json"))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_config(config_dir / "text_encoder_2" / "config.json")
+        )
+    scheduler = EulerDiscreteScheduler.from_config(
+        _read_json(config_dir / "scheduler" / "scheduler_config.json")
+    )
+    tokenizer = byte_level_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    return pipe.to(dtype=dtype)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _clip_config(path: Path) -> CLIPTextConfig:
+    raw = _read_json(path)
+    raw.pop("architectures", None)
+    raw.pop("torch_dtype", None)
+    raw.pop("transformers_version", None)
+    return CLIPTextConfig(**raw)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SDXL_SERVE_CACHE", Path.home() / ".cache" / "sdxl-serve"))
+
+
+def tiny_model_dir(spec: TinySpec) -> Path:
+    """Where the tiny model for this spec lives; the name hashes the configs and the seed."""
+    config_dir = MODEL_CONFIG_ROOT / "tiny"
+    digest = hashlib.sha256(f"v{_TINY_BUILD_VERSION}:seed{spec.seed}".encode())
+    for path in sorted(config_dir.rglob("*.json")):
+        digest.update(path.relative_to(config_dir).as_posix().encode())
+        digest.update(path.read_bytes())
+    root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    return root / f"tiny-{digest.hexdigest()[:16]}"
+
+
+def ensure_tiny_saved(spec: TinySpec) -> Path:
+    """Build the tiny model and `save_pretrained` it once; return its folder.
+
+    Written to a temporary sibling and renamed into place, so replicas starting together never see
+    a half-written folder; the loser of a race drops its copy.
+    """
+    target = tiny_model_dir(spec)
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pipe = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", spec.seed, torch.device("cpu"), torch.float32)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("built the tiny SDXL model in %s", target)
+    return target

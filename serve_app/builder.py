@@ -1,0 +1,52 @@
+"""The one app builder: `build_app(args) -> Application`, which `serve_config.yaml` imports.
+
+    applications:
+      - name: sdxl
+        import_path: serve_app.builder:build_app
+        args: {model: {source: tiny}, batching: {max_batch_size: 8}}
+
+`args` is validated as `configs.app_args.AppArgs` (unknown keys are errors). The graph is an
+ingress deployment holding a handle to the base GPU deployment.
+"""
+
+from typing import Any, Optional
+
+from ray.serve import Application
+
+from configs.app_args import AppArgs
+from deployments.base import SDXLBaseDeployment
+from serve_app.ingress import ImageIngress
+
+#: Requests a GPU replica accepts beyond the running batch, in batches: one running, one forming.
+_BATCHES_IN_FLIGHT = 2
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> Application:
+    """Validate `args` and bind the deployment graph."""
+    config = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    engine_options: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": config.engine.num_gpus, "num_cpus": config.engine.num_cpus},
+        # `@serve.batch` can only gather what the replica has been sent.
+        "max_ongoing_requests": config.batching.max_batch_size * _BATCHES_IN_FLIGHT,
+        "max_queued_requests": config.engine.max_queued_requests,
+    }
+    if config.engine.autoscaling is not None:
+        scaling = config.engine.autoscaling
+        engine_options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
+        }
+    else:
+        engine_options["num_replicas"] = config.engine.num_replicas
+    engine = SDXLBaseDeployment.options(**engine_options).bind(
+        config.model.model_dump(mode="json"),
+        config.batching.model_dump(mode="json"),
+        config.limits.model_dump(mode="json"),
+    )
+    return ImageIngress.options(
+        num_replicas=config.ingress.num_replicas,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    ).bind(engine, config.model_dump(mode="json"))

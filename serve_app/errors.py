@@ -1,0 +1,108 @@
+"""One error envelope, `{"error": {"message", "type", "param", "code"}}`, for every failure.
+
+The status comes from the exception: `ServiceError` subclasses carry their own `status_code`
+(also when they arrive wrapped by Ray from an engine replica); request validation is 400 naming
+the field; anything else is a 500 with a generic message and the traceback only in the log.
+"""
+
+import json
+import logging
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.types import DeadlineExceededError, OverloadedError, ServiceError, unwrap_error
+
+logger = logging.getLogger("ray.serve")
+
+#: HTTP status -> error `type` for errors that are not ServiceErrors (routing, framework).
+_TYPE_FOR_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_response(
+    status: int,
+    message: str,
+    error_type: str,
+    param: Optional[str] = None,
+    code: Optional[str] = None,
+    headers: Optional[dict[str, str]] = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def service_error_response(exc: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": "5"} if isinstance(exc, OverloadedError) else None
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
+
+
+def exception_response(exc: BaseException) -> JSONResponse:
+    """The response for any exception raised while serving a request."""
+    exc = unwrap_error(exc)
+    if isinstance(exc, ServiceError):
+        return service_error_response(exc)
+    if _is_backpressure(exc):
+        return service_error_response(OverloadedError("the server is at capacity; retry later", code="overloaded"))
+    if _is_timeout(exc):
+        return service_error_response(DeadlineExceededError("the request timed out", code="timeout"))
+    logger.error("unhandled error while serving a request", exc_info=exc)
+    return error_response(500, "internal server error", "server_error", code="internal_error")
+
+
+def _is_backpressure(exc: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(exc, BackPressureError)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    from ray.exceptions import GetTimeoutError
+
+    return isinstance(exc, (TimeoutError, GetTimeoutError))
+
+
+def _validation_param(loc: tuple) -> Optional[str]:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = _validation_param(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            return error_response(400, "request body is not valid JSON", "invalid_request_error", None, "invalid_json")
+        message = first.get("msg", "invalid value")
+        if first.get("type") == "extra_forbidden":
+            message = f"unrecognized request argument: {param}"
+        elif first.get("type") == "missing":
+            message = f"missing required argument: {param}"
+        else:
+            message = f"invalid {param}: {message.removeprefix('Value error, ')}"
+        return error_response(400, message, "invalid_request_error", param, first.get("type"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        error_type = _TYPE_FOR_STATUS.get(exc.status_code, "server_error")
+        return error_response(exc.status_code, detail, error_type, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ServiceError)
+    async def _on_service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return exception_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _on_other(_: Request, exc: Exception) -> JSONResponse:
+        return exception_response(exc)
