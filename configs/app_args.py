@@ -76,6 +76,15 @@ class EngineDeploymentConfig(_Strict):
 class IngressConfig(_Strict):
     num_replicas: int = Field(1, ge=1, le=1024, description="HTTP ingress replicas (CPU only).")
     num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs per ingress replica.")
+    max_ongoing_requests: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description=(
+            "Concurrent HTTP requests one ingress replica holds; they mostly wait on the engine, so "
+            "this must stay well above the engine's max_batch_size or batches cannot fill."
+        ),
+    )
     engine_timeout_s: float = Field(
         600.0, gt=0, le=86400, description="Most time a synchronous request may take end to end (504 after)."
     )
@@ -97,10 +106,12 @@ class AppArgs(_Strict):
     """Everything `build_app` needs; the defaults serve the tiny model on CPU."""
 
     model: ModelSpec = Field(default_factory=TinySpec, description="Weights of the base deployment.")
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    engine: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching.")
+    engine: EngineDeploymentConfig = Field(
+        default_factory=EngineDeploymentConfig, description="Replicas and resources of the GPU deployment."
+    )
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress deployment.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "AppArgs":

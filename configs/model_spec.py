@@ -80,8 +80,8 @@ class TinySpec(_SpecBase):
         None,
         description="Where the built model is saved; default `$SDXL_SERVE_CACHE` or `~/.cache/sdxl-serve`.",
     )
-    default_size: tuple[int, int] = (128, 128)
-    default_steps: int = Field(4, ge=1, le=500)
+    default_size: tuple[int, int] = Field((128, 128), description="(width, height) when a request gives none.")
+    default_steps: int = Field(4, ge=1, le=500, description="Denoising steps when a request gives none.")
 
 
 class PretrainedSpec(_SpecBase):
@@ -125,7 +125,9 @@ class SdxlArchSpec(_SpecBase):
     For GPU benchmarks only; built directly on the device, never saved.
     """
 
-    name: str = Field("sdxl-arch", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")
+    name: str = Field(
+        "sdxl-arch", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$", description="Public model id."
+    )
     source: Literal["sdxl-arch"]
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random weights.")
 

@@ -136,20 +136,30 @@ class SDXLBase:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Batching counters: how many pipeline calls ran and how many requests each fused."""
+        """Batching counters: pipeline calls, requests they served, calls stopped early, and the
+        recent group sizes (requests fused per call)."""
         return {
             "pipeline_calls": self._totals["calls"],
             "requests": self._totals["requests"],
+            "interrupted_calls": self._totals["interrupted"],
             "group_sizes": list(self._group_sizes),
         }
 
-    def _record_group(self, key: tuple, size: int, run_s: float) -> None:
-        self._group_sizes.append(size)
+    def _record_group(self, report: Any) -> None:
+        self._group_sizes.append(report.size)
         self._totals["calls"] += 1
-        self._totals["requests"] += size
-        self._group_size_metric.observe(size)
+        self._totals["requests"] += report.size
+        self._totals["interrupted"] += report.interrupted
+        self._group_size_metric.observe(report.size)
         self._pipeline_calls_metric.inc()
-        logger.info("pipeline call: %d request(s) fused, key=%s, %.3fs", size, key, run_s)
+        logger.info(
+            "pipeline call: %d request(s) fused, key=%s, %d/%d steps, %.3fs",
+            report.size,
+            report.key,
+            report.steps_run,
+            report.total_steps,
+            report.run_s,
+        )
 
 
 def _to_result(request: GenerationRequest, outcome: Any, queue_s: float) -> Any:

@@ -110,6 +110,22 @@ class RunOutput:
 Outcome = Union[RunOutput, ServiceError]
 
 
+@dataclass(frozen=True)
+class GroupReport:
+    """What one fused pipeline call did; handed to the runner's `on_group` observer."""
+
+    key: tuple
+    size: int
+    run_s: float
+    steps_run: int
+    total_steps: int
+
+    @property
+    def interrupted(self) -> bool:
+        """True when every request in the group stopped (cancel/deadline) before the last step."""
+        return self.steps_run < self.total_steps
+
+
 class BatchRunner:
     """Runs batches of requests on one pipeline. Not thread-safe: one batch at a time per runner.
 
@@ -120,7 +136,7 @@ class BatchRunner:
     def __init__(
         self,
         pipeline: StableDiffusionXLPipeline,
-        on_group: Optional[Callable[[tuple, int, float], None]] = None,
+        on_group: Optional[Callable[[GroupReport], None]] = None,
     ):
         self._base = pipeline
         self._on_group = on_group
@@ -133,7 +149,13 @@ class BatchRunner:
         """One outcome per request, in order: a `RunOutput` or the `ServiceError` it ended with.
 
         Requests already cancelled or past their deadline are answered without running.
+        Requests must have their defaults resolved (`GenerationRequest.with_defaults`).
         """
+        for request in requests:
+            if None in compatibility_key(request):
+                raise ValueError(
+                    f"request {request.request_id} has unresolved settings; call with_defaults(spec) first"
+                )
         if controls is None:
             controls = [RequestControl() for _ in requests]
         outcomes: list[Optional[Outcome]] = [None] * len(requests)
@@ -158,6 +180,7 @@ class BatchRunner:
         # CPU generators: the same seed gives the same starting noise on any device.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         pipe = self._pipeline_for(first)
+        callback = _StepCallback(controls)
         started = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -170,14 +193,16 @@ class BatchRunner:
                     guidance_scale=first.guidance_scale,
                     generator=generators,
                     output_type="np",
-                    callback_on_step_end=_StepCallback(controls),
+                    callback_on_step_end=callback,
                 ).images
         except Exception:  # one failing group must not take the others down
             logger.exception("pipeline call failed for %d request(s), key %s", len(requests), compatibility_key(first))
             return [EngineError("image generation failed on the engine", code="engine_error")] * len(requests)
         run_s = time.perf_counter() - started
         if self._on_group is not None:
-            self._on_group(compatibility_key(first), len(requests), run_s)
+            self._on_group(
+                GroupReport(compatibility_key(first), len(requests), run_s, callback.steps_run, pipe.num_timesteps)
+            )
         outcomes: list[Outcome] = []
         for image, seed, control in zip(images, seeds, controls):
             if control.should_stop():
@@ -237,10 +262,12 @@ class _StepCallback:
 
     def __init__(self, controls: list[RequestControl]):
         self._controls = controls
+        self.steps_run = 0
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         total = pipe.num_timesteps
         now = time.time()
+        self.steps_run = step + 1
         for control in self._controls:
             control.report(step + 1, total)
         if all(control.should_stop(now) for control in self._controls):

@@ -217,7 +217,8 @@ def build_random_pipeline(
         scheduler=scheduler,
         add_watermarker=False,
     )
-    return pipe.to(dtype=dtype)
+    # Random init runs in float32; cast only when asked (the cast logs a diffusers notice).
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def _read_json(path: Path) -> dict:

@@ -48,5 +48,6 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     )
     return ImageIngress.options(
         num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     ).bind(engine, config.model_dump(mode="json"))

@@ -1,0 +1,171 @@
+"""Serving overhead and batching gain: the Serve app over HTTP vs. calling the pipeline directly.
+
+    python benchmarks/bench_http.py --out bench-out/          # tiny model, CPU, a few minutes
+    python benchmarks/bench_http.py --model '{"source": "sdxl-arch", "device": "cuda"}' \
+        --engine-gpus 1 --size 1024 --steps 30 --concurrency 1,4,16 --out $OUT
+
+First the plain diffusers pipeline is called in this process, one request at a time (the
+baseline); then the Ray Serve app is started and driven over HTTP by closed-loop clients at each
+concurrency. Prints a table and writes `bench_http.json` into --out.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_worker_niceness", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def _summary(latencies: list[float], wall_s: float) -> dict:
+    return {
+        "requests": len(latencies),
+        "req_per_s": round(len(latencies) / wall_s, 3),
+        "p50_s": round(_percentile(latencies, 50), 4),
+        "p95_s": round(_percentile(latencies, 95), 4),
+        "mean_s": round(statistics.fmean(latencies), 4),
+    }
+
+
+def bench_direct(spec_raw: dict, size: int, steps: int, requests: int) -> dict:
+    """The baseline: the plain pipeline, one request after another, no serving layer."""
+    import torch
+    from pydantic import TypeAdapter
+
+    from configs.model_spec import ModelSpec
+    from deployments.pipelines import load_pipeline
+
+    spec = TypeAdapter(ModelSpec).validate_python(spec_raw)
+    pipe = load_pipeline(spec)
+    args = dict(prompt="a red circle", width=size, height=size, num_inference_steps=steps, output_type="np")
+    pipe(generator=torch.Generator().manual_seed(0), **args)  # warm-up
+    latencies = []
+    started = time.perf_counter()
+    for i in range(requests):
+        t0 = time.perf_counter()
+        pipe(generator=torch.Generator().manual_seed(i), **args)
+        latencies.append(time.perf_counter() - t0)
+    result = _summary(latencies, time.perf_counter() - started)
+    del pipe
+    return result
+
+
+async def _closed_loop(base_url: str, concurrency: int, total: int, body: dict) -> tuple[list[float], float]:
+    import httpx
+
+    latencies: list[float] = []
+    remaining = iter(range(total))
+
+    async def client(http: "httpx.AsyncClient") -> None:
+        for i in remaining:
+            t0 = time.perf_counter()
+            response = await http.post("/v1/txt2img", json={**body, "seed": i})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        return latencies, time.perf_counter() - started
+
+
+def bench_http(args, spec_raw: dict) -> list[dict]:
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_app
+
+    ray.init(address="local", num_cpus=args.ray_cpus, num_gpus=args.engine_gpus or None, include_dashboard=False, log_to_driver=False)
+    port = 8123
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app_args = {
+        "model": spec_raw,
+        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s},
+        "engine": {"num_replicas": 1, "num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
+        "ingress": {"num_replicas": 1, "num_cpus": 0.5},
+    }
+    serve.run(build_app(app_args), name="sdxl", route_prefix="/")
+    engine = serve.get_deployment_handle("SDXLBase", app_name="sdxl")
+    base_url = f"http://127.0.0.1:{port}"
+    body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps}
+    rows = []
+    try:
+        asyncio.run(_closed_loop(base_url, 2, 4, body))  # warm-up
+        for concurrency in args.concurrency:
+            before = engine.stats.remote().result()["group_sizes"]
+            total = max(args.requests, concurrency * 3)
+            latencies, wall_s = asyncio.run(_closed_loop(base_url, concurrency, total, body))
+            groups = engine.stats.remote().result()["group_sizes"][len(before) :]
+            rows.append(
+                {
+                    "mode": "http",
+                    "concurrency": concurrency,
+                    **_summary(latencies, wall_s),
+                    "mean_batch": round(statistics.fmean(groups), 2),
+                    "max_batch": max(groups),
+                }
+            )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default='{"source": "tiny"}', help="model spec as JSON (configs/model_spec.py)")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps")
+    parser.add_argument("--requests", type=int, default=32, help="requests per measurement (at least 3 per client)")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-s", type=float, default=0.05)
+    parser.add_argument("--engine-cpus", type=float, default=2, help="CPUs of the engine replica (torch threads)")
+    parser.add_argument("--engine-gpus", type=float, default=0)
+    parser.add_argument("--ray-cpus", type=int, default=3, help="logical CPUs given to the local Ray cluster")
+    parser.add_argument("--out", type=Path, required=True, help="folder for bench_http.json")
+    args = parser.parse_args()
+    spec_raw = json.loads(args.model)
+
+    import torch
+
+    direct = {"mode": "direct", "concurrency": 1, **bench_direct(spec_raw, args.size, args.steps, args.requests)}
+    rows = [direct, *bench_http(args, spec_raw)]
+
+    header = f"{'mode':<8}{'conc':>5}{'reqs':>6}{'req/s':>9}{'p50 s':>9}{'p95 s':>9}{'mean batch':>12}{'max batch':>11}"
+    print(header)
+    for row in rows:
+        print(
+            f"{row['mode']:<8}{row['concurrency']:>5}{row['requests']:>6}{row['req_per_s']:>9.2f}"
+            f"{row['p50_s']:>9.3f}{row['p95_s']:>9.3f}{row.get('mean_batch', 1):>12}{row.get('max_batch', 1):>11}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "bench_http",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "settings": {"model": spec_raw, "size": args.size, "steps": args.steps, "max_batch_size": args.max_batch_size,
+                     "batch_wait_s": args.batch_wait_s, "engine_cpus": args.engine_cpus},
+        "rows": rows,
+    }
+    (args.out / "bench_http.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out / 'bench_http.json'}")
+
+
+if __name__ == "__main__":
+    main()

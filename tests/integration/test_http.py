@@ -1,0 +1,192 @@
+"""The HTTP API of the real Serve app: images, validation envelope, fusion of concurrent requests."""
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import MAX_BATCH
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"size": "64x64", "num_inference_steps": 2}
+
+
+def _decode_b64(item: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB"))
+
+
+def _generate(http, **body) -> dict:
+    response = http.post("/v1/images/generations", json={"prompt": "a red circle", **SMALL, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_generations_returns_n_images_of_the_requested_size_with_seeds(http):
+    body = _generate(http, n=3, seed=41, size="64x96")
+    assert body["size"] == "64x96" and body["output_format"] == "png" and body["model"] == "sdxl-tiny"
+    assert [item["seed"] for item in body["data"]] == [41, 42, 43]
+    images = [_decode_b64(item) for item in body["data"]]
+    assert all(image.shape == (96, 64, 3) for image in images)
+    assert np.abs(images[0].astype(int) - images[1].astype(int)).max() > 0  # different seeds differ
+
+
+def test_same_seed_gives_the_same_image(http):
+    first, again = (_decode_b64(_generate(http, seed=7)["data"][0]) for _ in range(2))
+    assert np.array_equal(first, again)
+
+
+def test_seed_is_drawn_when_absent_and_reproduces(http):
+    item = _generate(http)["data"][0]
+    assert 0 <= item["seed"] < 2**32
+    assert np.array_equal(_decode_b64(item), _decode_b64(_generate(http, seed=item["seed"])["data"][0]))
+
+
+def test_model_default_size_when_absent(http):
+    body = _generate(http, size=None)
+    assert body["size"] == "128x128" and _decode_b64(body["data"][0]).shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize("fmt, pil_format", [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_formats(http, fmt, pil_format):
+    body = _generate(http, output_format=fmt, output_compression=80)
+    image = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+    assert image.format == pil_format and body["output_format"] == fmt
+
+
+def test_txt2img_answers_png_bytes_matching_the_openai_endpoint(http):
+    response = http.post(
+        "/v1/txt2img",
+        json={"prompt": "a red circle", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 99},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png" and response.headers["x-seed"] == "99"
+    png = Image.open(io.BytesIO(response.content))
+    assert png.format == "PNG" and png.size == (64, 64)
+    same = _decode_b64(_generate(http, seed=99)["data"][0])
+    assert np.array_equal(np.asarray(png.convert("RGB")), same)
+
+
+def test_txt2img_jpeg(http):
+    response = http.post("/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "output_format": "jpeg"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(response.content)).format == "JPEG"
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/v1/images/generations", {"prompt": ""}, 400, "prompt"),
+        ("/v1/images/generations", {"prompt": "x" * 4001}, 400, "prompt"),
+        ("/v1/images/generations", {}, 400, "prompt"),
+        ("/v1/images/generations", {"prompt": "x", "size": "65x64"}, 400, "size"),
+        ("/v1/images/generations", {"prompt": "x", "size": "big"}, 400, "size"),
+        ("/v1/images/generations", {"prompt": "x", "size": "4096x4096"}, 400, "size"),
+        ("/v1/images/generations", {"prompt": "x", "size": "32x64"}, 400, "size"),
+        ("/v1/images/generations", {"prompt": "x", "n": 0}, 400, "n"),
+        ("/v1/images/generations", {"prompt": "x", "n": 11}, 400, "n"),
+        ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 151}, 400, "num_inference_steps"),
+        ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps"),
+        ("/v1/images/generations", {"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale"),
+        ("/v1/images/generations", {"prompt": "x", "scheduler": "warp"}, 400, "scheduler"),
+        ("/v1/images/generations", {"prompt": "x", "seed": -5}, 400, "seed"),
+        ("/v1/images/generations", {"prompt": "x", "output_format": "gif"}, 400, "output_format"),
+        ("/v1/images/generations", {"prompt": "x", "output_compression": 50}, 400, "output_compression"),
+        ("/v1/images/generations", {"prompt": "x", "response_format": "url"}, 400, "response_format"),
+        ("/v1/images/generations", {"prompt": "x", "quality": "hd"}, 400, "quality"),
+        ("/v1/images/generations", {"prompt": "x", "model": "dall-e-3"}, 404, "model"),
+        ("/v1/txt2img", {"prompt": "x", "width": 100}, 400, "width"),
+        ("/v1/txt2img", {"prompt": "x", "height": 20000, "width": 64}, 400, "height"),
+        ("/v1/txt2img", {"prompt": "x", "width": 2048, "height": 4096}, 400, "width"),
+    ],
+)
+def test_bad_input_gets_4xx_envelope_naming_the_field(http, path, body, status, param):
+    response = http.post(path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert error["message"] and "Traceback" not in response.text
+
+
+def test_malformed_json_is_400(http):
+    response = http.post(
+        "/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/nope", 404), ("GET", "/v1/images/generations", 405)])
+def test_routing_errors_use_the_envelope(http, method, path, status):
+    response = http.request(method, path)
+    assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_models_lists_the_served_model(http):
+    body = http.get("/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["sdxl-tiny"]
+
+
+def test_healthz_reports_the_loaded_model(http):
+    response = http.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["model"]["id"] == "sdxl-tiny" and response.json()["model"]["device"] == "cpu"
+
+
+def test_openapi_docs(http):
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/images/generations", "/v1/txt2img", "/v1/models", "/healthz"} <= set(paths)
+
+
+def _mixed_bodies() -> list[dict]:
+    """Eight requests in two compatibility groups, each with its own prompt, negative and seed."""
+    return [
+        {
+            "prompt": f"shape number {i}",
+            "negative_prompt": None if i % 3 == 0 else f"noise {i}",
+            "seed": 500 + i,
+            "size": "64x64",
+            "num_inference_steps": 2,
+            "scheduler": "Euler a" if i % 2 else "DDIM",
+        }
+        for i in range(8)
+    ]
+
+
+async def _post_all(base_url: str, bodies: list[dict]) -> list[dict]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        responses = await asyncio.gather(*(client.post("/v1/images/generations", json=b) for b in bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json() for r in responses]
+
+
+def test_concurrent_requests_fuse_and_match_sequential_images(served, http, engine):
+    bodies = _mixed_bodies()
+    sequential = [_decode_b64(_generate(http, **body)["data"][0]) for body in bodies]
+
+    before = engine.stats.remote().result()
+    concurrent = asyncio.run(_post_all(served.base_url, bodies))
+    after = engine.stats.remote().result()
+
+    new_groups = after["group_sizes"][len(before["group_sizes"]) :]
+    assert sum(new_groups) == len(bodies)
+    assert max(new_groups) > 1 and max(new_groups) <= MAX_BATCH
+    assert after["pipeline_calls"] - before["pipeline_calls"] < len(bodies)
+    for body, alone, together in zip(bodies, sequential, concurrent):
+        assert together["data"][0]["seed"] == body["seed"]
+        fused = _decode_b64(together["data"][0])
+        # fp32 sums in another order differ by ~1e-6; rounding to uint8 can move a pixel by one.
+        assert np.abs(fused.astype(int) - alone.astype(int)).max() <= 1
+        assert np.mean(fused != alone) < 0.01
+
+
+def test_n_images_fuse_into_one_pipeline_call(http, engine):
+    before = engine.stats.remote().result()
+    _generate(http, n=4, seed=1)
+    after = engine.stats.remote().result()
+    assert after["group_sizes"][len(before["group_sizes"]) :] == [4]

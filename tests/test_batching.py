@@ -1,0 +1,207 @@
+"""The batch runner on the tiny model (fp32 CPU, no Ray): fidelity, fusion, cancel, deadline."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from configs.schedulers import SCHEDULERS
+from deployments.batching import BatchRunner, RequestControl, RunOutput, compatibility_key, group_by_key
+from deployments.pipelines import make_scheduler
+from deployments.types import DeadlineExceededError, GenerationRequest, RequestCancelledError
+
+FIDELITY_ATOL = 1e-4
+SMALL = dict(width=64, height=64, num_inference_steps=3, guidance_scale=5.0, scheduler="euler")
+
+
+@pytest.fixture(scope="module")
+def reference_pipe(tiny_dir):
+    """A plain diffusers pipeline loaded independently from the same folder: the ground truth."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = pipe.scheduler.config  # each test swaps the scheduler
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_pipe):
+    reports = []
+    runner = BatchRunner(tiny_pipe, on_group=reports.append)
+    runner.reports = reports
+    return runner
+
+
+def _reference_image(pipe, request: GenerationRequest) -> np.ndarray:
+    pipe.scheduler = make_scheduler(request.scheduler, pipe.original_scheduler_config)
+    return pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        output_type="np",
+    ).images[0]
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_each_scheduler_matches_plain_diffusers(runner, reference_pipe, scheduler):
+    request = GenerationRequest(prompt="a red circle", negative_prompt="blurry", seed=7, **{**SMALL, "scheduler": scheduler})
+    (ours,) = runner.run([request])
+    expected = _reference_image(reference_pipe, request)
+    assert isinstance(ours, RunOutput)
+    assert ours.image.shape == (64, 64, 3)
+    assert np.abs(ours.image - expected).max() <= FIDELITY_ATOL
+
+
+def test_schedulers_differ(runner):
+    """Each scheduler id really switches the sampler (same seed, different images)."""
+    images = {
+        name: runner.run([GenerationRequest(prompt="a dog", seed=1, **{**SMALL, "scheduler": name})])[0].image
+        for name in ("euler", "ddim", "dpmpp_2m_karras")
+    }
+    assert np.abs(images["euler"] - images["ddim"]).max() > 1e-3
+    assert np.abs(images["euler"] - images["dpmpp_2m_karras"]).max() > 1e-3
+
+
+def test_missing_negative_prompt_matches_plain_pipeline_default(runner, reference_pipe):
+    """No negative prompt = diffusers' `negative_prompt=None` (zeroed embeddings), not ''."""
+    none_request = GenerationRequest(prompt="a blue square", seed=3, **SMALL)
+    empty_request = none_request.model_copy(update={"negative_prompt": ""})
+    none_image, empty_image = (o.image for o in runner.run([none_request, empty_request]))
+    assert np.abs(none_image - _reference_image(reference_pipe, none_request)).max() <= FIDELITY_ATOL
+    assert np.abs(empty_image - _reference_image(reference_pipe, empty_request)).max() <= FIDELITY_ATOL
+    assert np.abs(none_image - empty_image).max() > 1e-3
+
+
+def _mixed_requests() -> list[GenerationRequest]:
+    prompts = ["a red circle", "a green star", "a cat", "a house", "rain", "a blue square", "a tree", "night"]
+    return [
+        GenerationRequest(
+            prompt=prompt,
+            negative_prompt=None if i % 3 == 0 else f"ugly {i}",
+            seed=100 + i,
+            **{**SMALL, "scheduler": "euler_a" if i % 2 else "dpmpp_2m"},
+        )
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def test_fused_batch_equals_requests_run_one_by_one(runner):
+    requests = _mixed_requests()
+    runner.reports.clear()
+    fused = runner.run(requests)
+    assert [r.size for r in runner.reports] == [4, 4]  # two compatible groups, one call each
+    for request, outcome in zip(requests, fused):
+        (alone,) = runner.run([request])
+        assert outcome.batch_size == 4 and alone.batch_size == 1
+        assert outcome.seed == request.seed
+        assert np.abs(outcome.image - alone.image).max() <= FIDELITY_ATOL
+
+
+def test_image_does_not_depend_on_batch_position(runner):
+    requests = _mixed_requests()[:4:2]  # same key, two requests
+    forward = runner.run(requests)
+    backward = runner.run(requests[::-1])
+    assert np.abs(forward[0].image - backward[1].image).max() <= FIDELITY_ATOL
+
+
+def test_grouping_key_splits_incompatible_requests():
+    base = GenerationRequest(prompt="x", seed=1, **SMALL)
+    variants = [
+        base,
+        base.model_copy(update={"prompt": "y", "seed": 2, "negative_prompt": "z"}),  # same group
+        base.model_copy(update={"width": 128}),
+        base.model_copy(update={"num_inference_steps": 4}),
+        base.model_copy(update={"scheduler": "ddim"}),
+        base.model_copy(update={"guidance_scale": 1.0}),
+    ]
+    assert compatibility_key(variants[0]) == compatibility_key(variants[1])
+    assert group_by_key(variants) == [[0, 1], [2], [3], [4], [5]]
+
+
+def test_unresolved_request_is_refused(runner):
+    with pytest.raises(ValueError, match="with_defaults"):
+        runner.run([GenerationRequest(prompt="p")])
+
+
+def test_seed_is_drawn_and_reproducible(runner):
+    request = GenerationRequest(prompt="a boat", **SMALL)
+    (first,) = runner.run([request])
+    (again,) = runner.run([request.model_copy(update={"seed": first.seed})])
+    assert 0 <= first.seed < 2**32
+    assert np.abs(first.image - again.image).max() <= FIDELITY_ATOL
+
+
+def test_no_guidance_runs_without_negative_branch(runner, reference_pipe):
+    request = GenerationRequest(prompt="a lake", seed=5, **{**SMALL, "guidance_scale": 1.0})
+    (ours,) = runner.run([request])
+    assert np.abs(ours.image - _reference_image(reference_pipe, request)).max() <= FIDELITY_ATOL
+
+
+def test_progress_is_reported_per_step(runner):
+    seen = []
+    control = RequestControl(on_progress=lambda step, total: seen.append((step, total)))
+    runner.run([GenerationRequest(prompt="p", seed=1, **SMALL)], [control])
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_cancelled_before_running_never_runs(runner):
+    runner.reports.clear()
+    control = RequestControl()
+    control.cancel()
+    (outcome,) = runner.run([GenerationRequest(prompt="p", seed=1, **SMALL)], [control])
+    assert isinstance(outcome, RequestCancelledError) and outcome.status_code == 409
+    assert runner.reports == []
+
+
+def test_expired_deadline_never_runs(runner):
+    runner.reports.clear()
+    control = RequestControl(deadline=time.time() - 1)
+    (outcome,) = runner.run([GenerationRequest(prompt="p", seed=1, **SMALL)], [control])
+    assert isinstance(outcome, DeadlineExceededError) and outcome.status_code == 504
+    assert runner.reports == []
+
+
+def test_cancel_mid_run_leaves_batch_neighbour_unchanged(runner):
+    """Cancelling one request of a fused group answers it 'cancelled'; the other's image is the
+    image it gets alone."""
+    keep = GenerationRequest(prompt="keep me", seed=11, **{**SMALL, "num_inference_steps": 6})
+    drop = keep.model_copy(update={"prompt": "drop me", "seed": 12, "request_id": "drop"})
+    drop_control = RequestControl(on_progress=lambda step, total: drop_control.cancel() if step == 2 else None)
+    kept, dropped = runner.run([keep, drop], [RequestControl(), drop_control])
+    (alone,) = runner.run([keep])
+    assert isinstance(dropped, RequestCancelledError)
+    assert kept.batch_size == 2
+    assert np.abs(kept.image - alone.image).max() <= FIDELITY_ATOL
+
+
+def test_cancelling_every_request_stops_the_denoising_loop(runner):
+    runner.reports.clear()
+    control = RequestControl(on_progress=lambda step, total: control.cancel() if step == 2 else None)
+    (outcome,) = runner.run([GenerationRequest(prompt="p", seed=1, **{**SMALL, "num_inference_steps": 20})], [control])
+    assert isinstance(outcome, RequestCancelledError)
+    (report,) = runner.reports
+    assert report.interrupted and report.steps_run == 2 and report.total_steps == 20
+
+
+def test_cancel_from_another_thread(runner):
+    started = threading.Event()
+    control = RequestControl(on_progress=lambda step, total: started.set())
+    threading.Thread(target=lambda: started.wait(10) and control.cancel()).start()
+    (outcome,) = runner.run([GenerationRequest(prompt="p", seed=1, **{**SMALL, "num_inference_steps": 200})], [control])
+    assert isinstance(outcome, RequestCancelledError)
+    assert control.step < 200
+
+
+def test_deadline_passing_mid_run_answers_504(runner):
+    control = RequestControl(
+        on_progress=lambda step, total: setattr(control, "deadline", time.time() - 1) if step == 1 else None
+    )
+    (outcome,) = runner.run([GenerationRequest(prompt="p", seed=1, **{**SMALL, "num_inference_steps": 10})], [control])
+    assert isinstance(outcome, DeadlineExceededError)
+    assert control.step == 1

@@ -1,0 +1,111 @@
+"""Model loading from specs on the tiny model: the save_pretrained -> from_pretrained path,
+determinism of the random builder, the full-size architecture, attention backends."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from configs.model_spec import MODEL_CONFIG_ROOT, PretrainedSpec, TinySpec
+from deployments.pipelines import (
+    build_random_pipeline,
+    byte_level_tokenizer,
+    ensure_tiny_saved,
+    load_pipeline,
+    set_attention_backend,
+    tiny_model_dir,
+)
+
+
+def _state(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_tiny_is_saved_in_diffusers_layout(tiny_dir):
+    index = json.loads((tiny_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert list((tiny_dir / part).glob("*.safetensors")), part
+    assert (tiny_dir / "tokenizer").is_dir() and (tiny_dir / "tokenizer_2").is_dir()
+
+
+def test_tiny_loads_through_from_pretrained_with_the_built_weights(tiny_spec, tiny_pipe):
+    built = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", tiny_spec.seed, torch.device("cpu"), torch.float32)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        loaded, fresh = _state(getattr(tiny_pipe, part)), _state(getattr(built, part))
+        assert loaded.keys() == fresh.keys()
+        assert all(torch.equal(loaded[k], fresh[k]) for k in loaded), part
+
+
+def test_pretrained_spec_loads_a_local_diffusers_folder(tiny_dir, tiny_pipe):
+    """The real-weights path (`source: pretrained`) on a folder the project saved itself."""
+    pipe = load_pipeline(PretrainedSpec(source="pretrained", path=str(tiny_dir), local_files_only=True, device="cpu"))
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    args = dict(prompt="a red circle", width=64, height=64, num_inference_steps=2, output_type="np")
+    ours = pipe(generator=torch.Generator().manual_seed(1), **args).images
+    expected = tiny_pipe(generator=torch.Generator().manual_seed(1), **args).images
+    assert np.abs(ours - expected).max() <= 1e-6
+
+
+def test_pretrained_spec_with_separate_vae(tiny_dir):
+    pipe = load_pipeline(
+        PretrainedSpec(
+            source="pretrained", path=str(tiny_dir), vae_path=str(tiny_dir / "vae"), local_files_only=True, device="cpu"
+        )
+    )
+    assert pipe.vae.config.latent_channels == 4
+
+
+def test_tiny_build_is_deterministic_and_seed_dependent():
+    a = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", 0, torch.device("cpu"), torch.float32)
+    b = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", 0, torch.device("cpu"), torch.float32)
+    c = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", 1, torch.device("cpu"), torch.float32)
+    weight = "conv_in.weight"
+    assert torch.equal(a.unet.state_dict()[weight], b.unet.state_dict()[weight])
+    assert not torch.equal(a.unet.state_dict()[weight], c.unet.state_dict()[weight])
+
+
+def test_tiny_folder_name_depends_on_seed_and_cache(tmp_path):
+    assert tiny_model_dir(TinySpec(cache_dir=str(tmp_path), seed=0)) != tiny_model_dir(TinySpec(cache_dir=str(tmp_path), seed=1))
+    assert tiny_model_dir(TinySpec(cache_dir=str(tmp_path))).parent == tmp_path
+
+
+def test_ensure_tiny_saved_is_idempotent(tiny_spec, tiny_dir):
+    before = (tiny_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_saved(tiny_spec) == tiny_dir
+    assert (tiny_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_sdxl_arch_has_the_public_parameter_counts():
+    """Built on the meta device: the full-size architecture costs no memory to check."""
+    pipe = build_random_pipeline(MODEL_CONFIG_ROOT / "sdxl-arch", 0, torch.device("meta"), torch.float16)
+    counts = {part: sum(p.numel() for p in getattr(pipe, part).parameters()) for part in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
+    assert pipe.unet.dtype == torch.float16
+
+
+def test_byte_level_tokenizer_round_trips_text():
+    tokenizer = byte_level_tokenizer()
+    ids = tokenizer("a red circle, top left").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert max(ids) == tokenizer.eos_token_id  # CLIP pools at argmax(ids): the end token
+    assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == "aredcircle,topleft"
+
+
+def test_attention_backend_on_cpu(tiny_pipe):
+    assert set_attention_backend(tiny_pipe, "auto", torch.device("cpu")) == "sdpa"
+    assert set_attention_backend(tiny_pipe, "sdpa", torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="xformers"):
+        set_attention_backend(tiny_pipe, "xformers", torch.device("cpu"))
+
+
+def test_dtype_and_device_resolution():
+    from deployments.pipelines import resolve_device, resolve_dtype
+
+    spec = TinySpec(device="cpu")
+    assert resolve_device(spec) == torch.device("cpu")
+    assert resolve_dtype(spec, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(spec, torch.device("cuda")) == torch.float16
+    assert resolve_dtype(TinySpec(dtype="bfloat16"), torch.device("cpu")) == torch.bfloat16
