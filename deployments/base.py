@@ -56,6 +56,11 @@ class SDXLBase:
         self._runner = BatchRunner(self._pipe, on_group=self._record_group)
         self._new_control = RequestControl
         self._controls: dict[str, Any] = {}
+        # Set while no batch runs. Ray's @serve.batch assembles the next batch while the current
+        # one runs (only the run waits for the slot), so requests arriving mid-run would trickle
+        # into small batches; holding them here until the slot frees lets them fill one batch.
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._group_sizes: deque[int] = deque(maxlen=_RECENT_GROUPS)
         self._totals = Counter()
         self._group_size_metric = Histogram(
@@ -88,8 +93,10 @@ class SDXLBase:
             )
         control = self._new_control(deadline=request.deadline)
         self._controls[request.request_id] = control
+        arrived = time.perf_counter()
         try:
-            outcome = await self._generate_batch(request, control, time.perf_counter())
+            await self._idle.wait()
+            outcome = await self._generate_batch(request, control, arrived)
         except asyncio.CancelledError:
             # The caller went away (client disconnect, handle `cancel()`): stop its denoising.
             control.cancel()
@@ -105,7 +112,11 @@ class SDXLBase:
         self, requests: list[GenerationRequest], controls: list, arrivals: list[float]
     ) -> list:
         started = time.perf_counter()
-        outcomes = await asyncio.to_thread(self._runner.run, requests, controls)
+        self._idle.clear()
+        try:
+            outcomes = await asyncio.to_thread(self._runner.run, requests, controls)
+        finally:
+            self._idle.set()
         return [
             _to_result(request, outcome, queue_s=started - arrived)
             for request, outcome, arrived in zip(requests, outcomes, arrivals)
