@@ -132,7 +132,6 @@ def test_diffusers_mixes_up_equal_width_text_encoders(checkpoint, config_folder,
     )
     clip_l = reference.text_encoder.state_dict()
     got = pipe.text_encoder_2.state_dict()
-    assert got["text_projection.weight"].is_meta
     key = "text_model.embeddings.token_embedding.weight"
     assert torch.equal(got[key], clip_l[key.removeprefix("text_model.")])
 
