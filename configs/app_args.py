@@ -100,6 +100,9 @@ class LimitsConfig(_Strict):
     max_steps: int = Field(150, ge=1, le=1000, description="Most denoising steps accepted.")
     max_n: int = Field(10, ge=1, le=128, description="Most images one request may ask for (`n`).")
     max_prompt_chars: int = Field(4000, ge=1, le=100_000, description="Longest prompt or negative prompt.")
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, le=1024**3, description="Largest uploaded image or mask, in bytes (413 beyond)."
+    )
 
 
 class AppArgs(_Strict):

@@ -16,7 +16,14 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from deployments.pipelines import make_scheduler
 from deployments.types import (
@@ -31,11 +38,22 @@ from deployments.types import (
 logger = logging.getLogger(__name__)
 
 
+#: The diffusers pipeline class of each kind; all are built over the same loaded components.
+PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
+    "txt2img": StableDiffusionXLPipeline,
+    "img2img": StableDiffusionXLImg2ImgPipeline,
+    "inpaint": StableDiffusionXLInpaintPipeline,
+}
+
+
 def compatibility_key(request: GenerationRequest) -> tuple:
     """What requests must share to run in one forward pass. New features add a field here.
 
-    Everything else (prompt, negative prompt, seed) is per request and batches freely.
+    Everything else (prompt, negative prompt, seed, init image, mask, mask blur) is per request
+    and batches freely. `padding_mask_crop` crops one region per pipeline call, so such a request
+    only ever runs alone (its key includes its id).
     """
+    crop = None if request.padding_mask_crop is None else (request.padding_mask_crop, request.request_id)
     return (
         request.kind,
         request.width,
@@ -43,6 +61,8 @@ def compatibility_key(request: GenerationRequest) -> tuple:
         request.num_inference_steps,
         request.scheduler,
         request.guidance_scale,
+        request.strength,
+        crop,
     )
 
 
@@ -152,7 +172,7 @@ class BatchRunner:
         Requests must have their defaults resolved (`GenerationRequest.with_defaults`).
         """
         for request in requests:
-            if None in compatibility_key(request):
+            if not _is_resolved(request):
                 raise ValueError(
                     f"request {request.request_id} has unresolved settings; call with_defaults(spec) first"
                 )
@@ -187,14 +207,15 @@ class BatchRunner:
                 embeds = self._encode_prompts(pipe, requests)
                 images = pipe(
                     **embeds,
-                    height=first.height,
-                    width=first.width,
+                    **_kind_inputs(pipe, requests),
                     num_inference_steps=first.num_inference_steps,
                     guidance_scale=first.guidance_scale,
                     generator=generators,
-                    output_type="np",
+                    # diffusers pastes a cropped repaint back only into PIL images.
+                    output_type="np" if first.padding_mask_crop is None else "pil",
                     callback_on_step_end=callback,
                 ).images
+            images = [np.asarray(image, dtype=np.float32) / 255.0 if isinstance(image, Image.Image) else image for image in images]
         except Exception:  # one failing group must not take the others down
             logger.exception("pipeline call failed for %d request(s), key %s", len(requests), compatibility_key(first))
             return [EngineError("image generation failed on the engine", code="engine_error")] * len(requests)
@@ -211,13 +232,14 @@ class BatchRunner:
                 outcomes.append(RunOutput(image=image, seed=seed, batch_size=len(requests), run_s=run_s))
         return outcomes
 
-    def _pipeline_for(self, request: GenerationRequest) -> StableDiffusionXLPipeline:
-        # A fresh pipeline object over the shared components (cheap: no weights are copied); it
-        # owns the one piece of per-call state, the scheduler.
+    def _pipeline_for(self, request: GenerationRequest) -> DiffusionPipeline:
+        # A fresh pipeline object of the request's kind over the shared components (cheap: no
+        # weights are copied, as with diffusers' `from_pipe`); it owns the one piece of per-call
+        # state, the scheduler.
         base = self._base
         components = dict(base.components)
         components["scheduler"] = make_scheduler(request.scheduler, base.scheduler.config)
-        pipe = type(base)(
+        pipe = PIPELINE_CLASSES[request.kind](
             **components,
             force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
             add_watermarker=getattr(base, "watermark", None) is not None,
@@ -249,6 +271,31 @@ class BatchRunner:
         if use_cfg:
             embeds.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
         return embeds
+
+
+def _is_resolved(request: GenerationRequest) -> bool:
+    settings = (request.width, request.height, request.num_inference_steps, request.scheduler, request.guidance_scale)
+    return None not in settings and (request.kind == "txt2img" or request.strength is not None)
+
+
+def _kind_inputs(pipe: DiffusionPipeline, requests: list[GenerationRequest]) -> dict:
+    """The pipeline arguments that depend on the kind: size, init images, masks, strength."""
+    first = requests[0]
+    if first.kind == "txt2img":
+        return {"height": first.height, "width": first.width}
+    inputs = {"image": [Image.fromarray(r.init_image) for r in requests], "strength": first.strength}
+    if first.kind == "inpaint":
+        masks = [Image.fromarray(r.mask_image) for r in requests]
+        inputs["mask_image"] = [
+            VaeImageProcessor.blur(mask, blur_factor=r.mask_blur) if r.mask_blur else mask
+            for mask, r in zip(masks, requests)
+        ]
+        # One crop region per call: the key keeps such requests alone, so pass single images.
+        if first.padding_mask_crop is not None:
+            inputs.update(image=inputs["image"][0], mask_image=inputs["mask_image"][0])
+            inputs["padding_mask_crop"] = first.padding_mask_crop
+        inputs.update(height=first.height, width=first.width)
+    return inputs
 
 
 class _StepCallback:

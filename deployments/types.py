@@ -10,12 +10,17 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from configs.app_args import LimitsConfig
 from configs.schedulers import canonical_scheduler
 
 MAX_SEED = 2**32 - 1
+
+Kind = Literal["txt2img", "img2img", "inpaint"]
+
+#: `strength` when a request gives none: A1111's img2img default; inpaint repaints the mask fully.
+DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}
 
 
 class _SpecDefaults(Protocol):
@@ -30,7 +35,7 @@ class _SpecDefaults(Protocol):
 class GenerationRequest(BaseModel):
     """One image to generate. Per-request fields batch freely; the rest form the compatibility key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     prompt: str = Field(..., min_length=1, description="What to draw.")
     negative_prompt: Optional[str] = Field(
@@ -58,7 +63,29 @@ class GenerationRequest(BaseModel):
     seed: Optional[int] = Field(
         None, ge=0, le=MAX_SEED, description="Noise seed; drawn by the engine when absent, and returned."
     )
-    kind: Literal["txt2img"] = Field("txt2img", description="Generation kind.")
+    kind: Kind = Field("txt2img", description="txt2img; img2img (needs init_image); inpaint (init_image and mask_image).")
+    init_image: Optional[np.ndarray] = Field(
+        None, description="img2img/inpaint: the starting picture, uint8 RGB (H, W, 3) at width x height."
+    )
+    mask_image: Optional[np.ndarray] = Field(
+        None, description="inpaint: uint8 (H, W), same size as init_image; white (>= 128) is repainted."
+    )
+    strength: Optional[float] = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="img2img/inpaint: how much to change (1 ignores the init image under the mask); `None`: per-kind default.",
+    )
+    mask_blur: int = Field(0, ge=0, le=256, description="inpaint: Gaussian blur of the mask edge, in pixels.")
+    padding_mask_crop: Optional[int] = Field(
+        None,
+        ge=0,
+        le=4096,
+        description=(
+            "inpaint: repaint only the mask's bounding box grown by this many pixels, at full "
+            "resolution, and paste it back. Such requests never share a forward pass."
+        ),
+    )
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     deadline: Optional[float] = Field(
         None,
@@ -70,13 +97,65 @@ class GenerationRequest(BaseModel):
     def _canonical_scheduler(cls, value: Optional[str]) -> Optional[str]:
         return None if value is None else canonical_scheduler(value)
 
+    @field_validator("init_image")
+    @classmethod
+    def _rgb_pixels(cls, value: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        if value is not None and (
+            not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3
+        ):
+            raise ValueError("init_image must be a uint8 numpy array of shape (H, W, 3)")
+        return value
+
+    @field_validator("mask_image")
+    @classmethod
+    def _mask_pixels(cls, value: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        if value is not None and (not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 2):
+            raise ValueError("mask_image must be a uint8 numpy array of shape (H, W)")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_fit_kind(self) -> "GenerationRequest":
+        needs = {"txt2img": (), "img2img": ("init_image",), "inpaint": ("init_image", "mask_image")}[self.kind]
+        for name in ("init_image", "mask_image"):
+            if name in needs and getattr(self, name) is None:
+                raise ValueError(f"{name} is required for kind {self.kind!r}")
+            if name not in needs and getattr(self, name) is not None:
+                raise ValueError(f"{name} does not apply to kind {self.kind!r}")
+        only_inpaint = {"mask_blur": self.mask_blur != 0, "padding_mask_crop": self.padding_mask_crop is not None}
+        for name, given in only_inpaint.items():
+            if given and self.kind != "inpaint":
+                raise ValueError(f"{name} applies to kind 'inpaint' only")
+        if self.strength is not None and self.kind == "txt2img":
+            raise ValueError("strength applies to img2img and inpaint only")
+        if self.init_image is not None:
+            height, width = self.init_image.shape[:2]
+            if (self.width, self.height) not in ((None, None), (width, height)):
+                raise ValueError(
+                    f"init_image is {width}x{height} but width x height is {self.width}x{self.height}; "
+                    "resize the image or leave the size out"
+                )
+            if self.mask_image is not None and self.mask_image.shape != (height, width):
+                mask_h, mask_w = self.mask_image.shape
+                raise ValueError(f"mask_image is {mask_w}x{mask_h} but init_image is {width}x{height}")
+        return self
+
     def with_defaults(self, spec: "_SpecDefaults") -> "GenerationRequest":
-        """This request with every `None` generation setting replaced by the model's default."""
+        """This request with every `None` generation setting replaced by its default: the init
+        image's size for img2img/inpaint, the model's defaults for the rest."""
         width, height = spec.default_size
+        if self.init_image is not None:
+            height, width = self.init_image.shape[:2]
+            if width % 8 or height % 8:
+                raise InvalidRequestError(
+                    f"init_image is {width}x{height}; both sides must be multiples of 8",
+                    param="init_image",
+                    code="invalid_size",
+                )
         return self.model_copy(
             update={
                 "width": self.width if self.width is not None else width,
                 "height": self.height if self.height is not None else height,
+                "strength": self.strength if self.strength is not None else DEFAULT_STRENGTH.get(self.kind),
                 "num_inference_steps": self.num_inference_steps or spec.default_steps,
                 "guidance_scale": (
                     self.guidance_scale if self.guidance_scale is not None else spec.default_guidance_scale
@@ -121,6 +200,16 @@ class ServiceError(Exception):
 
 class InvalidRequestError(ServiceError):
     status_code = 400
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(ServiceError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status_code = 415
     error_type = "invalid_request_error"
 
 

@@ -14,7 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.types import DeadlineExceededError, OverloadedError, ServiceError, unwrap_error
+from deployments.types import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    OverloadedError,
+    ServiceError,
+    unwrap_error,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,26 +78,28 @@ def _is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, (TimeoutError, GetTimeoutError))
 
 
-def _validation_param(loc: tuple) -> Optional[str]:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or None
+def invalid_request_from(errors: list[dict]) -> InvalidRequestError:
+    """The 400 for pydantic/FastAPI validation errors: the first error, its field as `param`."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError("request body is not valid JSON", code="invalid_json")
+    parts = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(parts) or None
+    kind = first.get("type")
+    if kind == "extra_forbidden":
+        message = f"unrecognized request argument: {param}"
+    elif kind == "missing":
+        message = f"missing required argument: {param}"
+    else:
+        detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"invalid {param}: {detail}" if param else detail
+    return InvalidRequestError(message, param=param, code=kind)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        param = _validation_param(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
-            return error_response(400, "request body is not valid JSON", "invalid_request_error", None, "invalid_json")
-        message = first.get("msg", "invalid value")
-        if first.get("type") == "extra_forbidden":
-            message = f"unrecognized request argument: {param}"
-        elif first.get("type") == "missing":
-            message = f"missing required argument: {param}"
-        else:
-            message = f"invalid {param}: {message.removeprefix('Value error, ')}"
-        return error_response(400, message, "invalid_request_error", param, first.get("type"))
+        return service_error_response(invalid_request_from(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
@@ -19,17 +19,36 @@ from serve_app.errors import error_response, exception_response, install_error_h
 from serve_app.protocol import (
     ErrorResponse,
     ImageData,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
+    Img2ImgRequest,
+    InpaintRequest,
     ModelCard,
     ModelList,
     Txt2ImgRequest,
 )
+from serve_app.request_body import parse_body
 from serve_app.serving_images import ImageServing
 
 logger = logging.getLogger("ray.serve")
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 500, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 413, 415, 500, 503, 504)}
+_NATIVE_RESPONSES = {
+    200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}}}},
+    **_ERRORS,
+}
+
+
+def _body_schema(model: type) -> dict:
+    """OpenAPI for routes that read JSON or multipart themselves (FastAPI cannot declare both)."""
+    schema = model.model_json_schema()
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema}, "multipart/form-data": {"schema": schema}},
+        }
+    }
 
 app = FastAPI(
     title="sdxl-serve",
@@ -58,6 +77,61 @@ class ImageIngress:
             results = await self._serving.generate(requests, user=body.user)
         except Exception as exc:
             return exception_response(exc)
+        return self._images_response(body, requests, results)
+
+    @app.post(
+        "/v1/images/edits",
+        response_model=ImagesResponse,
+        responses=_ERRORS,
+        openapi_extra=_body_schema(ImageEditRequest),
+    )
+    async def images_edits(self, request: Request) -> Any:
+        """OpenAI-compatible edits (multipart): inpaint the mask's transparent area, or img2img."""
+        try:
+            body = await parse_body(request, ImageEditRequest, self._args.limits)
+            requests = self._serving.requests_for_edit(body)
+            results = await self._serving.generate(requests, user=body.user)
+        except Exception as exc:
+            return exception_response(exc)
+        return self._images_response(body, requests, results)
+
+    @app.post("/v1/txt2img", response_class=Response, responses=_NATIVE_RESPONSES)
+    async def txt2img(self, body: Txt2ImgRequest) -> Response:
+        """Text-to-image answering the image bytes (seed in `X-Seed`), or JSON with `b64_json`."""
+        try:
+            requests = self._serving.requests_for_txt2img(body)
+            results = await self._serving.generate(requests)
+        except Exception as exc:
+            return exception_response(exc)
+        return self._native_response(body, requests, results)
+
+    @app.post(
+        "/v1/img2img", response_class=Response, responses=_NATIVE_RESPONSES, openapi_extra=_body_schema(Img2ImgRequest)
+    )
+    async def img2img(self, request: Request) -> Response:
+        """Image-to-image from JSON (base64 `image`) or multipart/form-data."""
+        try:
+            body = await parse_body(request, Img2ImgRequest, self._args.limits)
+            requests = self._serving.requests_for_img2img(body)
+            results = await self._serving.generate(requests)
+        except Exception as exc:
+            return exception_response(exc)
+        return self._native_response(body, requests, results)
+
+    @app.post(
+        "/v1/inpaint", response_class=Response, responses=_NATIVE_RESPONSES, openapi_extra=_body_schema(InpaintRequest)
+    )
+    async def inpaint(self, request: Request) -> Response:
+        """Inpainting (white mask = repaint) from JSON (base64 `image`/`mask`) or multipart/form-data."""
+        try:
+            body = await parse_body(request, InpaintRequest, self._args.limits)
+            requests = self._serving.requests_for_inpaint(body)
+            results = await self._serving.generate(requests)
+        except Exception as exc:
+            return exception_response(exc)
+        return self._native_response(body, requests, results)
+
+    def _images_response(self, body: Any, requests: list, results: list) -> ImagesResponse:
         data = [
             ImageData(
                 b64_json=to_base64(encode_image(result.image, body.output_format, body.output_compression)),
@@ -73,18 +147,10 @@ class ImageIngress:
             model=self._serving.model_id,
         )
 
-    @app.post(
-        "/v1/txt2img",
-        response_class=Response,
-        responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}}, **_ERRORS},
-    )
-    async def txt2img(self, body: Txt2ImgRequest) -> Response:
-        """Text-to-image answering the image bytes; the seed is in the `X-Seed` header."""
-        try:
-            requests = self._serving.requests_for_txt2img(body)
-            (result,) = await self._serving.generate(requests)
-        except Exception as exc:
-            return exception_response(exc)
+    def _native_response(self, body: Any, requests: list, results: list) -> Response:
+        if body.response_format == "b64_json":
+            return JSONResponse(self._images_response(body, requests, results).model_dump(mode="json"))
+        (result,) = results
         return Response(
             content=encode_image(result.image, body.output_format, body.output_compression),
             media_type=MEDIA_TYPES[body.output_format],

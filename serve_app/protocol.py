@@ -5,10 +5,12 @@ SDXL controls as extra fields; `Txt2ImgRequest` is the native endpoint that answ
 Unknown fields are rejected, as OpenAI does, so a misspelt option never goes silently unused.
 """
 
+import base64
+import binascii
 import re
-from typing import Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from configs.schedulers import canonical_scheduler
 from deployments.types import MAX_SEED
@@ -53,12 +55,32 @@ class SDXLControls(_Strict):
         return None if value is None else canonical_scheduler(value)
 
 
-class ImageGenerationRequest(SDXLControls):
-    """OpenAI-compatible `POST /v1/images/generations` body."""
+def _image_bytes(value: Any) -> bytes:
+    """Multipart uploads arrive as bytes; JSON carries base64 (plain or as a data: URL)."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        payload = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("is not valid base64 image data") from None
+    raise ValueError("must be an image: base64 text in JSON, a file in multipart/form-data")
+
+
+ImageUpload = Annotated[
+    bytes,
+    BeforeValidator(_image_bytes),
+    WithJsonSchema({"type": "string", "format": "binary", "description": "PNG, JPEG or WEBP (base64 in JSON)."}),
+]
+
+
+class _OpenAIImageOptions(BaseModel):
+    """Fields the OpenAI generations and edits calls share."""
 
     n: int = Field(1, ge=1, description="Number of images (1 to the configured `max_n`, 10 by default).")
     size: Optional[str] = Field(
-        None, description='"WIDTHxHEIGHT" (multiples of 8), or "auto"/absent for the model default.'
+        None, description='"WIDTHxHEIGHT" (multiples of 8), or "auto"/absent for the default.'
     )
     response_format: Literal["b64_json", "url"] = Field(
         "b64_json", description='"b64_json" (stored "url" results come with async jobs).'
@@ -79,11 +101,66 @@ class ImageGenerationRequest(SDXLControls):
         return int(width), int(height)
 
 
-class Txt2ImgRequest(SDXLControls):
-    """Native `POST /v1/txt2img` body; the response is the image bytes."""
+class _Img2ImgOptions(BaseModel):
+    strength: Optional[float] = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="How much to change the image, (0, 1]; default 0.75 for img2img, 1.0 for inpainting.",
+    )
 
+
+class _InpaintOptions(_Img2ImgOptions):
+    mask_blur: int = Field(0, ge=0, le=256, description="Blur of the mask edge in pixels (0: off).")
+    padding_mask_crop: Optional[int] = Field(
+        None,
+        ge=0,
+        le=4096,
+        description=(
+            "Repaint only the mask's bounding box grown by this many pixels, at full resolution, and "
+            "paste it back (A1111's 'inpaint only masked'). Absent: the whole image is processed."
+        ),
+    )
+
+
+class ImageGenerationRequest(SDXLControls, _OpenAIImageOptions):
+    """OpenAI-compatible `POST /v1/images/generations` body."""
+
+
+class ImageEditRequest(SDXLControls, _OpenAIImageOptions, _InpaintOptions):
+    """OpenAI-compatible `POST /v1/images/edits` form: `image`, optional `mask` (PNG whose fully
+    transparent pixels mark the area to edit). Without a mask, an image with transparency is
+    inpainted there; an opaque one is transformed as a whole (img2img)."""
+
+    image: ImageUpload = Field(..., description="The image to edit.")
+    mask: Optional[ImageUpload] = Field(
+        None, description="PNG with an alpha channel, same size as image; fully transparent = edit."
+    )
+
+
+class _NativeOptions(BaseModel):
     width: Optional[int] = Field(None, ge=1, description="Image width in pixels (multiple of 8).")
     height: Optional[int] = Field(None, ge=1, description="Image height in pixels (multiple of 8).")
+    response_format: Literal["image", "b64_json"] = Field(
+        "image", description='"image": the encoded image bytes; "b64_json": the JSON form of the images API.'
+    )
+
+
+class Txt2ImgRequest(SDXLControls, _NativeOptions):
+    """Native `POST /v1/txt2img` body."""
+
+
+class Img2ImgRequest(SDXLControls, _NativeOptions, _Img2ImgOptions):
+    """Native `POST /v1/img2img` body (JSON with base64 `image`, or multipart/form-data)."""
+
+    image: ImageUpload = Field(..., description="The starting image.")
+
+
+class InpaintRequest(SDXLControls, _NativeOptions, _InpaintOptions):
+    """Native `POST /v1/inpaint` body (JSON with base64 `image`/`mask`, or multipart/form-data)."""
+
+    image: ImageUpload = Field(..., description="The image to repaint.")
+    mask: ImageUpload = Field(..., description="Same size as image; white = repaint, black = keep.")
 
 
 class ImageData(BaseModel):

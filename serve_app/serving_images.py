@@ -9,7 +9,8 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 from pydantic import ValidationError
 
@@ -23,7 +24,16 @@ from deployments.types import (
     ModelNotFoundError,
     check_limits,
 )
-from serve_app.protocol import ImageGenerationRequest, SDXLControls, Txt2ImgRequest
+from serve_app.errors import invalid_request_from
+from serve_app import image_inputs
+from serve_app.protocol import (
+    Img2ImgRequest,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    InpaintRequest,
+    SDXLControls,
+    Txt2ImgRequest,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,6 +50,64 @@ class ImageServing:
         return self._args.model.name
 
     def requests_for_generations(self, body: ImageGenerationRequest) -> list[GenerationRequest]:
+        self._check_openai_options(body)
+        width, height = body.parsed_size()
+        with _size_is_one_field():
+            return self._requests(body, "txt2img", width, height, n=body.n)
+
+    def requests_for_txt2img(self, body: Txt2ImgRequest) -> list[GenerationRequest]:
+        return self._requests(body, "txt2img", body.width, body.height)
+
+    def requests_for_img2img(self, body: Img2ImgRequest) -> list[GenerationRequest]:
+        image = image_inputs.open_image(body.image, "image", self._args.limits)
+        width, height = self._size_for(image, (body.width, body.height), "image")
+        prepared = image_inputs.prepare(image, None, (width, height))
+        return self._requests(body, "img2img", None, None, image=prepared, strength=body.strength)
+
+    def requests_for_inpaint(self, body: InpaintRequest) -> list[GenerationRequest]:
+        limits = self._args.limits
+        image = image_inputs.open_image(body.image, "image", limits)
+        mask = image_inputs.greyscale_mask(image_inputs.open_image(body.mask, "mask", limits))
+        width, height = self._size_for(image, (body.width, body.height), "image")
+        prepared = image_inputs.prepare(image, mask, (width, height))
+        return self._requests(body, "inpaint", None, None, image=prepared, **_inpaint_options(body))
+
+    def requests_for_edit(self, body: ImageEditRequest) -> list[GenerationRequest]:
+        """OpenAI edits: inpaint where the mask (or, without one, the image) is fully transparent;
+        an opaque image without a mask is transformed as a whole (img2img)."""
+        self._check_openai_options(body)
+        limits = self._args.limits
+        image = image_inputs.open_image(body.image, "image", limits)
+        if body.mask is not None:
+            mask_file = image_inputs.open_image(body.mask, "mask", limits)
+            mask = image_inputs.transparent_area(mask_file)
+            if mask is None:
+                raise InvalidRequestError(
+                    "mask has no fully transparent pixels; its transparent area marks what to edit",
+                    param="mask",
+                    code="invalid_mask",
+                )
+            if mask.size != image.size:  # checked here too so the error names the OpenAI field
+                raise InvalidRequestError(
+                    f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}",
+                    param="mask",
+                    code="mask_size_mismatch",
+                )
+        else:
+            mask = image_inputs.transparent_area(image)
+        with _size_is_one_field():
+            width, height = self._size_for(image, body.parsed_size(), "size")
+            prepared = image_inputs.prepare(image, mask, (width, height))
+            if mask is None:
+                for name in ("mask_blur", "padding_mask_crop"):
+                    if name in body.model_fields_set:
+                        raise InvalidRequestError(
+                            f"{name} needs a mask (or transparent pixels in image)", param=name, code="unsupported_value"
+                        )
+                return self._requests(body, "img2img", None, None, n=body.n, image=prepared, strength=body.strength)
+            return self._requests(body, "inpaint", None, None, n=body.n, image=prepared, **_inpaint_options(body))
+
+    def _check_openai_options(self, body: Any) -> None:
         if body.response_format == "url":
             raise InvalidRequestError(
                 "response_format 'url' is not available yet (it needs stored results); use 'b64_json'",
@@ -50,19 +118,21 @@ class ImageServing:
             raise InvalidRequestError(
                 f"n {body.n} is above the limit of {self._args.limits.max_n}", param="n", code="invalid_n"
             )
-        width, height = body.parsed_size()
-        try:
-            return self._requests(body, width, height, body.n)
-        except InvalidRequestError as exc:
-            if exc.param in ("width", "height"):  # this endpoint's field for both is `size`
-                raise InvalidRequestError(exc.message, param="size", code=exc.code) from None
-            raise
 
-    def requests_for_txt2img(self, body: Txt2ImgRequest) -> list[GenerationRequest]:
-        return self._requests(body, body.width, body.height, 1)
+    def _size_for(self, image: Any, requested: tuple[Optional[int], Optional[int]], param: str) -> tuple[int, int]:
+        width, height = image_inputs.target_size(image.size, requested, self._args.limits, param)
+        _check_multiple_of_8(width, height)
+        return width, height
 
     def _requests(
-        self, body: SDXLControls, width: Optional[int], height: Optional[int], n: int
+        self,
+        body: SDXLControls,
+        kind: str,
+        width: Optional[int],
+        height: Optional[int],
+        n: int = 1,
+        image: Optional[image_inputs.PreparedImage] = None,
+        **kind_fields: Any,
     ) -> list[GenerationRequest]:
         if body.model is not None and body.model != self.model_id:
             raise ModelNotFoundError(
@@ -76,11 +146,9 @@ class ImageServing:
                 param="output_compression",
                 code="unsupported_value",
             )
-        for name, side in (("width", width), ("height", height)):
-            if side is not None and side % 8:
-                raise InvalidRequestError(
-                    f"{name} {side} must be a multiple of 8", param=name, code="invalid_size"
-                )
+        _check_multiple_of_8(width, height)
+        if image is not None:
+            kind_fields.update(init_image=image.pixels, mask_image=image.mask)
         first_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
         deadline = time.time() + self._args.ingress.engine_timeout_s
         try:
@@ -88,6 +156,7 @@ class ImageServing:
                 GenerationRequest(
                     prompt=body.prompt,
                     negative_prompt=body.negative_prompt,
+                    kind=kind,
                     width=width,
                     height=height,
                     num_inference_steps=body.num_inference_steps,
@@ -95,13 +164,12 @@ class ImageServing:
                     scheduler=body.scheduler,
                     seed=(first_seed + i) % (MAX_SEED + 1),
                     deadline=deadline,
+                    **kind_fields,
                 ).with_defaults(self._args.model)
                 for i in range(n)
             ]
         except ValidationError as exc:  # bounds the HTTP schema leaves to the contract
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise InvalidRequestError(f"invalid {param}: {first['msg']}", param=param) from None
+            raise invalid_request_from(exc.errors()) from None
         check_limits(requests[0], self._args.limits)
         return requests
 
@@ -127,3 +195,24 @@ class ImageServing:
         finally:
             for response in responses:  # no-op for finished ones; frees the engine for the rest
                 response.cancel()
+
+
+def _check_multiple_of_8(width: Optional[int], height: Optional[int]) -> None:
+    for name, side in (("width", width), ("height", height)):
+        if side is not None and side % 8:
+            raise InvalidRequestError(f"{name} {side} must be a multiple of 8", param=name, code="invalid_size")
+
+
+def _inpaint_options(body: Any) -> dict[str, Any]:
+    return {"strength": body.strength, "mask_blur": body.mask_blur, "padding_mask_crop": body.padding_mask_crop}
+
+
+@contextmanager
+def _size_is_one_field() -> Iterator[None]:
+    """The OpenAI endpoints name width and height together `size`: report errors under it."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        if exc.param in ("width", "height"):
+            raise InvalidRequestError(exc.message, param="size", code=exc.code) from None
+        raise

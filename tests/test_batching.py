@@ -205,3 +205,168 @@ def test_deadline_passing_mid_run_answers_504(runner):
     (outcome,) = runner.run([GenerationRequest(prompt="p", seed=1, **{**SMALL, "num_inference_steps": 10})], [control])
     assert isinstance(outcome, DeadlineExceededError)
     assert control.step == 1
+
+
+# --- img2img and inpainting -------------------------------------------------------------------
+
+
+def _picture(seed: int, size=(64, 64)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+
+
+def _square_mask(size=(64, 64)) -> np.ndarray:
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    return mask
+
+
+EDIT = dict(num_inference_steps=4, guidance_scale=5.0, scheduler="euler_a", width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def img2img_reference(reference_pipe):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(reference_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def inpaint_reference(reference_pipe):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(reference_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _edit_reference(pipe, request: GenerationRequest, **extra) -> np.ndarray:
+    from PIL import Image
+
+    pipe.scheduler = make_scheduler(request.scheduler, pipe.original_scheduler_config)
+    return pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        image=Image.fromarray(request.init_image),
+        strength=request.strength,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        **extra,
+    ).images[0]
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_karras", "ddim"])
+def test_img2img_matches_plain_diffusers(runner, img2img_reference, reference_pipe, scheduler):
+    img2img_reference.original_scheduler_config = reference_pipe.original_scheduler_config
+    request = GenerationRequest(
+        prompt="a red circle", negative_prompt="blur", kind="img2img", init_image=_picture(1), strength=0.6, seed=4,
+        **{**EDIT, "scheduler": scheduler},
+    )
+    (ours,) = runner.run([request])
+    expected = _edit_reference(img2img_reference, request, output_type="np")
+    assert np.abs(ours.image - expected).max() <= FIDELITY_ATOL
+
+
+@pytest.mark.parametrize("mask_blur", [0, 6])
+def test_inpaint_matches_plain_diffusers(runner, inpaint_reference, reference_pipe, mask_blur):
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    inpaint_reference.original_scheduler_config = reference_pipe.original_scheduler_config
+    request = GenerationRequest(
+        prompt="a blue square", kind="inpaint", init_image=_picture(2), mask_image=_square_mask(),
+        strength=0.8, mask_blur=mask_blur, seed=9, **EDIT,
+    )
+    (ours,) = runner.run([request])
+    mask = Image.fromarray(request.mask_image)
+    mask = VaeImageProcessor.blur(mask, blur_factor=mask_blur) if mask_blur else mask
+    expected = _edit_reference(inpaint_reference, request, mask_image=mask, height=64, width=64, output_type="np")
+    assert np.abs(ours.image - expected).max() <= FIDELITY_ATOL
+
+
+def test_inpaint_full_resolution_crop_matches_plain_diffusers(runner, inpaint_reference, reference_pipe):
+    from PIL import Image
+
+    inpaint_reference.original_scheduler_config = reference_pipe.original_scheduler_config
+    request = GenerationRequest(
+        prompt="a star", kind="inpaint", init_image=_picture(3), mask_image=_square_mask(),
+        strength=0.9, padding_mask_crop=4, seed=5, **EDIT,
+    )
+    (ours,) = runner.run([request])
+    expected = _edit_reference(
+        inpaint_reference, request, mask_image=Image.fromarray(request.mask_image), padding_mask_crop=4,
+        height=64, width=64, output_type="pil",
+    )
+    assert np.abs(ours.image - np.asarray(expected, dtype=np.float32) / 255.0).max() <= FIDELITY_ATOL
+    outside = request.mask_image == 0  # the paste-back keeps the unmasked pixels exactly
+    assert np.array_equal((ours.image[outside] * 255).round().astype(np.uint8), request.init_image[outside])
+
+
+def _edit_requests() -> list[GenerationRequest]:
+    requests = []
+    for i in range(3):
+        requests.append(GenerationRequest(prompt=f"img {i}", kind="img2img", init_image=_picture(10 + i), strength=0.7, seed=20 + i, **EDIT))
+        requests.append(
+            GenerationRequest(
+                prompt=f"fill {i}", negative_prompt=None if i else "dark", kind="inpaint", init_image=_picture(30 + i),
+                mask_image=_square_mask(), mask_blur=2 * i, strength=0.9, seed=40 + i, **EDIT,
+            )
+        )
+        requests.append(GenerationRequest(prompt=f"txt {i}", seed=50 + i, **EDIT))
+    return requests
+
+
+def test_edit_kinds_fuse_per_kind_and_equal_one_by_one(runner):
+    requests = _edit_requests()
+    runner.reports.clear()
+    fused = runner.run(requests)
+    assert sorted((r.key[0], r.size) for r in runner.reports) == [("img2img", 3), ("inpaint", 3), ("txt2img", 3)]
+    for request, outcome in zip(requests, fused):
+        (alone,) = runner.run([request])
+        assert outcome.batch_size == 3
+        assert np.abs(outcome.image - alone.image).max() <= FIDELITY_ATOL
+
+
+def test_kinds_never_share_a_key():
+    txt, img, inp = (_edit_requests()[i] for i in (2, 0, 1))
+    keys = {compatibility_key(r) for r in (txt, img, inp)}
+    assert len(keys) == 3
+    assert compatibility_key(img) != compatibility_key(img.model_copy(update={"strength": 0.5}))
+
+
+def test_crop_requests_never_fuse():
+    base = GenerationRequest(
+        prompt="p", kind="inpaint", init_image=_picture(1), mask_image=_square_mask(), strength=0.9,
+        padding_mask_crop=8, seed=1, **EDIT,
+    )
+    other = base.model_copy(update={"request_id": "other"})
+    assert group_by_key([base, other]) == [[0], [1]]
+
+
+def test_all_kinds_share_one_set_of_weights(runner, tiny_pipe):
+    """txt2img, img2img and inpaint pipelines hold the very same modules and tensors."""
+    base = GenerationRequest(prompt="p", seed=1, **EDIT)
+    pipes = [
+        runner._pipeline_for(base),
+        runner._pipeline_for(_edit_requests()[0]),
+        runner._pipeline_for(_edit_requests()[1]),
+    ]
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(tiny_pipe, part)
+        for pipe in pipes:
+            assert getattr(pipe, part) is module
+            first = next(getattr(pipe, part).parameters())
+            assert first.data_ptr() == next(module.parameters()).data_ptr()
+    assert [type(p).__name__ for p in pipes] == [
+        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+    ]
+
+
+def test_strength_scales_the_steps_run(runner):
+    seen = []
+    control = RequestControl(on_progress=lambda step, total: seen.append(total))
+    request = GenerationRequest(prompt="p", kind="img2img", init_image=_picture(1), strength=0.5, seed=1, **{**EDIT, "num_inference_steps": 10})
+    runner.run([request], [control])
+    assert seen and seen[-1] == 5

@@ -97,3 +97,48 @@ def test_limits_name_the_field(fields, param):
 
 def test_request_within_limits_passes():
     check_limits(GenerationRequest(prompt="p").with_defaults(TinySpec()), LimitsConfig())
+
+
+def _rgb(width=64, height=64):
+    import numpy as np
+
+    return np.zeros((height, width, 3), dtype=np.uint8)
+
+
+def _mask(width=64, height=64):
+    import numpy as np
+
+    return np.zeros((height, width), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"kind": "img2img"}, "init_image is required"),
+        ({"kind": "inpaint", "init_image": _rgb()}, "mask_image is required"),
+        ({"init_image": _rgb()}, "does not apply"),
+        ({"kind": "img2img", "init_image": _rgb(), "mask_image": _mask()}, "does not apply"),
+        ({"strength": 0.5}, "strength applies"),
+        ({"kind": "img2img", "init_image": _rgb(), "padding_mask_crop": 8}, "inpaint"),
+        ({"kind": "inpaint", "init_image": _rgb(), "mask_image": _mask(64, 72)}, "mask_image is 64x72"),
+        ({"kind": "img2img", "init_image": _rgb(), "width": 128}, "init_image is 64x64"),
+        ({"kind": "img2img", "init_image": _rgb()[:, :, 0]}, "init_image must be"),
+        ({"kind": "img2img", "init_image": _rgb(), "strength": 0}, "strength"),
+    ],
+)
+def test_kind_fields_are_checked(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        GenerationRequest(prompt="p", **fields)
+
+
+def test_edit_defaults_come_from_the_image_and_kind():
+    request = GenerationRequest(prompt="p", kind="img2img", init_image=_rgb(96, 64)).with_defaults(TinySpec())
+    assert (request.width, request.height, request.strength) == (96, 64, 0.75)
+    inpaint = GenerationRequest(prompt="p", kind="inpaint", init_image=_rgb(), mask_image=_mask()).with_defaults(TinySpec())
+    assert inpaint.strength == 1.0
+
+
+def test_init_image_not_multiple_of_8_is_invalid():
+    with pytest.raises(InvalidRequestError) as info:
+        GenerationRequest(prompt="p", kind="img2img", init_image=_rgb(70, 64)).with_defaults(TinySpec())
+    assert info.value.param == "init_image"

@@ -83,3 +83,17 @@ def test_duplicate_request_id_in_flight_is_rejected(engine):
     engine.cancel.remote("twice").result()
     with pytest.raises(RequestCancelledError):
         first.result()
+
+
+def test_img2img_and_inpaint_through_a_handle(engine):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    mask = np.zeros((64, 96), dtype=np.uint8)
+    mask[:, :48] = 255
+    img2img = engine.generate.remote(GenerationRequest(prompt="x", kind="img2img", init_image=image, seed=1, num_inference_steps=4))
+    inpaint = engine.generate.remote(
+        GenerationRequest(prompt="x", kind="inpaint", init_image=image, mask_image=mask, padding_mask_crop=0, seed=1, num_inference_steps=4)
+    )
+    assert img2img.result().image.shape == (64, 96, 3)
+    painted = inpaint.result().image
+    assert np.array_equal(painted[:, 48:], image[:, 48:])

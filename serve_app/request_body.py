@@ -1,0 +1,95 @@
+"""Reading a request body that may be JSON (images as base64) or multipart/form-data (files).
+
+The image endpoints accept both, like the A1111 and OpenAI APIs their users come from; the result
+is the same validated pydantic model either way, and every failure is a `ServiceError` naming the
+field: 400 bad value, 413 too large, 415 wrong content type.
+"""
+
+import json
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from configs.app_args import LimitsConfig
+from deployments.types import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from serve_app.errors import invalid_request_from
+
+Body = TypeVar("Body", bound=BaseModel)
+
+#: Non-file parts of a form (prompt, numbers) are small; images come as files.
+_MAX_FORM_FIELDS = 64
+_MAX_FORM_FILES = 4
+_ACCEPTED_FILE_TYPES = ("image/", "application/octet-stream")
+
+
+def body_limit(limits: LimitsConfig) -> int:
+    """Largest body accepted: two images, base64-inflated, plus the other fields."""
+    return 3 * limits.max_upload_bytes + 1024 * 1024
+
+
+async def parse_body(request: Request, model: type[Body], limits: LimitsConfig) -> Body:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > body_limit(limits):
+        raise PayloadTooLargeError(
+            f"request body is {declared} bytes; the limit is {body_limit(limits)}", code="body_too_large"
+        )
+    if content_type == "application/json":
+        data = await _json_fields(request, limits)
+    elif content_type == "multipart/form-data":
+        data = await _form_fields(request, limits)
+    else:
+        raise UnsupportedMediaTypeError(
+            f"content type {content_type or 'none'!r} is not supported; send application/json or multipart/form-data",
+            code="unsupported_content_type",
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_request_from(exc.errors()) from None
+
+
+async def _json_fields(request: Request, limits: LimitsConfig) -> dict:
+    raw = b""
+    async for chunk in request.stream():  # counted as it arrives: content-length may be absent
+        raw += chunk
+        if len(raw) > body_limit(limits):
+            raise PayloadTooLargeError(f"request body exceeds {body_limit(limits)} bytes", code="body_too_large")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise InvalidRequestError("request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("request body must be a JSON object", code="invalid_json")
+    return data
+
+
+async def _form_fields(request: Request, limits: LimitsConfig) -> dict:
+    form = await request.form(max_files=_MAX_FORM_FILES, max_fields=_MAX_FORM_FIELDS)
+    data: dict = {}
+    for key, value in form.multi_items():
+        name = key.removesuffix("[]")  # OpenAI clients name list parts `image[]`
+        if name in data:
+            raise InvalidRequestError(f"{name} was given more than once; send one", param=name, code="duplicate_field")
+        if isinstance(value, UploadFile):
+            data[name] = await _file_bytes(name, value, limits)
+        else:
+            data[name] = value
+    return data
+
+
+async def _file_bytes(name: str, upload: UploadFile, limits: LimitsConfig) -> bytes:
+    content_type = (upload.content_type or "application/octet-stream").lower()
+    if not content_type.startswith(_ACCEPTED_FILE_TYPES):
+        raise UnsupportedMediaTypeError(
+            f"{name} has content type {content_type!r}; send an image (PNG, JPEG or WEBP)",
+            param=name,
+            code="unsupported_image_format",
+        )
+    if upload.size is not None and upload.size > limits.max_upload_bytes:
+        raise PayloadTooLargeError(
+            f"{name} is {upload.size} bytes; the limit is {limits.max_upload_bytes}", param=name, code="file_too_large"
+        )
+    return await upload.read()
