@@ -88,6 +88,11 @@ class IngressConfig(_Strict):
     engine_timeout_s: float = Field(
         600.0, gt=0, le=86400, description="Most time a synchronous request may take end to end (504 after)."
     )
+    public_base_url: Optional[str] = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="Base of `url` responses (e.g. https://images.example.com); default: the request's own host.",
+    )
 
 
 class LimitsConfig(_Strict):
@@ -105,6 +110,32 @@ class LimitsConfig(_Strict):
     )
 
 
+class JobsConfig(_Strict):
+    """Async jobs, stored results and files (the job manager deployment, one replica)."""
+
+    db_path: Optional[str] = Field(
+        None, description="SQLite file of job records; default `$SDXL_SERVE_CACHE/jobs/jobs.sqlite3`."
+    )
+    results_dir: Optional[str] = Field(
+        None, description="Folder of result and file bytes; default `$SDXL_SERVE_CACHE/jobs/results`."
+    )
+    max_queued: int = Field(1000, ge=1, le=1_000_000, description="Queued jobs beyond which submits get 429.")
+    max_running: int = Field(
+        16, ge=1, le=1024, description="Jobs dispatched to the engines at once (their images batch together)."
+    )
+    max_attempts: int = Field(
+        2, ge=1, le=10, description="Tries per job when an engine replica dies or fails; then the job fails."
+    )
+    run_timeout_s: float = Field(3600.0, gt=0, le=7 * 86400, description="Most time one attempt may run.")
+    result_ttl_s: float = Field(86400.0, gt=0, le=365 * 86400, description="How long job results are kept.")
+    file_ttl_s: float = Field(3600.0, gt=0, le=365 * 86400, description="How long `url` images stay downloadable.")
+    cleanup_interval_s: float = Field(60.0, gt=0, le=86400, description="How often expired results are deleted.")
+    max_batch_items: int = Field(64, ge=1, le=10_000, description="Most requests in one `/v1/images/batch`.")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery (exponential backoff).")
+    webhook_backoff_s: float = Field(1.0, gt=0, le=600, description="First retry delay; doubles each retry.")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one webhook POST.")
+
+
 class AppArgs(_Strict):
     """Everything `build_app` needs; the defaults serve the tiny model on CPU."""
 
@@ -115,6 +146,7 @@ class AppArgs(_Strict):
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress deployment.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="Async jobs and stored results.")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "AppArgs":

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import numpy as np
 from pydantic import TypeAdapter
@@ -27,6 +27,7 @@ from deployments.types import (
     GenerationRequest,
     GenerationResult,
     InvalidRequestError,
+    ProgressEvent,
     ServiceError,
     check_limits,
 )
@@ -81,6 +82,37 @@ class SDXLBase:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Generate one image. Raises a `ServiceError` subclass (with `status_code`) on failure."""
+        return await self._generate(request, on_progress=None)
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Any]:
+        """Generate one image, streaming progress: `ProgressEvent`s, then the `GenerationResult`.
+
+        Call with `handle.options(stream=True)`. Cancelling the stream cancels the request.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_progress(step: int, total: int) -> None:  # called from the runner's thread
+            loop.call_soon_threadsafe(events.put_nowait, ProgressEvent(step=step, total=total))
+
+        task = asyncio.ensure_future(self._generate(request, on_progress=on_progress))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield task.result()
+        finally:
+            task.cancel()
+
+    async def _generate(
+        self, request: GenerationRequest, on_progress: Optional[Callable[[int, int], None]]
+    ) -> GenerationResult:
         if not isinstance(request, GenerationRequest):
             raise InvalidRequestError(
                 f"expected a GenerationRequest, got {type(request).__name__}", param="request"
@@ -91,7 +123,7 @@ class SDXLBase:
             raise InvalidRequestError(
                 f"request_id {request.request_id!r} is already in flight", param="request_id", code="duplicate_id"
             )
-        control = self._new_control(deadline=request.deadline)
+        control = self._new_control(deadline=request.deadline, on_progress=on_progress)
         self._controls[request.request_id] = control
         arrived = time.perf_counter()
         try:

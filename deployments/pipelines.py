@@ -37,6 +37,7 @@ from configs.model_spec import (
     SingleFileSpec,
     TinySpec,
 )
+from configs.paths import default_cache_dir
 from configs.schedulers import SCHEDULERS
 
 logger = logging.getLogger(__name__)
@@ -231,10 +232,6 @@ def _clip_config(path: Path) -> CLIPTextConfig:
     raw.pop("torch_dtype", None)
     raw.pop("transformers_version", None)
     return CLIPTextConfig(**raw)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SDXL_SERVE_CACHE", Path.home() / ".cache" / "sdxl-serve"))
 
 
 def tiny_model_dir(spec: TinySpec) -> Path:

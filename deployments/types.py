@@ -178,6 +178,14 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A denoising step finished (streamed by `generate_stream` before the result)."""
+
+    step: int
+    total: int
+
+
 class ServiceError(Exception):
     """Base of the errors that cross Ray handles and map to one HTTP status each.
 
@@ -211,6 +219,28 @@ class PayloadTooLargeError(ServiceError):
 class UnsupportedMediaTypeError(ServiceError):
     status_code = 415
     error_type = "invalid_request_error"
+
+
+class NotFoundError(ServiceError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class ConflictError(ServiceError):
+    """The resource is not in a state that allows this (a job not finished, or already finished)."""
+
+    status_code = 409
+    error_type = "conflict_error"
+
+
+class GoneError(ServiceError):
+    status_code = 410
+    error_type = "not_found_error"
+
+
+class TooManyRequestsError(ServiceError):
+    status_code = 429
+    error_type = "rate_limit_error"
 
 
 class ModelNotFoundError(ServiceError):

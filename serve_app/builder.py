@@ -6,7 +6,8 @@
         args: {model: {source: tiny}, batching: {max_batch_size: 8}}
 
 `args` is validated as `configs.app_args.AppArgs` (unknown keys are errors). The graph is an
-ingress deployment holding a handle to the base GPU deployment.
+ingress deployment holding handles to the base GPU deployment and to the job manager (one
+replica, which owns the job store and also calls the engine).
 """
 
 from typing import Any, Optional
@@ -16,6 +17,7 @@ from ray.serve import Application
 from configs.app_args import AppArgs
 from deployments.base import SDXLBaseDeployment
 from serve_app.ingress import ImageIngress
+from serve_app.jobs.manager import JobManagerDeployment
 
 #: Requests a GPU replica accepts beyond the running batch, in batches: one running, one forming.
 _BATCHES_IN_FLIGHT = 2
@@ -46,8 +48,11 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         config.batching.model_dump(mode="json"),
         config.limits.model_dump(mode="json"),
     )
+    jobs = JobManagerDeployment.options(ray_actor_options={"num_cpus": 0.5}).bind(
+        engine, config.jobs.model_dump(mode="json")
+    )
     return ImageIngress.options(
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
-    ).bind(engine, config.model_dump(mode="json"))
+    ).bind(engine, jobs, config.model_dump(mode="json"))

@@ -7,7 +7,8 @@ the field; anything else is a 500 with a generic message and the traceback only 
 
 import json
 import logging
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +20,7 @@ from deployments.types import (
     InvalidRequestError,
     OverloadedError,
     ServiceError,
+    TooManyRequestsError,
     unwrap_error,
 )
 
@@ -49,7 +51,7 @@ def error_response(
 
 
 def service_error_response(exc: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": "5"} if isinstance(exc, OverloadedError) else None
+    headers = {"Retry-After": "5"} if isinstance(exc, (OverloadedError, TooManyRequestsError)) else None
     return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
 
 
@@ -94,6 +96,20 @@ def invalid_request_from(errors: list[dict]) -> InvalidRequestError:
         detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
         message = f"invalid {param}: {detail}" if param else detail
     return InvalidRequestError(message, param=param, code=kind)
+
+
+@contextmanager
+def renamed_params(rename: Callable[[Optional[str]], Optional[str]]) -> Iterator[None]:
+    """Report `InvalidRequestError`s raised inside under another field name (e.g. `width` as
+    `size`, or `width` as `params.width` when the fields are nested in a job)."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        param = rename(exc.param)
+        if param == exc.param:
+            raise
+        message = exc.message if exc.param is None or param is None else exc.message.replace(exc.param, param, 1)
+        raise InvalidRequestError(message, param=param, code=exc.code) from None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -7,10 +7,10 @@ annotations` in this module: FastAPI would then read body models as query parame
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from configs.app_args import AppArgs
@@ -26,9 +26,13 @@ from serve_app.protocol import (
     InpaintRequest,
     ModelCard,
     ModelList,
+    BatchRequest,
+    JobSubmission,
     Txt2ImgRequest,
 )
+from serve_app.job_events import job_event_stream
 from serve_app.request_body import parse_body
+from serve_app.serving_jobs import JobServing, links
 from serve_app.serving_images import ImageServing
 
 logger = logging.getLogger("ray.serve")
@@ -63,21 +67,24 @@ install_error_handlers(app)
 class ImageIngress:
     """The HTTP face: validation, routing to the engine, image encoding."""
 
-    def __init__(self, engine: Any, args: dict[str, Any]):
+    def __init__(self, engine: Any, jobs: Any, args: dict[str, Any]):
         self._args = AppArgs.model_validate(args)
         self._engine = engine
+        self._jobs = jobs
         self._serving = ImageServing(engine, self._args)
+        self._job_serving = JobServing(self._serving, jobs, self._args)
         self._created = int(time.time())
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
-    async def images_generations(self, body: ImageGenerationRequest) -> Any:
-        """OpenAI-compatible text-to-image; images come back base64-encoded with their seeds."""
+    async def images_generations(self, body: ImageGenerationRequest, request: Request) -> Any:
+        """OpenAI-compatible text-to-image; images come back base64-encoded (or as stored
+        `url`s) with their seeds."""
         try:
             requests = self._serving.requests_for_generations(body)
             results = await self._serving.generate(requests, user=body.user)
+            return await self._images_response(body, requests, results, request)
         except Exception as exc:
             return exception_response(exc)
-        return self._images_response(body, requests, results)
 
     @app.post(
         "/v1/images/edits",
@@ -91,9 +98,9 @@ class ImageIngress:
             body = await parse_body(request, ImageEditRequest, self._args.limits)
             requests = self._serving.requests_for_edit(body)
             results = await self._serving.generate(requests, user=body.user)
+            return await self._images_response(body, requests, results, request)
         except Exception as exc:
             return exception_response(exc)
-        return self._images_response(body, requests, results)
 
     @app.post("/v1/txt2img", response_class=Response, responses=_NATIVE_RESPONSES)
     async def txt2img(self, body: Txt2ImgRequest) -> Response:
@@ -103,7 +110,7 @@ class ImageIngress:
             results = await self._serving.generate(requests)
         except Exception as exc:
             return exception_response(exc)
-        return self._native_response(body, requests, results)
+        return await self._native_response(body, requests, results)
 
     @app.post(
         "/v1/img2img", response_class=Response, responses=_NATIVE_RESPONSES, openapi_extra=_body_schema(Img2ImgRequest)
@@ -116,7 +123,7 @@ class ImageIngress:
             results = await self._serving.generate(requests)
         except Exception as exc:
             return exception_response(exc)
-        return self._native_response(body, requests, results)
+        return await self._native_response(body, requests, results)
 
     @app.post(
         "/v1/inpaint", response_class=Response, responses=_NATIVE_RESPONSES, openapi_extra=_body_schema(InpaintRequest)
@@ -129,16 +136,19 @@ class ImageIngress:
             results = await self._serving.generate(requests)
         except Exception as exc:
             return exception_response(exc)
-        return self._native_response(body, requests, results)
+        return await self._native_response(body, requests, results)
 
-    def _images_response(self, body: Any, requests: list, results: list) -> ImagesResponse:
-        data = [
-            ImageData(
-                b64_json=to_base64(encode_image(result.image, body.output_format, body.output_compression)),
-                seed=result.seed,
-            )
-            for result in results
-        ]
+    async def _images_response(
+        self, body: Any, requests: list, results: list, request: Optional[Request] = None
+    ) -> ImagesResponse:
+        encoded = [encode_image(result.image, body.output_format, body.output_compression) for result in results]
+        if getattr(body, "response_format", None) == "url":
+            media_type = MEDIA_TYPES[body.output_format]
+            file_ids = await self._jobs.put_files.remote([(data, media_type) for data in encoded])
+            base = self._args.ingress.public_base_url or str(request.base_url).rstrip("/")
+            data = [ImageData(url=f"{base}/v1/files/{fid}", seed=r.seed) for fid, r in zip(file_ids, results)]
+        else:
+            data = [ImageData(b64_json=to_base64(image), seed=r.seed) for image, r in zip(encoded, results)]
         return ImagesResponse(
             created=int(time.time()),
             data=data,
@@ -147,15 +157,92 @@ class ImageIngress:
             model=self._serving.model_id,
         )
 
-    def _native_response(self, body: Any, requests: list, results: list) -> Response:
+    async def _native_response(self, body: Any, requests: list, results: list) -> Response:
         if body.response_format == "b64_json":
-            return JSONResponse(self._images_response(body, requests, results).model_dump(mode="json"))
+            response = await self._images_response(body, requests, results)
+            return JSONResponse(response.model_dump(mode="json"))
         (result,) = results
         return Response(
             content=encode_image(result.image, body.output_format, body.output_compression),
             media_type=MEDIA_TYPES[body.output_format],
             headers={"X-Seed": str(result.seed)},
         )
+
+    # -- async jobs, batches, stored files -------------------------------------------------------
+
+    @app.post("/v1/jobs", status_code=202, responses=_ERRORS)
+    async def submit_job(self, body: JobSubmission) -> Any:
+        """Queue any generation request; answers 202 with the job and its links."""
+        try:
+            return JSONResponse(await self._job_serving.submit(body), status_code=202)
+        except Exception as exc:
+            return exception_response(exc)
+
+    @app.get("/v1/jobs", responses=_ERRORS)
+    async def list_jobs(self, limit: int = Query(20, ge=1, le=100)) -> Any:
+        """Recent jobs, newest first."""
+        try:
+            jobs = await self._jobs.list_jobs.remote(limit)
+        except Exception as exc:
+            return exception_response(exc)
+        return {"object": "list", "data": [{**job, "links": links(job["id"])} for job in jobs]}
+
+    @app.get("/v1/jobs/{job_id}", responses=_ERRORS)
+    async def get_job(self, job_id: str) -> Any:
+        """Status, per-job progress (step/total/percent), timestamps, error, seeds."""
+        try:
+            job = await self._jobs.get.remote(job_id)
+        except Exception as exc:
+            return exception_response(exc)
+        return {**job, "links": links(job_id)}
+
+    @app.delete("/v1/jobs/{job_id}", responses=_ERRORS)
+    async def cancel_job(self, job_id: str) -> Any:
+        """Cancel: a queued job never runs; a running one stops at its next denoising step."""
+        try:
+            job = await self._jobs.cancel.remote(job_id)
+        except Exception as exc:
+            return exception_response(exc)
+        return {**job, "links": links(job_id)}
+
+    @app.get("/v1/jobs/{job_id}/result", response_class=Response, responses=_ERRORS)
+    async def job_result(self, job_id: str) -> Response:
+        """The image, or a ZIP (images + manifest.json) when the job made several."""
+        try:
+            data, media_type, name = await self._jobs.result.remote(job_id)
+        except Exception as exc:
+            return exception_response(exc)
+        return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse, responses=_ERRORS)
+    async def job_events(self, job_id: str) -> Any:
+        """Server-sent events: `progress` while the job changes, then one `done` with the final state."""
+        try:
+            first = await self._jobs.get.remote(job_id)
+        except Exception as exc:
+            return exception_response(exc)
+        return StreamingResponse(job_event_stream(self._jobs, first), media_type="text/event-stream")
+
+    @app.post("/v1/images/batch", response_class=Response, responses={200: {"content": {"application/zip": {}}}, **_ERRORS})
+    async def images_batch(self, body: BatchRequest) -> Response:
+        """Many requests, one ZIP (images + manifest.json); with `async: true`, a job making it."""
+        try:
+            payload = self._job_serving.batch_payload(body)
+            if body.run_async:
+                return JSONResponse(await self._job_serving.submit_batch(payload, body.webhook_url), status_code=202)
+            data, media_type, name = await self._job_serving.run_batch(payload)
+        except Exception as exc:
+            return exception_response(exc)
+        return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @app.get("/v1/files/{file_id}", response_class=Response, responses=_ERRORS)
+    async def get_file(self, file_id: str) -> Response:
+        """A stored image (OpenAI `response_format: "url"`), until it expires."""
+        try:
+            data, media_type = await self._jobs.get_file.remote(file_id)
+        except Exception as exc:
+            return exception_response(exc)
+        return Response(data, media_type=media_type)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:

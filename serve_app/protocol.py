@@ -10,7 +10,7 @@ import binascii
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, WithJsonSchema, field_validator
 
 from configs.schedulers import canonical_scheduler
 from deployments.types import MAX_SEED
@@ -199,3 +199,38 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+JobKind = Literal["txt2img", "img2img", "inpaint"]
+
+
+class JobSubmission(_Strict):
+    """`POST /v1/jobs`: any generation request, run in the background."""
+
+    kind: JobKind = Field(..., description="Which native endpoint's request `params` is.")
+    params: dict[str, Any] = Field(
+        ..., description="The body of `/v1/txt2img`, `/v1/img2img` or `/v1/inpaint` (images as base64)."
+    )
+    n: int = Field(1, ge=1, description="Images to make (seed, seed + 1, ...); more than one gives a ZIP.")
+    webhook_url: Optional[HttpUrl] = Field(None, description="http(s) URL that gets a POST of the final job state.")
+
+
+class BatchItem(_Strict):
+    kind: JobKind = Field("txt2img", description="Which native endpoint's request `params` is.")
+    params: dict[str, Any] = Field(..., description="That endpoint's body (images as base64).")
+
+
+class BatchRequest(_Strict):
+    """`POST /v1/images/batch`: many requests, one ZIP (images + manifest.json)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    prompts: Optional[list[str]] = Field(None, min_length=1, description="Text-to-image prompts sharing `params`.")
+    params: Optional[dict[str, Any]] = Field(
+        None, description="With `prompts`: the shared `/v1/txt2img` settings (everything but `prompt`)."
+    )
+    requests: Optional[list[BatchItem]] = Field(None, min_length=1, description="Full requests, each with its kind.")
+    run_async: bool = Field(False, alias="async", description="Answer 202 with a job whose result is the ZIP.")
+    webhook_url: Optional[HttpUrl] = Field(None, description="With async: POSTed the final job state.")
+    output_format: OutputFormat = Field("png", description="Encoding of every image in the ZIP.")
+    output_compression: Optional[int] = Field(None, ge=0, le=100, description="jpeg/webp quality 0-100.")

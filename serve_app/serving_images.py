@@ -9,8 +9,7 @@ import asyncio
 import logging
 import secrets
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from pydantic import ValidationError
 
@@ -24,7 +23,7 @@ from deployments.types import (
     ModelNotFoundError,
     check_limits,
 )
-from serve_app.errors import invalid_request_from
+from serve_app.errors import invalid_request_from, renamed_params
 from serve_app import image_inputs
 from serve_app.protocol import (
     Img2ImgRequest,
@@ -55,22 +54,22 @@ class ImageServing:
         with _size_is_one_field():
             return self._requests(body, "txt2img", width, height, n=body.n)
 
-    def requests_for_txt2img(self, body: Txt2ImgRequest) -> list[GenerationRequest]:
-        return self._requests(body, "txt2img", body.width, body.height)
+    def requests_for_txt2img(self, body: Txt2ImgRequest, n: int = 1) -> list[GenerationRequest]:
+        return self._requests(body, "txt2img", body.width, body.height, n=n)
 
-    def requests_for_img2img(self, body: Img2ImgRequest) -> list[GenerationRequest]:
+    def requests_for_img2img(self, body: Img2ImgRequest, n: int = 1) -> list[GenerationRequest]:
         image = image_inputs.open_image(body.image, "image", self._args.limits)
         width, height = self._size_for(image, (body.width, body.height), "image")
         prepared = image_inputs.prepare(image, None, (width, height))
-        return self._requests(body, "img2img", None, None, image=prepared, strength=body.strength)
+        return self._requests(body, "img2img", None, None, n=n, image=prepared, strength=body.strength)
 
-    def requests_for_inpaint(self, body: InpaintRequest) -> list[GenerationRequest]:
+    def requests_for_inpaint(self, body: InpaintRequest, n: int = 1) -> list[GenerationRequest]:
         limits = self._args.limits
         image = image_inputs.open_image(body.image, "image", limits)
         mask = image_inputs.greyscale_mask(image_inputs.open_image(body.mask, "mask", limits))
         width, height = self._size_for(image, (body.width, body.height), "image")
         prepared = image_inputs.prepare(image, mask, (width, height))
-        return self._requests(body, "inpaint", None, None, image=prepared, **_inpaint_options(body))
+        return self._requests(body, "inpaint", None, None, n=n, image=prepared, **_inpaint_options(body))
 
     def requests_for_edit(self, body: ImageEditRequest) -> list[GenerationRequest]:
         """OpenAI edits: inpaint where the mask (or, without one, the image) is fully transparent;
@@ -108,12 +107,6 @@ class ImageServing:
             return self._requests(body, "inpaint", None, None, n=body.n, image=prepared, **_inpaint_options(body))
 
     def _check_openai_options(self, body: Any) -> None:
-        if body.response_format == "url":
-            raise InvalidRequestError(
-                "response_format 'url' is not available yet (it needs stored results); use 'b64_json'",
-                param="response_format",
-                code="unsupported_value",
-            )
         if body.n > self._args.limits.max_n:
             raise InvalidRequestError(
                 f"n {body.n} is above the limit of {self._args.limits.max_n}", param="n", code="invalid_n"
@@ -207,12 +200,6 @@ def _inpaint_options(body: Any) -> dict[str, Any]:
     return {"strength": body.strength, "mask_blur": body.mask_blur, "padding_mask_crop": body.padding_mask_crop}
 
 
-@contextmanager
-def _size_is_one_field() -> Iterator[None]:
+def _size_is_one_field():
     """The OpenAI endpoints name width and height together `size`: report errors under it."""
-    try:
-        yield
-    except InvalidRequestError as exc:
-        if exc.param in ("width", "height"):
-            raise InvalidRequestError(exc.message, param="size", code=exc.code) from None
-        raise
+    return renamed_params(lambda param: "size" if param in ("width", "height") else param)

@@ -18,13 +18,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def app_args(tiny_cache_dir) -> dict:
+def jobs_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jobs")
+
+
+@pytest.fixture(scope="session")
+def app_args(tiny_cache_dir, jobs_dir) -> dict:
     return {
         "model": {"source": "tiny", "name": "sdxl-tiny", "cache_dir": tiny_cache_dir, "device": "cpu"},
         "batching": {"max_batch_size": MAX_BATCH, "batch_wait_timeout_s": BATCH_WAIT_S},
         "engine": {"num_replicas": 1, "num_cpus": 1},
         "ingress": {"num_replicas": 1, "num_cpus": 0.5, "engine_timeout_s": 120},
         "limits": {"max_n": 10},
+        "jobs": {
+            "db_path": str(jobs_dir / "jobs.sqlite3"),
+            "results_dir": str(jobs_dir / "results"),
+            "max_attempts": 2,
+            "webhook_backoff_s": 0.1,
+            "cleanup_interval_s": 1.0,
+        },
     }
 
 

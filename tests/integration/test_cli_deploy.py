@@ -47,7 +47,9 @@ def test_serve_deploy_status_and_request(head_node, tmp_path, tiny_cache_dir):
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     http_port = free_port()
     config["http_options"]["port"] = http_port
-    config["applications"][0]["args"]["model"]["cache_dir"] = tiny_cache_dir
+    args = config["applications"][0]["args"]
+    args["model"]["cache_dir"] = tiny_cache_dir
+    args["jobs"] = {"db_path": str(tmp_path / "jobs.sqlite3"), "results_dir": str(tmp_path / "results")}
     config_file = tmp_path / "serve_config.yaml"
     config_file.write_text(yaml.safe_dump(config))
 
@@ -67,6 +69,7 @@ def test_serve_deploy_status_and_request(head_node, tmp_path, tiny_cache_dir):
     assert app["status"] == "RUNNING"
     assert {name: d["status"] for name, d in app["deployments"].items()} == {
         "ImageIngress": "HEALTHY",
+        "JobManager": "HEALTHY",
         "SDXLBase": "HEALTHY",
     }
 

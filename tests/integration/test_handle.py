@@ -97,3 +97,22 @@ def test_img2img_and_inpaint_through_a_handle(engine):
     assert img2img.result().image.shape == (64, 96, 3)
     painted = inpaint.result().image
     assert np.array_equal(painted[:, 48:], image[:, 48:])
+
+
+def test_generate_stream_reports_progress_then_the_result(engine):
+    from deployments.types import ProgressEvent
+
+    request = GenerationRequest(prompt="x", seed=4, width=64, height=64, num_inference_steps=5)
+    events = list(engine.options(stream=True).generate_stream.remote(request))
+    progress, result = events[:-1], events[-1]
+    assert [(e.step, e.total) for e in progress] == [(i, 5) for i in range(1, 6)]
+    assert all(isinstance(e, ProgressEvent) for e in progress)
+    assert isinstance(result, GenerationResult) and result.seed == 4
+    alone = engine.generate.remote(request.model_copy(update={"request_id": "again"})).result()
+    assert np.array_equal(alone.image, result.image)
+
+
+def test_generate_stream_errors_are_raised(engine):
+    stream = engine.options(stream=True).generate_stream.remote(GenerationRequest(prompt="x", width=4096, height=4096))
+    with pytest.raises(InvalidRequestError):
+        list(stream)

@@ -96,7 +96,7 @@ def test_txt2img_jpeg(http):
         ("/v1/images/generations", {"prompt": "x", "seed": -5}, 400, "seed"),
         ("/v1/images/generations", {"prompt": "x", "output_format": "gif"}, 400, "output_format"),
         ("/v1/images/generations", {"prompt": "x", "output_compression": 50}, 400, "output_compression"),
-        ("/v1/images/generations", {"prompt": "x", "response_format": "url"}, 400, "response_format"),
+        ("/v1/images/generations", {"prompt": "x", "response_format": "file"}, 400, "response_format"),
         ("/v1/images/generations", {"prompt": "x", "quality": "hd"}, 400, "quality"),
         ("/v1/images/generations", {"prompt": "x", "model": "dall-e-3"}, 404, "model"),
         ("/v1/txt2img", {"prompt": "x", "width": 100}, 400, "width"),

@@ -1,0 +1,321 @@
+"""The job manager: one replica that owns the job store, runs queued jobs on the engines, reports
+per-job progress, honours cancel, retries jobs whose engine replica died, fires webhooks and
+deletes expired results.
+
+It lives in the Face (no torch): it sends `GenerationRequest`s to the base deployment through a
+streaming handle (`generate_stream`), so progress comes from the denoising loop itself.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+from ray import serve
+
+from configs.app_args import JobsConfig
+from configs.paths import default_cache_dir
+from deployments.types import (
+    ConflictError,
+    GenerationRequest,
+    GenerationResult,
+    GoneError,
+    NotFoundError,
+    ProgressEvent,
+    ServiceError,
+    TooManyRequestsError,
+    unwrap_error,
+)
+from serve_app.jobs import webhooks
+from serve_app.jobs.archive import build_result
+from serve_app.jobs.store import JobRecord, SqliteJobStore
+
+logger = logging.getLogger("ray.serve")
+
+#: Write progress to the store at most this often per job (plus the first and last step).
+_PROGRESS_WRITE_S = 0.25
+
+
+@dataclass
+class JobPayload:
+    """What a job runs: engine requests (one per image) and how to encode the result."""
+
+    requests: list[GenerationRequest]
+    output_format: str = "png"
+    output_compression: Optional[int] = None
+    #: Always answer a ZIP with a manifest (the batch endpoint), even for one image.
+    archive: bool = False
+
+
+def job_view(job: JobRecord) -> dict[str, Any]:
+    """The public JSON of a job (API responses, SSE events, webhooks)."""
+    result = None
+    if job.status == "succeeded":
+        result = {"media_type": job.result_media_type, "name": job.result_name, "expires_at": job.expires_at}
+    return {
+        "id": job.id,
+        "object": "job",
+        "status": job.status,
+        "kind": job.kind,
+        "images": job.images,
+        "progress": {"step": job.progress_step, "total": job.progress_total, "percent": round(job.progress_percent, 1)},
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "attempts": job.attempts,
+        "error": job.error,
+        "seeds": job.seeds,
+        "result": result,
+    }
+
+
+def _error_dict(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ServiceError):
+        return {"message": exc.message, "type": exc.error_type, "code": exc.code}
+    return {"message": "the engine failed while running the job", "type": "server_error", "code": "engine_failure"}
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Engine failures and lost replicas are retried; a request the engine rejected is not."""
+    return not isinstance(exc, ServiceError) or exc.status_code >= 500
+
+
+class JobManager:
+    async def __init__(self, engine: Any, jobs: dict[str, Any]):
+        self._config = JobsConfig.model_validate(jobs)
+        root = default_cache_dir() / "jobs"
+        self._store = SqliteJobStore(
+            self._config.db_path or str(root / "jobs.sqlite3"), self._config.results_dir or str(root / "results")
+        )
+        self._engine = engine
+        self._running: dict[str, asyncio.Task] = {}
+        self._wake = asyncio.Event()
+        requeued, failed = self._store.requeue_running()
+        if requeued or failed:
+            logger.warning("job manager restarted: %d job(s) re-queued, %d failed (out of attempts)", requeued, failed)
+        self._loops = [asyncio.create_task(self._dispatch_loop()), asyncio.create_task(self._cleanup_loop())]
+
+    # -- the API the ingress calls -------------------------------------------------------------
+
+    async def submit(
+        self, payload: JobPayload, kind: str, webhook_url: Optional[str] = None, owner: Optional[str] = None
+    ) -> dict[str, Any]:
+        if await self._db(self._store.count, "queued") >= self._config.max_queued:
+            raise TooManyRequestsError(
+                f"{self._config.max_queued} jobs are already queued; retry later", code="queue_full"
+            )
+        job = JobRecord(
+            id="job-" + uuid.uuid4().hex,
+            kind=kind,
+            owner=owner,
+            max_attempts=self._config.max_attempts,
+            images=len(payload.requests),
+            progress_total=sum(_expected_steps(r) for r in payload.requests),
+            webhook_url=webhook_url,
+            payload=payload,
+        )
+        await self._db(self._store.create, job)
+        self._wake.set()
+        return job_view(job)
+
+    async def get(self, job_id: str, owner: Optional[str] = None) -> dict[str, Any]:
+        return job_view(await self._job(job_id, owner))
+
+    async def list_jobs(self, limit: int = 20, owner: Optional[str] = None) -> list[dict[str, Any]]:
+        return [job_view(job) for job in await self._db(self._store.list_jobs, limit, owner)]
+
+    async def cancel(self, job_id: str, owner: Optional[str] = None) -> dict[str, Any]:
+        job = await self._job(job_id, owner)
+        error = {"message": "the job was cancelled", "type": "cancelled", "code": "cancelled"}
+        cancelled = await self._db(
+            self._store.update, job_id, only_if=("queued", "running"), status="cancelled",
+            finished_at=time.time(), error=error,
+        )
+        if cancelled is None:
+            raise ConflictError(f"job {job_id} already {job.status}", param="id", code="job_finished")
+        task = self._running.get(job_id)
+        if task is not None:
+            task.cancel()  # its streams close, and the engine stops these requests at the next step
+        self._notify(cancelled)
+        return job_view(cancelled)
+
+    async def result(self, job_id: str, owner: Optional[str] = None) -> tuple[bytes, str, str]:
+        job = await self._job(job_id, owner)
+        if job.status != "succeeded":
+            raise ConflictError(f"job {job_id} is {job.status}; it has no result", param="id", code="no_result")
+        found = await self._db(self._store.read_result, job_id)
+        if found is None:
+            raise GoneError(f"the result of job {job_id} has expired", param="id", code="result_expired")
+        return found
+
+    async def put_files(self, files: list[tuple[bytes, str]]) -> list[str]:
+        expires_at = time.time() + self._config.file_ttl_s
+        return [await self._db(self._store.put_file, data, media_type, expires_at) for data, media_type in files]
+
+    async def get_file(self, file_id: str) -> tuple[bytes, str]:
+        found = await self._db(self._store.get_file, file_id)
+        if found is None:
+            raise NotFoundError(f"file {file_id} does not exist or has expired", param="id", code="file_not_found")
+        return found
+
+    def check_health(self) -> None:
+        for loop in self._loops:
+            if loop.done():  # Ray restarts the replica, which re-queues what was running
+                raise RuntimeError(f"job manager loop stopped: {loop.exception() if not loop.cancelled() else 'cancelled'}")
+
+    # -- running jobs --------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            while len(self._running) < self._config.max_running:
+                job = await self._db(self._store.claim_next)
+                if job is None:
+                    break
+                task = asyncio.create_task(self._run_job(job))
+                self._running[job.id] = task
+                task.add_done_callback(lambda _, job_id=job.id: self._finished(job_id))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    def _finished(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._wake.set()
+
+    async def _run_job(self, job: JobRecord) -> None:
+        """One attempt; whatever happens, the job leaves `running` (done, failed or re-queued)."""
+        try:
+            await self._attempt(job)
+        except asyncio.CancelledError:
+            return  # cancelled through `cancel`, which already recorded it
+        except BaseException as failure:  # noqa: BLE001 - every failure ends in a recorded state
+            error = failure.exceptions[0] if isinstance(failure, BaseExceptionGroup) else failure
+            await self._fail_or_retry(job, unwrap_error(error))
+
+    async def _attempt(self, job: JobRecord) -> None:
+        payload: JobPayload = job.payload
+        deadline = time.time() + self._config.run_timeout_s
+        requests = [
+            request.model_copy(update={"request_id": f"{job.id}-{index}-{job.attempts}", "deadline": deadline})
+            for index, request in enumerate(payload.requests)
+        ]
+
+        def write_progress(step: int, total: int, percent: float) -> Awaitable:
+            return self._db(
+                self._store.update, job.id, only_if=("running",), progress_step=step, progress_total=total,
+                progress_percent=percent,
+            )
+
+        progress = _Progress(write_progress, [_expected_steps(r) for r in requests])
+        async with asyncio.TaskGroup() as group:  # one image failing cancels the others
+            tasks = [group.create_task(self._run_one(r, index, progress)) for index, r in enumerate(requests)]
+        results = [task.result() for task in tasks]
+        data, media_type, name = await asyncio.to_thread(
+            build_result, payload.requests, results, payload.output_format, payload.output_compression, payload.archive
+        )
+        expires_at = time.time() + self._config.result_ttl_s
+        await self._db(self._store.save_result, job.id, data, media_type, name, expires_at)
+        done = await self._db(
+            self._store.update, job.id, only_if=("running",), status="succeeded", finished_at=time.time(),
+            seeds=[r.seed for r in results], progress_step=progress.total, progress_total=progress.total,
+            progress_percent=100.0,
+        )
+        if done is not None:
+            self._notify(done)
+
+    async def _run_one(self, request: GenerationRequest, index: int, progress: "_Progress") -> GenerationResult:
+        stream = self._engine.options(stream=True).generate_stream.remote(request)
+        try:
+            async for event in stream:
+                if isinstance(event, ProgressEvent):
+                    await progress.report(index, event.step, event.total)
+                else:
+                    return event
+        finally:
+            stream.cancel()  # no-op once finished; on cancel/failure it stops the engine's work
+        raise RuntimeError("the engine stream ended without a result")
+
+    async def _fail_or_retry(self, job: JobRecord, error: BaseException) -> None:
+        if _retryable(error) and job.attempts < job.max_attempts:
+            logger.warning("job %s attempt %d failed (%r); retrying", job.id, job.attempts, error)
+            if await self._db(self._store.update, job.id, only_if=("running",), status="queued") is not None:
+                self._wake.set()
+            return
+        logger.warning("job %s failed after %d attempt(s): %r", job.id, job.attempts, error)
+        failed = await self._db(
+            self._store.update, job.id, only_if=("running",), status="failed", finished_at=time.time(),
+            error=_error_dict(error),
+        )
+        if failed is not None:
+            self._notify(failed)
+
+    def _notify(self, job: JobRecord) -> None:
+        if job.webhook_url:
+            config = self._config
+            asyncio.create_task(
+                webhooks.deliver(
+                    job.webhook_url, job_view(job), config.webhook_attempts, config.webhook_backoff_s, config.webhook_timeout_s
+                )
+            )
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.cleanup_interval_s)
+            try:
+                removed = await self._db(self._store.delete_expired, time.time())
+                if removed:
+                    logger.info("deleted %d expired result(s)/file(s)", removed)
+            except Exception:  # a failed sweep is retried next interval
+                logger.exception("cleaning up expired results failed")
+
+    async def _job(self, job_id: str, owner: Optional[str]) -> JobRecord:
+        job = await self._db(self._store.get, job_id)
+        if job is None or (owner is not None and job.owner != owner):
+            raise NotFoundError(f"job {job_id} does not exist", param="id", code="job_not_found")
+        return job
+
+    @staticmethod
+    async def _db(function, *args, **kwargs):
+        # SQLite and file I/O off the event loop: progress of other jobs keeps flowing.
+        return await asyncio.to_thread(function, *args, **kwargs)
+
+
+class _Progress:
+    """Per-job progress summed over its images, written to the store monotonically and throttled."""
+
+    def __init__(self, write: Callable[[int, int, float], Awaitable], totals: list[int]):
+        self._write = write
+        self._steps = [0] * len(totals)
+        self._totals = totals
+        self._percent = 0.0
+        self._written_at = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self._totals)
+
+    async def report(self, index: int, step: int, total: int) -> None:
+        self._steps[index], self._totals[index] = step, total
+        percent = max(self._percent, 100.0 * sum(self._steps) / max(1, self.total))
+        now = time.monotonic()
+        if percent == self._percent or (now - self._written_at < _PROGRESS_WRITE_S and percent < 100.0):
+            return
+        self._percent, self._written_at = percent, now
+        await self._write(sum(self._steps), self.total, percent)
+
+
+def _expected_steps(request: GenerationRequest) -> int:
+    """Steps a request will report before it runs (img2img/inpaint run `strength` of them)."""
+    steps = request.num_inference_steps or 1
+    if request.kind != "txt2img" and request.strength is not None:
+        steps = max(1, min(steps, int(steps * request.strength)))
+    return steps
+
+
+
+#: One replica: it owns the SQLite file. Ray restarts it if it dies; queued work survives.
+JobManagerDeployment = serve.deployment(name="JobManager", num_replicas=1, max_ongoing_requests=1000)(JobManager)

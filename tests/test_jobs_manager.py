@@ -1,0 +1,301 @@
+"""The job manager and store without Ray: a fake engine streams progress and results."""
+
+import asyncio
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from configs.model_spec import TinySpec
+from deployments.types import EngineError, GenerationRequest, GenerationResult, InvalidRequestError, ProgressEvent
+from deployments.types import ConflictError, NotFoundError, TooManyRequestsError
+from serve_app.jobs.manager import JobManager, JobPayload
+from serve_app.jobs.store import JobRecord, SqliteJobStore
+
+
+class _Stream:
+    def __init__(self, engine, request):
+        self._engine, self._request = engine, request
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __aiter__(self):
+        return self._events()
+
+    async def _events(self):
+        engine, request = self._engine, self._request
+        engine.started.append(request.request_id)
+        await engine.gate.wait()
+        failure = engine.failures.pop(0) if engine.failures else None
+        if failure is not None:
+            raise failure
+        for step in range(1, request.num_inference_steps + 1):
+            await asyncio.sleep(0)
+            yield ProgressEvent(step, request.num_inference_steps)
+        image = np.full((request.height, request.width, 3), request.seed % 256, dtype=np.uint8)
+        yield GenerationResult(request.request_id, image, request.seed, 1, {"queue_s": 0.0, "run_s": 0.0})
+
+
+class FakeEngine:
+    """Mimics `handle.options(stream=True).generate_stream.remote(request)`."""
+
+    def __init__(self):
+        self.started: list[str] = []
+        self.failures: list[BaseException] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.streams: list[_Stream] = []
+
+    def options(self, stream: bool):
+        assert stream
+        return self
+
+    @property
+    def generate_stream(self):
+        return self
+
+    def remote(self, request):
+        stream = _Stream(self, request)
+        self.streams.append(stream)
+        return stream
+
+
+def _payload(n=1, steps=3, **kwargs) -> JobPayload:
+    requests = [
+        GenerationRequest(prompt="p", seed=10 + i, num_inference_steps=steps, width=64, height=64).with_defaults(TinySpec())
+        for i in range(n)
+    ]
+    return JobPayload(requests, **kwargs)
+
+
+def _config(tmp_path, **overrides) -> dict:
+    return {"db_path": str(tmp_path / "jobs.sqlite3"), "results_dir": str(tmp_path / "results"), **overrides}
+
+
+async def _manager(tmp_path, engine, **overrides) -> JobManager:
+    manager = JobManager.__new__(JobManager)
+    await manager.__init__(engine, _config(tmp_path, **overrides))
+    return manager
+
+
+async def _wait_done(manager, job_id, timeout=10.0) -> dict:
+    for _ in range(int(timeout / 0.02)):
+        job = await manager.get(job_id)
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} still {job['status']}")
+
+
+def _stop(manager):
+    for loop in manager._loops:
+        loop.cancel()
+
+
+def test_job_runs_and_stores_a_single_image(tmp_path):
+    async def scenario():
+        manager = await _manager(tmp_path, FakeEngine())
+        view = await manager.submit(_payload(), "txt2img")
+        assert view["status"] == "queued" and view["progress"]["total"] == 3
+        job = await _wait_done(manager, view["id"])
+        data, media_type, name = await manager.result(view["id"])
+        _stop(manager)
+        return job, data, media_type, name
+
+    job, data, media_type, name = asyncio.run(scenario())
+    assert job["status"] == "succeeded" and job["progress"]["percent"] == 100.0 and job["seeds"] == [10]
+    assert media_type == "image/png" and name == "image.png" and data.startswith(b"\x89PNG")
+
+
+def test_several_images_make_a_zip_with_manifest(tmp_path):
+    async def scenario():
+        manager = await _manager(tmp_path, FakeEngine())
+        view = await manager.submit(_payload(n=3, output_format="jpeg"), "txt2img")
+        await _wait_done(manager, view["id"])
+        result = await manager.result(view["id"])
+        _stop(manager)
+        return result
+
+    data, media_type, _ = asyncio.run(scenario())
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    assert media_type == "application/zip"
+    assert sorted(archive.namelist()) == ["0000.jpg", "0001.jpg", "0002.jpg", "manifest.json"]
+    manifest = json.loads(archive.read("manifest.json"))
+    assert [entry["seed"] for entry in manifest["images"]] == [10, 11, 12]
+    assert manifest["images"][0]["prompt"] == "p" and "init_image" not in manifest["images"][0]
+
+
+def test_queue_bound_answers_429(tmp_path):
+    async def scenario():
+        engine = FakeEngine()
+        engine.gate.clear()  # nothing finishes
+        manager = await _manager(tmp_path, engine, max_queued=2, max_running=1)
+        first = await manager.submit(_payload(), "txt2img")
+        for _ in range(40):
+            if engine.started:
+                break
+            await asyncio.sleep(0.02)
+        await manager.submit(_payload(), "txt2img")
+        await manager.submit(_payload(), "txt2img")
+        with pytest.raises(TooManyRequestsError) as info:
+            await manager.submit(_payload(), "txt2img")
+        _stop(manager)
+        return first, info.value
+
+    first, error = asyncio.run(scenario())
+    assert error.status_code == 429
+
+
+def test_cancelled_queued_job_never_runs(tmp_path):
+    async def scenario():
+        engine = FakeEngine()
+        engine.gate.clear()
+        manager = await _manager(tmp_path, engine, max_running=1)
+        running = await manager.submit(_payload(), "txt2img")
+        queued = await manager.submit(_payload(), "txt2img")
+        await asyncio.sleep(0.2)
+        cancelled = await manager.cancel(queued["id"])
+        with pytest.raises(ConflictError):
+            await manager.cancel(queued["id"])
+        engine.gate.set()
+        await _wait_done(manager, running["id"])
+        await asyncio.sleep(0.2)
+        final = await manager.get(queued["id"])
+        _stop(manager)
+        return engine, queued, cancelled, final
+
+    engine, queued, cancelled, final = asyncio.run(scenario())
+    assert cancelled["status"] == "cancelled" and final["status"] == "cancelled"
+    assert final["attempts"] == 0 and final["started_at"] is None
+    assert not any(rid.startswith(queued["id"]) for rid in engine.started)
+
+
+def test_cancelling_a_running_job_closes_its_streams(tmp_path):
+    async def scenario():
+        engine = FakeEngine()
+        engine.gate.clear()
+        manager = await _manager(tmp_path, engine)
+        view = await manager.submit(_payload(n=2), "txt2img")
+        for _ in range(50):
+            if len(engine.started) == 2:
+                break
+            await asyncio.sleep(0.02)
+        await manager.cancel(view["id"])
+        await asyncio.sleep(0.1)
+        job = await manager.get(view["id"])
+        with pytest.raises(ConflictError):
+            await manager.result(view["id"])
+        _stop(manager)
+        return engine, job
+
+    engine, job = asyncio.run(scenario())
+    assert job["status"] == "cancelled" and job["error"]["code"] == "cancelled"
+    assert all(stream.cancelled for stream in engine.streams)
+
+
+def test_engine_failure_is_retried_then_succeeds(tmp_path):
+    async def scenario():
+        engine = FakeEngine()
+        engine.failures = [RuntimeError("replica died")]
+        manager = await _manager(tmp_path, engine, max_attempts=2)
+        view = await manager.submit(_payload(), "txt2img")
+        job = await _wait_done(manager, view["id"])
+        _stop(manager)
+        return job
+
+    job = asyncio.run(scenario())
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+
+
+def test_out_of_attempts_fails_with_a_clear_error(tmp_path):
+    async def scenario():
+        engine = FakeEngine()
+        engine.failures = [EngineError("boom", code="engine_error"), EngineError("boom", code="engine_error")]
+        manager = await _manager(tmp_path, engine, max_attempts=2)
+        view = await manager.submit(_payload(), "txt2img")
+        job = await _wait_done(manager, view["id"])
+        _stop(manager)
+        return job
+
+    job = asyncio.run(scenario())
+    assert job["status"] == "failed" and job["attempts"] == 2
+    assert job["error"] == {"message": "boom", "type": "server_error", "code": "engine_error"}
+
+
+def test_rejected_request_is_not_retried(tmp_path):
+    async def scenario():
+        engine = FakeEngine()
+        engine.failures = [InvalidRequestError("bad width", param="width")]
+        manager = await _manager(tmp_path, engine, max_attempts=3)
+        view = await manager.submit(_payload(), "txt2img")
+        job = await _wait_done(manager, view["id"])
+        _stop(manager)
+        return job
+
+    job = asyncio.run(scenario())
+    assert job["status"] == "failed" and job["attempts"] == 1 and job["error"]["type"] == "invalid_request_error"
+
+
+def test_restart_requeues_running_jobs_and_keeps_results(tmp_path):
+    async def first_life():
+        engine = FakeEngine()
+        manager = await _manager(tmp_path, engine)
+        done = await manager.submit(_payload(), "txt2img")
+        await _wait_done(manager, done["id"])
+        engine.gate.clear()
+        stuck = await manager.submit(_payload(), "txt2img")
+        for _ in range(50):
+            if (await manager.get(stuck["id"]))["status"] == "running":
+                break
+            await asyncio.sleep(0.02)
+        _stop(manager)  # the replica "dies" with a job running
+        for task in list(manager._running.values()):
+            task.cancel()
+        return done["id"], stuck["id"]
+
+    async def second_life(done_id, stuck_id):
+        manager = await _manager(tmp_path, FakeEngine())
+        result = await manager.result(done_id)
+        job = await _wait_done(manager, stuck_id)
+        _stop(manager)
+        return result, job
+
+    done_id, stuck_id = asyncio.run(first_life())
+    # the killed process never recorded anything after "running"
+    store = SqliteJobStore(str(tmp_path / "jobs.sqlite3"), str(tmp_path / "results"))
+    store.update(stuck_id, status="running")
+    result, job = asyncio.run(second_life(done_id, stuck_id))
+    assert result[0].startswith(b"\x89PNG")
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+
+
+def test_unknown_job_is_404(tmp_path):
+    async def scenario():
+        manager = await _manager(tmp_path, FakeEngine())
+        try:
+            with pytest.raises(NotFoundError):
+                await manager.get("job-nope")
+            with pytest.raises(NotFoundError):
+                await manager.get_file("file-nope")
+        finally:
+            _stop(manager)
+
+    asyncio.run(scenario())
+
+
+def test_store_claims_each_job_once_and_expires_results(tmp_path):
+    store = SqliteJobStore(str(tmp_path / "db.sqlite3"), str(tmp_path / "results"))
+    store.create(JobRecord(id="a", created_at=1.0))
+    store.create(JobRecord(id="b", created_at=2.0))
+    assert store.claim_next().id == "a" and store.claim_next().id == "b" and store.claim_next() is None
+    store.save_result("a", b"bytes", "image/png", "image.png", expires_at=10.0)
+    file_id = store.put_file(b"file", "image/png", expires_at=10.0)
+    assert store.read_result("a")[0] == b"bytes" and store.get_file(file_id) is None  # 10.0 is long past
+    assert store.delete_expired(now=20.0) == 2
+    assert store.read_result("a") is None
+    assert store.update("a", only_if=("queued",), status="failed") is None
+    assert store.get("a").status == "running"
