@@ -1,12 +1,15 @@
 """Serving overhead and batching gain: the Serve app over HTTP vs. calling the pipeline directly.
 
     python benchmarks/bench_http.py --out bench-out/          # tiny model, CPU, a few minutes
-    python benchmarks/bench_http.py --model '{"source": "sdxl-arch", "device": "cuda"}' \
-        --engine-gpus 1 --size 1024 --steps 30 --concurrency 1,4,16 --out $OUT
+    python benchmarks/bench_http.py --skip-direct --engine-gpus 1 --size 1024 --steps 30 \
+        --model baseline='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16"}' \
+        --model optimized='{"source": "sdxl-arch", "device": "cuda", "optimize": {"fuse_qkv": true}}' \
+        --concurrency 1,16 --out $OUT
 
-First the plain diffusers pipeline is called in this process, one request at a time (the
-baseline); then the Ray Serve app is started and driven over HTTP by closed-loop clients at each
-concurrency. Prints a table and writes `bench_http.json` into --out.
+First the plain pipeline is called in this process, one request at a time (unless --skip-direct);
+then, for each --model (label=spec JSON, in order, in the same run), the Ray Serve app is started
+and driven over HTTP by closed-loop clients at each concurrency. Prints a table and writes
+`bench_http.json` into --out.
 """
 
 import argparse
@@ -35,6 +38,7 @@ def _summary(latencies: list[float], wall_s: float) -> dict:
         "req_per_s": round(len(latencies) / wall_s, 3),
         "p50_s": round(_percentile(latencies, 50), 4),
         "p95_s": round(_percentile(latencies, 95), 4),
+        "p99_s": round(_percentile(latencies, 99), 4),
         "mean_s": round(statistics.fmean(latencies), 4),
     }
 
@@ -82,22 +86,21 @@ async def _closed_loop(base_url: str, concurrency: int, total: int, body: dict) 
         return latencies, time.perf_counter() - started
 
 
-def bench_http(args, spec_raw: dict) -> list[dict]:
-    import ray
+def bench_http(args, label: str, spec_raw: dict) -> list[dict]:
     from ray import serve
 
     from serve_app.builder import build_app
 
-    ray.init(address="local", num_cpus=args.ray_cpus, num_gpus=args.engine_gpus or None, include_dashboard=False, log_to_driver=False)
     port = 8123
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {
         "model": spec_raw,
         "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s},
         "engine": {"num_replicas": 1, "num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
         "ingress": {"num_replicas": 1, "num_cpus": 0.5},
     }
+    started = time.perf_counter()
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")
+    ready_s = time.perf_counter() - started
     engine = serve.get_deployment_handle("SDXLBase", app_name="sdxl")
     base_url = f"http://127.0.0.1:{port}"
     body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps}
@@ -111,22 +114,28 @@ def bench_http(args, spec_raw: dict) -> list[dict]:
             groups = engine.stats.remote().result()["group_sizes"][len(before) :]
             rows.append(
                 {
-                    "mode": "http",
+                    "mode": label,
+                    "ready_s": round(ready_s, 1),
                     "concurrency": concurrency,
                     **_summary(latencies, wall_s),
                     "mean_batch": round(statistics.fmean(groups), 2),
                     "max_batch": max(groups),
                 }
             )
+            print(f"  {label} concurrency {concurrency}: {rows[-1]['req_per_s']} req/s", flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("sdxl")
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default='{"source": "tiny"}', help="model spec as JSON (configs/model_spec.py)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="label=model spec JSON (configs/model_spec.py); repeat to compare in one run. Default: http={tiny}",
+    )
+    parser.add_argument("--skip-direct", action="store_true", help="no in-process baseline (saves GPU time)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps")
     parser.add_argument("--requests", type=int, default=32, help="requests per measurement (at least 3 per client)")
@@ -138,19 +147,32 @@ def main() -> None:
     parser.add_argument("--ray-cpus", type=int, default=3, help="logical CPUs given to the local Ray cluster")
     parser.add_argument("--out", type=Path, required=True, help="folder for bench_http.json")
     args = parser.parse_args()
-    spec_raw = json.loads(args.model)
+    models = [m.split("=", 1) for m in (args.model or ['http={"source": "tiny"}'])]
+    specs = {label: json.loads(raw) for label, raw in models}
 
+    import ray
     import torch
+    from ray import serve
 
-    direct = {"mode": "direct", "concurrency": 1, **bench_direct(spec_raw, args.size, args.steps, args.requests)}
-    rows = [direct, *bench_http(args, spec_raw)]
+    rows = []
+    if not args.skip_direct:
+        first = next(iter(specs.values()))
+        rows.append({"mode": "direct", "concurrency": 1, **bench_direct(first, args.size, args.steps, args.requests)})
+    ray.init(address="local", num_cpus=args.ray_cpus, num_gpus=args.engine_gpus or None, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8123})
+    try:
+        for label, spec_raw in specs.items():
+            rows.extend(bench_http(args, label, spec_raw))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
-    header = f"{'mode':<8}{'conc':>5}{'reqs':>6}{'req/s':>9}{'p50 s':>9}{'p95 s':>9}{'mean batch':>12}{'max batch':>11}"
+    header = f"{'mode':<10}{'conc':>5}{'reqs':>6}{'req/s':>9}{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'mean batch':>12}{'max batch':>11}"
     print(header)
     for row in rows:
         print(
-            f"{row['mode']:<8}{row['concurrency']:>5}{row['requests']:>6}{row['req_per_s']:>9.2f}"
-            f"{row['p50_s']:>9.3f}{row['p95_s']:>9.3f}{row.get('mean_batch', 1):>12}{row.get('max_batch', 1):>11}"
+            f"{row['mode']:<10}{row['concurrency']:>5}{row['requests']:>6}{row['req_per_s']:>9.2f}"
+            f"{row['p50_s']:>9.3f}{row['p95_s']:>9.3f}{row['p99_s']:>9.3f}{row.get('mean_batch', 1):>12}{row.get('max_batch', 1):>11}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -159,7 +181,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "settings": {"model": spec_raw, "size": args.size, "steps": args.steps, "max_batch_size": args.max_batch_size,
+        "settings": {"models": specs, "size": args.size, "steps": args.steps, "max_batch_size": args.max_batch_size,
                      "batch_wait_s": args.batch_wait_s, "engine_cpus": args.engine_cpus},
         "rows": rows,
     }

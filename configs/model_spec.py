@@ -6,7 +6,7 @@ it, so a field is never accepted and then ignored.
 """
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -16,6 +16,62 @@ from configs.schedulers import canonical_scheduler
 MODEL_CONFIG_ROOT = Path(__file__).resolve().parent / "models"
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class OptimizeConfig(BaseModel):
+    """Speed switches of a GPU pipeline. Each is measured in BENCHMARKS.md; all default off except
+    where a benchmark showed a gain at ≥ 40 dB PSNR against the unoptimized fp16 image."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format.")
+    fuse_qkv: bool = Field(False, description="Fuse attention q/k/v projections into one matmul (diffusers).")
+    compile: Literal["off", "unet", "unet+vae"] = Field(
+        "off", description="torch.compile the UNet (and the VAE decoder); warmed up at load, per batch bucket."
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
+        "default", description="torch.compile mode; `reduce-overhead` adds CUDA graphs (fixed shapes)."
+    )
+    compile_backend: Literal["inductor", "eager"] = Field(
+        "inductor", description="torch.compile backend; `eager` only traces (checks the path in tests, debugging)."
+    )
+    compile_dynamic: bool = Field(
+        False, description="Compile with a dynamic batch dimension: one graph for every batch size, a little slower."
+    )
+    compile_cache_dir: Optional[str] = Field(
+        None,
+        description=(
+            "Persistent compile cache (inductor FX graph and autotune caches); a warm restart loads "
+            "compiled kernels instead of recompiling. Default: `$SDXL_SERVE_CACHE/compile`."
+        ),
+    )
+    batch_buckets: Optional[list[int]] = Field(
+        None,
+        description=(
+            "Pad fused groups up to the next of these sizes (e.g. [1, 2, 4, 8]) so compiled graphs "
+            "are reused; padded rows are discarded. Default with compile (not dynamic): [1, 2, 4, 8]."
+        ),
+    )
+    vae_slicing: bool = Field(False, description="Decode a batch one image at a time (less memory, slower).")
+    fp8: bool = Field(
+        False,
+        description="Opt-in float8 (torchao dynamic activation + weight) for the UNet's linear layers; Hopper or newer.",
+    )
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _sorted_positive(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and (not value or sorted(set(value)) != value or value[0] < 1):
+            raise ValueError(f"batch_buckets {value!r} must be increasing positive sizes")
+        return value
+
+    def buckets(self) -> Optional[list[int]]:
+        """The batch sizes groups are padded to, or None to run groups at their own size."""
+        if self.batch_buckets is not None:
+            return self.batch_buckets
+        if self.compile != "off" and not self.compile_dynamic:
+            return [1, 2, 4, 8]
+        return None
 
 
 class _SpecBase(BaseModel):
@@ -53,6 +109,7 @@ class _SpecBase(BaseModel):
         5.0, ge=0.0, le=50.0, description="Classifier-free guidance scale when a request gives none."
     )
     default_scheduler: str = Field("euler", description="Scheduler id when a request gives none.")
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig, description="Speed switches (GPU).")
 
     @field_validator("default_size")
     @classmethod

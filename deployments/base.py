@@ -51,10 +51,6 @@ class SDXLBase:
         self._generate_batch.set_max_batch_size(batching_config.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batching_config.batch_wait_timeout_s)
 
-        started = time.perf_counter()
-        self._pipe = load_pipeline(self._spec)
-        self.load_s = time.perf_counter() - started
-        self._runner = BatchRunner(self._pipe, on_group=self._record_group)
         self._new_control = RequestControl
         self._controls: dict[str, Any] = {}
         # Set while no batch runs. Ray's @serve.batch assembles the next batch while the current
@@ -72,12 +68,24 @@ class SDXLBase:
         self._pipeline_calls_metric = MetricCounter(
             "sdxl_pipeline_calls", description="Pipeline calls (one per compatible group)."
         )
+
+        started = time.perf_counter()
+        self._pipe = load_pipeline(self._spec)
+        self._runner = BatchRunner(self._pipe, on_group=self._record_group, buckets=self._spec.optimize.buckets())
+        self.load_s = time.perf_counter() - started
+        if self._spec.optimize.compile != "off":
+            # Compile every bucket now (or load it from the compile cache), not on user requests.
+            self._runner.warmup([GenerationRequest(prompt="warm-up", seed=0).with_defaults(self._spec)])
+            self._group_sizes.clear()
+            self._totals.clear()
+        self.warmup_s = time.perf_counter() - started - self.load_s
         logger.info(
-            "loaded model %r (%s) on %s in %.1fs",
+            "loaded model %r (%s) on %s in %.1fs, warm-up %.1fs",
             self._spec.name,
             self._spec.source,
             self._pipe.device,
             self.load_s,
+            self.warmup_s,
         )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -176,6 +184,8 @@ class SDXLBase:
             "dtype": str(self._pipe.dtype).removeprefix("torch."),
             "default_size": list(self._spec.default_size),
             "load_s": round(self.load_s, 3),
+            "warmup_s": round(self.warmup_s, 3),
+            "optimize": self._spec.optimize.model_dump(),
         }
 
     def stats(self) -> dict[str, Any]:

@@ -139,6 +139,8 @@ class GroupReport:
     run_s: float
     steps_run: int
     total_steps: int
+    #: The batch size the pipeline actually ran (`size` plus bucket padding).
+    padded_size: int
 
     @property
     def interrupted(self) -> bool:
@@ -157,9 +159,14 @@ class BatchRunner:
         self,
         pipeline: StableDiffusionXLPipeline,
         on_group: Optional[Callable[[GroupReport], None]] = None,
+        buckets: Optional[Sequence[int]] = None,
     ):
+        """`buckets`: batch sizes a pipeline call may have (compiled graphs exist for these).
+        A group is split into calls of at most the largest, each padded up to the next bucket
+        with throw-away copies of its last request."""
         self._base = pipeline
         self._on_group = on_group
+        self._buckets = sorted(buckets) if buckets else None
 
     def run(
         self,
@@ -186,17 +193,32 @@ class BatchRunner:
                     outcomes[index] = controls[index].stop_error()
                 else:
                     live.append(index)
-            if live:
-                group = self._run_group([requests[i] for i in live], [controls[i] for i in live])
-                for index, outcome in zip(live, group):
+            chunk = self._buckets[-1] if self._buckets else max(1, len(live))
+            for start in range(0, len(live), chunk):
+                part = live[start : start + chunk]
+                group = self._run_group([requests[i] for i in part], [controls[i] for i in part])
+                for index, outcome in zip(part, group):
                     outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
+
+    def warmup(self, requests: Sequence[GenerationRequest]) -> None:
+        """Run each (resolved) request once at every bucket size, so compilation happens at load
+        time rather than on the first user's request."""
+        for request in requests:
+            for size in self._buckets or [1]:
+                batch = [request.model_copy(update={"request_id": f"warmup-{size}-{i}"}) for i in range(size)]
+                self.run(batch)
 
     def _run_group(
         self, requests: list[GenerationRequest], controls: list[RequestControl]
     ) -> list[Outcome]:
         first = requests[0]
         seeds = [r.seed if r.seed is not None else secrets.randbelow(MAX_SEED + 1) for r in requests]
+        real = len(requests)
+        padded = self._padded_size(real)
+        if padded > real:  # copies of the last request; their images are dropped
+            requests = requests + [requests[-1]] * (padded - real)
+            seeds = seeds + [seeds[-1]] * (padded - real)
         # CPU generators: the same seed gives the same starting noise on any device.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         pipe = self._pipeline_for(first)
@@ -217,20 +239,25 @@ class BatchRunner:
                 ).images
             images = [np.asarray(image, dtype=np.float32) / 255.0 if isinstance(image, Image.Image) else image for image in images]
         except Exception:  # one failing group must not take the others down
-            logger.exception("pipeline call failed for %d request(s), key %s", len(requests), compatibility_key(first))
-            return [EngineError("image generation failed on the engine", code="engine_error")] * len(requests)
+            logger.exception("pipeline call failed for %d request(s), key %s", real, compatibility_key(first))
+            return [EngineError("image generation failed on the engine", code="engine_error")] * real
         run_s = time.perf_counter() - started
         if self._on_group is not None:
             self._on_group(
-                GroupReport(compatibility_key(first), len(requests), run_s, callback.steps_run, pipe.num_timesteps)
+                GroupReport(compatibility_key(first), real, run_s, callback.steps_run, pipe.num_timesteps, padded)
             )
         outcomes: list[Outcome] = []
-        for image, seed, control in zip(images, seeds, controls):
+        for image, seed, control in zip(images[:real], seeds, controls):
             if control.should_stop():
                 outcomes.append(control.stop_error())
             else:
-                outcomes.append(RunOutput(image=image, seed=seed, batch_size=len(requests), run_s=run_s))
+                outcomes.append(RunOutput(image=image, seed=seed, batch_size=real, run_s=run_s))
         return outcomes
+
+    def _padded_size(self, size: int) -> int:
+        if not self._buckets:
+            return size
+        return next((bucket for bucket in self._buckets if bucket >= size), size)
 
     def _pipeline_for(self, request: GenerationRequest) -> DiffusionPipeline:
         # A fresh pipeline object of the request's kind over the shared components (cheap: no

@@ -38,6 +38,7 @@ from configs.model_spec import (
     TinySpec,
 )
 from configs.paths import default_cache_dir
+from deployments.optimize import apply_optimizations
 from configs.schedulers import SCHEDULERS
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,9 @@ def load_pipeline(spec: AnySpec) -> StableDiffusionXLPipeline:
         raise TypeError(f"unsupported model spec {type(spec).__name__}")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    set_attention_backend(pipe, spec.attention, device)
+    backend = set_attention_backend(pipe, spec.attention, device)
+    applied = apply_optimizations(pipe, spec.optimize, device)
+    logger.info("pipeline %r on %s/%s, attention %s, optimizations %s", spec.name, device, dtype, backend, applied or "none")
     return pipe
 
 

@@ -370,3 +370,26 @@ def test_strength_scales_the_steps_run(runner):
     request = GenerationRequest(prompt="p", kind="img2img", init_image=_picture(1), strength=0.5, seed=1, **{**EDIT, "num_inference_steps": 10})
     runner.run([request], [control])
     assert seen and seen[-1] == 5
+
+
+# --- batch-shape buckets ----------------------------------------------------------------------
+
+
+def test_buckets_pad_groups_without_changing_images(tiny_pipe):
+    reports = []
+    bucketed = BatchRunner(tiny_pipe, on_group=reports.append, buckets=[1, 2, 4])
+    requests = [GenerationRequest(prompt=f"p{i}", seed=i, **SMALL) for i in range(7)]
+    outcomes = bucketed.run(requests)
+    assert [(r.size, r.padded_size) for r in reports] == [(4, 4), (3, 4)]  # split at the largest, padded
+    plain = BatchRunner(tiny_pipe)
+    for request, outcome in zip(requests, outcomes):
+        (alone,) = plain.run([request])
+        assert outcome.batch_size in (3, 4)
+        assert np.abs(outcome.image - alone.image).max() <= FIDELITY_ATOL
+
+
+def test_warmup_runs_every_bucket(tiny_pipe):
+    reports = []
+    runner = BatchRunner(tiny_pipe, on_group=reports.append, buckets=[1, 2])
+    runner.warmup([GenerationRequest(prompt="w", seed=0, **SMALL)])
+    assert [r.padded_size for r in reports] == [1, 2]

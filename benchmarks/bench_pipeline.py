@@ -1,0 +1,220 @@
+"""In-process GPU benchmark of the base pipeline: latency and img/s per batch size, per-stage time
+(text encoders, one CFG UNet step, VAE decode), peak memory, achieved TFLOP/s, and each speed-up's
+fidelity (PSNR against the unoptimized fp16 image of the same seed). Full-size SDXL architecture
+with random weights (`sdxl-arch`): the real cost, noise images.
+
+    python benchmarks/bench_pipeline.py --out $OUT                         # every variant below
+    python benchmarks/bench_pipeline.py --variants baseline,bf16 --batches 1,8 --out $OUT
+
+Variants are `ModelSpec.optimize` switch sets (see VARIANTS). Prints a table, writes
+`bench_pipeline.json` to --out. Run one variant per process (`--variants compile`) to measure a
+cold compile, then again with the same `--compile-cache` for the warm start.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs.model_spec import SdxlArchSpec, TinySpec  # noqa: E402
+from deployments.batching import BatchRunner  # noqa: E402
+from deployments.pipelines import load_pipeline  # noqa: E402
+from deployments.types import GenerationRequest  # noqa: E402
+
+#: One CFG step of the SDXL base UNet at 1024², batch 1 (2 with CFG): measured with FlopCounter.
+CFG_STEP_TFLOP_1024 = 13.52
+
+VARIANTS: dict[str, dict] = {
+    "baseline": {"dtype": "float16", "optimize": {}},
+    "bf16": {"dtype": "bfloat16", "optimize": {}},
+    "cl_qkv": {"dtype": "float16", "optimize": {"channels_last": True, "fuse_qkv": True}},
+    "compile": {
+        "dtype": "float16",
+        "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet", "batch_buckets": [1, 8]},
+    },
+    "compile_vae": {
+        "dtype": "float16",
+        "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet+vae", "batch_buckets": [1, 8]},
+    },
+    "fp8": {"dtype": "bfloat16", "optimize": {"fp8": True, "fuse_qkv": True}},
+    "fp8_compile": {
+        "dtype": "bfloat16",
+        "optimize": {"fp8": True, "fuse_qkv": True, "compile": "unet", "batch_buckets": [1, 8]},
+    },
+}
+
+
+def _cuda_time(fn, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` runs, timed with CUDA events (wall clock on CPU)."""
+    times = []
+    for _ in range(repeats):
+        if not torch.cuda.is_available():
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def _request(size: int, steps: int, seed: int) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="a photo of a lighthouse on a cliff at dusk, detailed, 35mm",
+        negative_prompt="blurry",
+        width=size,
+        height=size,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        scheduler="euler",
+        seed=seed,
+    )
+
+
+def stage_times(pipe, batch: int, size: int) -> dict:
+    """Seconds of each stage at this batch size: text encoders, one CFG UNet step, VAE decode."""
+    device, dtype = pipe.device, pipe.unet.dtype
+    prompts = ["a lighthouse"] * batch
+    with torch.inference_mode():
+        text_s = _cuda_time(lambda: pipe.encode_prompt(prompts, device=device, negative_prompt=prompts), 5)
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, device=device, negative_prompt=prompts)
+        latent = size // 8
+        sample = torch.randn(2 * batch, 4, latent, latent, device=device, dtype=dtype)
+        hidden = torch.cat([negative, embeds])
+        added = {
+            "text_embeds": torch.cat([negative_pooled, pooled]),
+            "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * (2 * batch), device=device, dtype=dtype),
+        }
+        timestep = torch.tensor(500, device=device)
+        pipe.unet(sample, timestep, hidden, added_cond_kwargs=added)
+        unet_s = _cuda_time(lambda: pipe.unet(sample, timestep, hidden, added_cond_kwargs=added), 5)
+        latents = torch.randn(batch, 4, latent, latent, device=device, dtype=pipe.vae.dtype)
+        pipe.vae.decode(latents)
+        vae_s = _cuda_time(lambda: pipe.vae.decode(latents), 3)
+    scale = (size / 1024) ** 2
+    return {
+        "text_s": round(text_s, 4),
+        "unet_step_s": round(unet_s, 4),
+        "vae_decode_s": round(vae_s, 4),
+        "unet_tflops": round(CFG_STEP_TFLOP_1024 * scale * batch / unet_s, 1),
+    }
+
+
+def bench_variant(name: str, args) -> dict:
+    config = VARIANTS[name]
+    optimize = dict(config["optimize"])
+    if optimize.get("compile", "off") != "off":
+        optimize["compile_cache_dir"] = args.compile_cache
+        optimize["batch_buckets"] = sorted(set(args.batches))
+    if args.smoke:  # the script's logic on the tiny model, on CPU
+        spec = TinySpec(device="cpu", dtype="float32", optimize={**optimize, "compile_backend": "eager"})
+    else:
+        spec = SdxlArchSpec(source="sdxl-arch", device="cuda", dtype=config["dtype"], attention=args.attention, optimize=optimize)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    pipe = load_pipeline(spec)
+    runner = BatchRunner(pipe, buckets=spec.optimize.buckets())
+    load_s = time.perf_counter() - started
+    row: dict = {"variant": name, "dtype": config["dtype"], "optimize": config["optimize"], "load_s": round(load_s, 1)}
+
+    first = time.perf_counter()
+    (probe,) = runner.run([_request(args.size, args.steps, seed=0)])
+    row["first_image_s"] = round(time.perf_counter() - first, 2)  # includes compile when on
+    row["batches"] = {}
+    for batch in args.batches:
+        requests = [_request(args.size, args.steps, seed=i) for i in range(batch)]
+        runner.run(requests)  # warm-up (compiles this bucket)
+        repeats = 3 if batch <= 4 else 2
+        latency = _cuda_time(lambda: runner.run(requests), repeats)
+        row["batches"][batch] = {"latency_s": round(latency, 3), "img_per_s": round(batch / latency, 3)}
+        print(f"  {name} batch {batch}: {latency:.3f} s, {batch / latency:.3f} img/s", flush=True)
+    row["stages"] = {batch: stage_times(pipe, batch, args.size) for batch in sorted({1, max(args.batches)})}
+    row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+    row["image"] = probe.image
+    del runner, pipe
+    return row
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="baseline,cl_qkv,bf16", help=f"comma list of {sorted(VARIANTS)}")
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "auto"])
+    parser.add_argument("--compile-cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "sdxl-compile"))
+    parser.add_argument("--reference", type=Path, help="a .npy fp16 baseline image (seed 0) to compare against")
+    parser.add_argument("--smoke", action="store_true", help="check the script on the tiny model on CPU")
+    parser.add_argument("--tag", default=None, help="name of the JSON file (default: the variants)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.smoke:
+        args.size, args.steps = 64, 2
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    rows, reference = [], None
+    if args.reference and args.reference.exists():
+        reference = np.load(args.reference)
+    for name in args.variants.split(","):
+        print(f"variant {name}", flush=True)
+        try:
+            row = bench_variant(name, args)
+        except Exception as exc:  # one broken variant (e.g. fp8 without torchao) must not lose the rest
+            print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        image = row.pop("image")
+        if name == "baseline":
+            reference = image
+            np.save(args.out / "baseline_seed0.npy", image)
+        row["psnr_vs_baseline_db"] = None if reference is None else round(psnr(image, reference), 2)
+        rows.append(row)
+
+    print(f"\n{'variant':<12}{'batch':>6}{'latency s':>11}{'img/s':>8}{'unet step s':>13}{'TFLOP/s':>9}{'vae s':>8}{'peak GiB':>10}{'PSNR dB':>9}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['variant']:<12} failed: {row['error']}")
+            continue
+        for batch, numbers in row["batches"].items():
+            stage = row["stages"].get(batch, {})
+            print(
+                f"{row['variant']:<12}{batch:>6}{numbers['latency_s']:>11.3f}{numbers['img_per_s']:>8.3f}"
+                f"{stage.get('unet_step_s', float('nan')):>13.4f}{stage.get('unet_tflops', float('nan')):>9}"
+                f"{stage.get('vae_decode_s', float('nan')):>8.3f}{row['peak_memory_gib']!s:>10}{row['psnr_vs_baseline_db']!s:>9}"
+            )
+        print(f"{'':<12}load {row['load_s']} s, first image {row['first_image_s']} s")
+    report = {
+        "benchmark": "bench_pipeline",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", *sys.argv]),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
+        "settings": {"size": args.size, "steps": args.steps, "attention": args.attention},
+        "rows": rows,
+    }
+    name = "bench_pipeline_" + (args.tag or args.variants.replace(",", "_")) + ".json"
+    (args.out / name).write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out / name}")
+
+
+if __name__ == "__main__":
+    main()

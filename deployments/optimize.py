@@ -1,0 +1,73 @@
+"""Speed switches applied to a loaded pipeline (`ModelSpec.optimize`). Knows torch, not Ray.
+
+Order matters: float8 replaces linear layers, then projections are fused, memory formats set, and
+compilation comes last so it sees the final modules. Compilation is in place (`Module.compile`),
+so the per-call pipeline objects of every kind share the compiled UNet.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from configs.model_spec import OptimizeConfig
+from configs.paths import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+
+def apply_optimizations(pipe: DiffusionPipeline, options: OptimizeConfig, device: torch.device) -> list[str]:
+    """Apply the switches that are on; return their names (logged and reported by the engine)."""
+    applied = []
+    if options.fp8:
+        _float8(pipe, device)
+        applied.append("fp8")
+    if options.fuse_qkv:
+        pipe.fuse_qkv_projections()
+        applied.append("fuse_qkv")
+    if options.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if options.vae_slicing:
+        pipe.vae.enable_slicing()
+        applied.append("vae_slicing")
+    if options.compile != "off":
+        cache = use_compile_cache(options.compile_cache_dir)
+        compile_args = dict(
+            mode=None if options.compile_mode == "default" else options.compile_mode,
+            backend=options.compile_backend,
+            dynamic=True if options.compile_dynamic else False,
+        )
+        pipe.unet.compile(**compile_args)
+        applied.append(f"compile:unet({options.compile_mode},{options.compile_backend})")
+        if options.compile == "unet+vae":
+            pipe.vae.decoder.compile(**compile_args)
+            applied.append("compile:vae")
+        logger.info("torch.compile cache in %s", cache)
+    return applied
+
+
+def use_compile_cache(cache_dir: str | None) -> Path:
+    """Point inductor's (and Triton's) on-disk caches at one folder that outlives the process, so a
+    restarted replica reuses compiled kernels instead of compiling again."""
+    path = Path(cache_dir) if cache_dir else default_cache_dir() / "compile"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    return path
+
+
+def _float8(pipe: DiffusionPipeline, device: torch.device) -> None:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"optimize.fp8 needs a CUDA GPU of compute capability 8.9 or newer (device is {device})")
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as exc:
+        raise ValueError(f"optimize.fp8 needs the torchao package ({exc})") from None
+    quantize_(pipe.unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))

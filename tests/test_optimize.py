@@ -1,0 +1,66 @@
+"""Every speed switch's code path on the tiny model (CPU): each keeps the image (within the
+tolerance its arithmetic allows) or fails with a clear message where it cannot run."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from configs.model_spec import OptimizeConfig, TinySpec
+from deployments.batching import BatchRunner
+from deployments.pipelines import load_pipeline
+from deployments.types import GenerationRequest
+
+REQUEST = GenerationRequest(prompt="a red circle", negative_prompt="blur", seed=3, width=64, height=64,
+                            num_inference_steps=3, guidance_scale=5.0, scheduler="euler")
+
+
+def _image(spec: TinySpec) -> np.ndarray:
+    (outcome,) = BatchRunner(load_pipeline(spec), buckets=spec.optimize.buckets()).run([REQUEST])
+    return outcome.image
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_spec) -> np.ndarray:
+    return _image(tiny_spec)
+
+
+def _with(tiny_spec, **switches) -> TinySpec:
+    return tiny_spec.model_copy(update={"optimize": OptimizeConfig(**switches)})
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [{"channels_last": True}, {"fuse_qkv": True}, {"vae_slicing": True}, {"channels_last": True, "fuse_qkv": True}],
+)
+def test_exact_switches_keep_the_image(tiny_spec, baseline, switches):
+    assert np.abs(_image(_with(tiny_spec, **switches)) - baseline).max() <= 1e-4
+
+
+def test_compile_path_with_cache_dir(tiny_spec, baseline, tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    spec = _with(tiny_spec, compile="unet+vae", compile_backend="eager", compile_cache_dir=str(tmp_path / "cc"))
+    pipe = load_pipeline(spec)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc")
+    assert pipe.unet._compiled_call_impl is not None and pipe.vae.decoder._compiled_call_impl is not None
+    (outcome,) = BatchRunner(pipe, buckets=spec.optimize.buckets()).run([REQUEST])
+    assert np.abs(outcome.image - baseline).max() <= 1e-4
+    assert spec.optimize.buckets() == [1, 2, 4, 8]
+    assert _with(tiny_spec, compile="unet", compile_dynamic=True).optimize.buckets() is None
+
+
+def test_bfloat16_stays_close(tiny_spec, baseline):
+    image = _image(tiny_spec.model_copy(update={"dtype": "bfloat16"}))
+    mse = float(np.mean((image - baseline) ** 2))
+    assert image.dtype == np.float32 and 10 * np.log10(1.0 / max(mse, 1e-12)) > 20
+
+
+def test_fp8_refuses_a_cpu(tiny_spec):
+    with pytest.raises(ValueError, match="fp8"):
+        load_pipeline(_with(tiny_spec, fp8=True))
+
+
+def test_bad_buckets_are_rejected():
+    with pytest.raises(ValueError, match="batch_buckets"):
+        OptimizeConfig(batch_buckets=[4, 2])
