@@ -24,7 +24,7 @@ class OptimizeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    channels_last: bool = Field(False, description="UNet and VAE in channels-last memory format.")
+    channels_last: bool = Field(False, description="UNet in channels-last memory format.")
     fuse_qkv: bool = Field(False, description="Fuse attention q/k/v projections into one matmul (diffusers).")
     compile: Literal["off", "unet", "unet+vae"] = Field(
         "off", description="torch.compile the UNet (and the VAE decoder); warmed up at load, per batch bucket."
