@@ -215,7 +215,8 @@ class BatchRunner:
         first = requests[0]
         seeds = [r.seed if r.seed is not None else secrets.randbelow(MAX_SEED + 1) for r in requests]
         real = len(requests)
-        padded = self._padded_size(real)
+        # A crop call takes one image (its key keeps it alone): never pad it.
+        padded = real if first.padding_mask_crop is not None else self._padded_size(real)
         if padded > real:  # copies of the last request; their images are dropped
             requests = requests + [requests[-1]] * (padded - real)
             seeds = seeds + [seeds[-1]] * (padded - real)

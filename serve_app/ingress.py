@@ -5,7 +5,6 @@ annotations` in this module: FastAPI would then read body models as query parame
 """
 
 import asyncio
-import logging
 import time
 from typing import Any, Optional
 
@@ -17,6 +16,7 @@ from configs.app_args import AppArgs
 from serve_app.encoding import MEDIA_TYPES, encode_image, to_base64
 from serve_app.errors import error_response, exception_response, install_error_handlers
 from serve_app.protocol import (
+    BatchRequest,
     ErrorResponse,
     ImageData,
     ImageEditRequest,
@@ -24,10 +24,9 @@ from serve_app.protocol import (
     ImagesResponse,
     Img2ImgRequest,
     InpaintRequest,
+    JobSubmission,
     ModelCard,
     ModelList,
-    BatchRequest,
-    JobSubmission,
     Txt2ImgRequest,
 )
 from serve_app.job_events import job_event_stream
@@ -35,11 +34,10 @@ from serve_app.request_body import parse_body
 from serve_app.serving_jobs import JobServing, links
 from serve_app.serving_images import ImageServing
 
-logger = logging.getLogger("ray.serve")
-
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 413, 415, 500, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 410, 413, 415, 429, 500, 503, 504)}
+_IMAGES_JSON = {"schema": {"$ref": "#/components/schemas/ImagesResponse"}}
 _NATIVE_RESPONSES = {
-    200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "application/json": {"schema": {"$ref": "#/components/schemas/ImagesResponse"}}}},
+    200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "application/json": _IMAGES_JSON}},
     **_ERRORS,
 }
 
@@ -53,6 +51,7 @@ def _body_schema(model: type) -> dict:
             "content": {"application/json": {"schema": schema}, "multipart/form-data": {"schema": schema}},
         }
     }
+
 
 app = FastAPI(
     title="sdxl-serve",

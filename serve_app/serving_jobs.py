@@ -48,7 +48,7 @@ class JobServing:
         if body.webhook_url is not None and not body.run_async:
             raise InvalidRequestError("webhook_url needs async: true", param="webhook_url")
         requests: list[GenerationRequest] = []
-        for index, (kind, params, where) in enumerate(items):
+        for kind, params, where in items:
             for name in ("output_format", "output_compression"):
                 if name in params:
                     raise InvalidRequestError(

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from configs.model_spec import OptimizeConfig, TinySpec
 from deployments.batching import BatchRunner

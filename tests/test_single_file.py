@@ -15,7 +15,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.loaders import single_file_utils
 from safetensors import safe_open
 
-from configs.model_spec import MODEL_CONFIG_ROOT, SingleFileSpec, TinySpec
+from configs.model_spec import MODEL_CONFIG_ROOT, SingleFileSpec
 from deployments.pipelines import build_random_pipeline, ensure_tiny_saved, load_pipeline
 from tests.ldm_export import (
     CLIP_L_PREFIX,
