@@ -67,10 +67,19 @@ def test_bad_app_args_name_the_field(raw, field):
 
 @pytest.mark.parametrize("path", ["serve_config.yaml", "configs/serve_config.gpu.yaml"])
 def test_shipped_serve_configs_validate(path):
+    """Both configs pass Ray Serve's own deploy schema and our typed args, and build a graph."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.builder import build_app
+
     config = yaml.safe_load(open(path))
-    (app,) = config["applications"]
-    assert app["import_path"] == "serve_app.builder:build_app"
-    AppArgs.model_validate(app["args"])
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "serve_app.builder:build_app"
+    args = AppArgs.model_validate(app.args)
+    assert build_app(app.args) is not None
+    if "gpu" in path:
+        assert args.engine.num_gpus == 1 and args.model.device == "cuda"
 
 
 @pytest.mark.parametrize(
