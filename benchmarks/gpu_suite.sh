@@ -24,9 +24,12 @@ case "$step" in
 pipeline)
   python3 benchmarks/bench_pipeline.py --variants baseline --batches 1,2,4,8,16 --tag baseline --out "$OUT"
   python3 benchmarks/bench_pipeline.py --variants cl_qkv,bf16,fp8 --batches 1,8 --reference "$OUT/baseline_seed0.npy" --tag variants --out "$OUT"
+  # Cold then warm start of the compiled variant: the same command, an empty cache, then a full one.
   rm -rf "$CACHE"
-  python3 benchmarks/bench_pipeline.py --variants compile --batches 1,8 --compile-cache "$CACHE" --reference "$OUT/baseline_seed0.npy" --tag compile_cold --out "$OUT"
-  python3 benchmarks/bench_pipeline.py --variants compile --batches 1,8 --compile-cache "$CACHE" --reference "$OUT/baseline_seed0.npy" --tag compile_warm --out "$OUT"
+  for start in cold warm; do
+    python3 benchmarks/bench_pipeline.py --variants compile --batches 1,8 --compile-cache "$CACHE" \
+      --reference "$OUT/baseline_seed0.npy" --tag "compile_$start" --out "$OUT"
+  done
   ;;
 http)
   base='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa"}'
