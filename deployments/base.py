@@ -151,12 +151,17 @@ class SDXLBase:
     async def _generate_batch(
         self, requests: list[GenerationRequest], controls: list, arrivals: list[float]
     ) -> list:
-        started = time.perf_counter()
         self._idle.clear()
         try:
-            outcomes = await asyncio.to_thread(self._runner.run, requests, controls)
+            # The pipeline and the pixel conversion run in a worker thread, so this replica's
+            # event loop keeps answering cancel, progress and health calls meanwhile.
+            return await asyncio.to_thread(self._run_batch, requests, controls, arrivals)
         finally:
             self._idle.set()
+
+    def _run_batch(self, requests: list[GenerationRequest], controls: list, arrivals: list[float]) -> list:
+        started = time.perf_counter()
+        outcomes = self._runner.run(requests, controls)
         return [
             _to_result(request, outcome, queue_s=started - arrived)
             for request, outcome, arrived in zip(requests, outcomes, arrivals)

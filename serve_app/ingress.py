@@ -1,7 +1,8 @@
 """HTTP glue: the FastAPI routes of the ingress deployment.
 
-Each route reads as decode (schema) → serving logic → encode. No `from __future__ import
-annotations` in this module: FastAPI would then read body models as query parameters.
+Each route reads as decode (schema) → serving logic → encode. Image decoding and encoding run in
+worker threads, off the event loop that all of the replica's requests share. No `from __future__
+import annotations` in this module: FastAPI would then read body models as query parameters.
 """
 
 import asyncio
@@ -53,6 +54,12 @@ def _body_schema(model: type) -> dict:
     }
 
 
+def _encode_all(results: list, output_format: str, quality: Optional[int]) -> list[bytes]:
+    # Runs in a worker thread: encoding a 1024² PNG takes ~0.1 s, which would otherwise stall
+    # every other request on this replica's event loop.
+    return [encode_image(result.image, output_format, quality) for result in results]
+
+
 app = FastAPI(
     title="sdxl-serve",
     summary="SDXL image generation on Ray Serve, with an OpenAI-compatible images API.",
@@ -95,7 +102,7 @@ class ImageIngress:
         """OpenAI-compatible edits (multipart): inpaint the mask's transparent area, or img2img."""
         try:
             body = await parse_body(request, ImageEditRequest, self._args.limits)
-            requests = self._serving.requests_for_edit(body)
+            requests = await asyncio.to_thread(self._serving.requests_for_edit, body)
             results = await self._serving.generate(requests, user=body.user)
             return await self._images_response(body, requests, results, request)
         except Exception as exc:
@@ -118,7 +125,7 @@ class ImageIngress:
         """Image-to-image from JSON (base64 `image`) or multipart/form-data."""
         try:
             body = await parse_body(request, Img2ImgRequest, self._args.limits)
-            requests = self._serving.requests_for_img2img(body)
+            requests = await asyncio.to_thread(self._serving.requests_for_img2img, body)
             results = await self._serving.generate(requests)
         except Exception as exc:
             return exception_response(exc)
@@ -131,7 +138,7 @@ class ImageIngress:
         """Inpainting (white mask = repaint) from JSON (base64 `image`/`mask`) or multipart/form-data."""
         try:
             body = await parse_body(request, InpaintRequest, self._args.limits)
-            requests = self._serving.requests_for_inpaint(body)
+            requests = await asyncio.to_thread(self._serving.requests_for_inpaint, body)
             results = await self._serving.generate(requests)
         except Exception as exc:
             return exception_response(exc)
@@ -140,7 +147,7 @@ class ImageIngress:
     async def _images_response(
         self, body: Any, requests: list, results: list, request: Optional[Request] = None
     ) -> ImagesResponse:
-        encoded = [encode_image(result.image, body.output_format, body.output_compression) for result in results]
+        encoded = await asyncio.to_thread(_encode_all, results, body.output_format, body.output_compression)
         if getattr(body, "response_format", None) == "url":
             media_type = MEDIA_TYPES[body.output_format]
             file_ids = await self._jobs.put_files.remote([(data, media_type) for data in encoded])
@@ -161,8 +168,9 @@ class ImageIngress:
             response = await self._images_response(body, requests, results)
             return JSONResponse(response.model_dump(mode="json"))
         (result,) = results
+        (content,) = await asyncio.to_thread(_encode_all, results, body.output_format, body.output_compression)
         return Response(
-            content=encode_image(result.image, body.output_format, body.output_compression),
+            content=content,
             media_type=MEDIA_TYPES[body.output_format],
             headers={"X-Seed": str(result.seed)},
         )
@@ -226,7 +234,7 @@ class ImageIngress:
     async def images_batch(self, body: BatchRequest) -> Response:
         """Many requests, one ZIP (images + manifest.json); with `async: true`, a job making it."""
         try:
-            payload = self._job_serving.batch_payload(body)
+            payload = await asyncio.to_thread(self._job_serving.batch_payload, body)
             if body.run_async:
                 return JSONResponse(await self._job_serving.submit_batch(payload, body.webhook_url), status_code=202)
             data, media_type, name = await self._job_serving.run_batch(payload)

@@ -1,6 +1,7 @@
 """Serving logic of async jobs and batches: validate the nested requests, hand jobs to the job
 manager, build batch ZIPs. No HTTP and no torch here."""
 
+import asyncio
 from typing import Any, Optional
 
 from pydantic import ValidationError
@@ -32,7 +33,8 @@ class JobServing:
     async def submit(self, body: JobSubmission) -> dict[str, Any]:
         if body.n > self._args.limits.max_n:
             raise InvalidRequestError(f"n {body.n} is above the limit of {self._args.limits.max_n}", param="n")
-        requests, params = self._requests(body.kind, body.params, body.n, "params")
+        # Decoding uploaded images is CPU work: keep it off the event loop.
+        requests, params = await asyncio.to_thread(self._requests, body.kind, body.params, body.n, "params")
         payload = JobPayload(requests, params.output_format, params.output_compression)
         view = await self._manager.submit.remote(payload, body.kind, _url(body.webhook_url))
         return {**view, "links": links(view["id"])}
@@ -59,7 +61,9 @@ class JobServing:
 
     async def run_batch(self, payload: JobPayload) -> tuple[bytes, str, str]:
         results = await self._images.generate(payload.requests)
-        return build_result(payload.requests, results, payload.output_format, payload.output_compression, archive=True)
+        return await asyncio.to_thread(
+            build_result, payload.requests, results, payload.output_format, payload.output_compression, True
+        )
 
     async def submit_batch(self, payload: JobPayload, webhook_url: Optional[Any]) -> dict[str, Any]:
         view = await self._manager.submit.remote(payload, "batch", _url(webhook_url))
