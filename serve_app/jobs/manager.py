@@ -91,6 +91,8 @@ class JobManager:
         )
         self._engine = engine
         self._running: dict[str, asyncio.Task] = {}
+        # Webhook deliveries in flight: the event loop only keeps weak references to tasks.
+        self._deliveries: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         requeued, failed = self._store.requeue_running()
         if requeued or failed:
@@ -256,11 +258,13 @@ class JobManager:
     def _notify(self, job: JobRecord) -> None:
         if job.webhook_url:
             config = self._config
-            asyncio.create_task(
+            delivery = asyncio.create_task(
                 webhooks.deliver(
                     job.webhook_url, job_view(job), config.webhook_attempts, config.webhook_backoff_s, config.webhook_timeout_s
                 )
             )
+            self._deliveries.add(delivery)
+            delivery.add_done_callback(self._deliveries.discard)
 
     async def _cleanup_loop(self) -> None:
         while True:
