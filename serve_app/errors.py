@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import GetTimeoutError
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.types import (
@@ -60,24 +62,14 @@ def exception_response(exc: BaseException) -> JSONResponse:
     exc = unwrap_error(exc)
     if isinstance(exc, ServiceError):
         return service_error_response(exc)
-    if _is_backpressure(exc):
+    if isinstance(exc, BackPressureError):
         return service_error_response(OverloadedError("the server is at capacity; retry later", code="overloaded"))
-    if _is_timeout(exc):
+    if isinstance(exc, (TimeoutError, GetTimeoutError)):
         return service_error_response(DeadlineExceededError("the request timed out", code="timeout"))
     logger.error("unhandled error while serving a request", exc_info=exc)
     return error_response(500, "internal server error", "server_error", code="internal_error")
 
 
-def _is_backpressure(exc: BaseException) -> bool:
-    from ray.serve.exceptions import BackPressureError
-
-    return isinstance(exc, BackPressureError)
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    from ray.exceptions import GetTimeoutError
-
-    return isinstance(exc, (TimeoutError, GetTimeoutError))
 
 
 def invalid_request_from(errors: list[dict]) -> InvalidRequestError:
@@ -123,10 +115,12 @@ def install_error_handlers(app: FastAPI) -> None:
         error_type = _TYPE_FOR_STATUS.get(exc.status_code, "server_error")
         return error_response(exc.status_code, detail, error_type, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(ServiceError)
-    async def _on_service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    async def _on_error(_: Request, exc: Exception) -> JSONResponse:
         return exception_response(exc)
 
-    @app.exception_handler(Exception)
-    async def _on_other(_: Request, exc: Exception) -> JSONResponse:
-        return exception_response(exc)
+    # Errors a route may raise by design (ServiceErrors, also wrapped by Ray; Serve backpressure;
+    # timeouts) are answered here, so routes need no try/except. Anything else is a bug: the
+    # `Exception` handler still answers the envelope, and Starlette logs it.
+    for expected in (ServiceError, BackPressureError, TimeoutError, GetTimeoutError):
+        app.add_exception_handler(expected, _on_error)
+    app.add_exception_handler(Exception, _on_error)

@@ -119,13 +119,12 @@ def prepare(
     image: Image.Image,
     mask: Optional[Image.Image],
     size: tuple[int, int],
-    mask_param: str = "mask",
 ) -> PreparedImage:
     """Resize image (and mask, which must match the image's size) to `size` as engine arrays."""
     if mask is not None and mask.size != image.size:
         raise InvalidRequestError(
-            f"{mask_param} is {mask.width}x{mask.height} but the image is {image.width}x{image.height}",
-            param=mask_param,
+            f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}",
+            param="mask",
             code="mask_size_mismatch",
         )
     rgb = flatten(image)

@@ -15,7 +15,7 @@ from ray import serve
 
 from configs.app_args import AppArgs
 from serve_app.encoding import MEDIA_TYPES, encode_image, to_base64
-from serve_app.errors import error_response, exception_response, install_error_handlers
+from serve_app.errors import error_response, install_error_handlers
 from serve_app.protocol import (
     BatchRequest,
     ErrorResponse,
@@ -85,12 +85,9 @@ class ImageIngress:
     async def images_generations(self, body: ImageGenerationRequest, request: Request) -> Any:
         """OpenAI-compatible text-to-image; images come back base64-encoded (or as stored
         `url`s) with their seeds."""
-        try:
-            requests = self._serving.requests_for_generations(body)
-            results = await self._serving.generate(requests, user=body.user)
-            return await self._images_response(body, requests, results, request)
-        except Exception as exc:
-            return exception_response(exc)
+        requests = self._serving.requests_for_generations(body)
+        results = await self._serving.generate(requests, user=body.user)
+        return await self._images_response(body, requests, results, request)
 
     @app.post(
         "/v1/images/edits",
@@ -100,22 +97,16 @@ class ImageIngress:
     )
     async def images_edits(self, request: Request) -> Any:
         """OpenAI-compatible edits (multipart): inpaint the mask's transparent area, or img2img."""
-        try:
-            body = await parse_body(request, ImageEditRequest, self._args.limits)
-            requests = await asyncio.to_thread(self._serving.requests_for_edit, body)
-            results = await self._serving.generate(requests, user=body.user)
-            return await self._images_response(body, requests, results, request)
-        except Exception as exc:
-            return exception_response(exc)
+        body = await parse_body(request, ImageEditRequest, self._args.limits)
+        requests = await asyncio.to_thread(self._serving.requests_for_edit, body)
+        results = await self._serving.generate(requests, user=body.user)
+        return await self._images_response(body, requests, results, request)
 
     @app.post("/v1/txt2img", response_class=Response, responses=_NATIVE_RESPONSES)
     async def txt2img(self, body: Txt2ImgRequest) -> Response:
         """Text-to-image answering the image bytes (seed in `X-Seed`), or JSON with `b64_json`."""
-        try:
-            requests = self._serving.requests_for_txt2img(body)
-            results = await self._serving.generate(requests)
-        except Exception as exc:
-            return exception_response(exc)
+        requests = self._serving.requests_for_txt2img(body)
+        results = await self._serving.generate(requests)
         return await self._native_response(body, requests, results)
 
     @app.post(
@@ -123,12 +114,9 @@ class ImageIngress:
     )
     async def img2img(self, request: Request) -> Response:
         """Image-to-image from JSON (base64 `image`) or multipart/form-data."""
-        try:
-            body = await parse_body(request, Img2ImgRequest, self._args.limits)
-            requests = await asyncio.to_thread(self._serving.requests_for_img2img, body)
-            results = await self._serving.generate(requests)
-        except Exception as exc:
-            return exception_response(exc)
+        body = await parse_body(request, Img2ImgRequest, self._args.limits)
+        requests = await asyncio.to_thread(self._serving.requests_for_img2img, body)
+        results = await self._serving.generate(requests)
         return await self._native_response(body, requests, results)
 
     @app.post(
@@ -136,12 +124,9 @@ class ImageIngress:
     )
     async def inpaint(self, request: Request) -> Response:
         """Inpainting (white mask = repaint) from JSON (base64 `image`/`mask`) or multipart/form-data."""
-        try:
-            body = await parse_body(request, InpaintRequest, self._args.limits)
-            requests = await asyncio.to_thread(self._serving.requests_for_inpaint, body)
-            results = await self._serving.generate(requests)
-        except Exception as exc:
-            return exception_response(exc)
+        body = await parse_body(request, InpaintRequest, self._args.limits)
+        requests = await asyncio.to_thread(self._serving.requests_for_inpaint, body)
+        results = await self._serving.generate(requests)
         return await self._native_response(body, requests, results)
 
     async def _images_response(
@@ -180,75 +165,51 @@ class ImageIngress:
     @app.post("/v1/jobs", status_code=202, responses=_ERRORS)
     async def submit_job(self, body: JobSubmission) -> Any:
         """Queue any generation request; answers 202 with the job and its links."""
-        try:
-            return JSONResponse(await self._job_serving.submit(body), status_code=202)
-        except Exception as exc:
-            return exception_response(exc)
+        return JSONResponse(await self._job_serving.submit(body), status_code=202)
 
     @app.get("/v1/jobs", responses=_ERRORS)
     async def list_jobs(self, limit: int = Query(20, ge=1, le=100)) -> Any:
         """Recent jobs, newest first."""
-        try:
-            jobs = await self._jobs.list_jobs.remote(limit)
-        except Exception as exc:
-            return exception_response(exc)
+        jobs = await self._jobs.list_jobs.remote(limit)
         return {"object": "list", "data": [{**job, "links": links(job["id"])} for job in jobs]}
 
     @app.get("/v1/jobs/{job_id}", responses=_ERRORS)
     async def get_job(self, job_id: str) -> Any:
         """Status, per-job progress (step/total/percent), timestamps, error, seeds."""
-        try:
-            job = await self._jobs.get.remote(job_id)
-        except Exception as exc:
-            return exception_response(exc)
+        job = await self._jobs.get.remote(job_id)
         return {**job, "links": links(job_id)}
 
     @app.delete("/v1/jobs/{job_id}", responses=_ERRORS)
     async def cancel_job(self, job_id: str) -> Any:
         """Cancel: a queued job never runs; a running one stops at its next denoising step."""
-        try:
-            job = await self._jobs.cancel.remote(job_id)
-        except Exception as exc:
-            return exception_response(exc)
+        job = await self._jobs.cancel.remote(job_id)
         return {**job, "links": links(job_id)}
 
     @app.get("/v1/jobs/{job_id}/result", response_class=Response, responses=_ERRORS)
     async def job_result(self, job_id: str) -> Response:
         """The image, or a ZIP (images + manifest.json) when the job made several."""
-        try:
-            data, media_type, name = await self._jobs.result.remote(job_id)
-        except Exception as exc:
-            return exception_response(exc)
+        data, media_type, name = await self._jobs.result.remote(job_id)
         return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse, responses=_ERRORS)
     async def job_events(self, job_id: str) -> Any:
         """Server-sent events: `progress` while the job changes, then one `done` with the final state."""
-        try:
-            first = await self._jobs.get.remote(job_id)
-        except Exception as exc:
-            return exception_response(exc)
+        first = await self._jobs.get.remote(job_id)
         return StreamingResponse(job_event_stream(self._jobs, first), media_type="text/event-stream")
 
     @app.post("/v1/images/batch", response_class=Response, responses={200: {"content": {"application/zip": {}}}, **_ERRORS})
     async def images_batch(self, body: BatchRequest) -> Response:
         """Many requests, one ZIP (images + manifest.json); with `async: true`, a job making it."""
-        try:
-            payload = await asyncio.to_thread(self._job_serving.batch_payload, body)
-            if body.run_async:
-                return JSONResponse(await self._job_serving.submit_batch(payload, body.webhook_url), status_code=202)
-            data, media_type, name = await self._job_serving.run_batch(payload)
-        except Exception as exc:
-            return exception_response(exc)
+        payload = await asyncio.to_thread(self._job_serving.batch_payload, body)
+        if body.run_async:
+            return JSONResponse(await self._job_serving.submit_batch(payload, body.webhook_url), status_code=202)
+        data, media_type, name = await self._job_serving.run_batch(payload)
         return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @app.get("/v1/files/{file_id}", response_class=Response, responses=_ERRORS)
     async def get_file(self, file_id: str) -> Response:
         """A stored image (OpenAI `response_format: "url"`), until it expires."""
-        try:
-            data, media_type = await self._jobs.get_file.remote(file_id)
-        except Exception as exc:
-            return exception_response(exc)
+        data, media_type = await self._jobs.get_file.remote(file_id)
         return Response(data, media_type=media_type)
 
     @app.get("/v1/models", response_model=ModelList)

@@ -31,8 +31,7 @@ class JobServing:
         self._args = args
 
     async def submit(self, body: JobSubmission) -> dict[str, Any]:
-        if body.n > self._args.limits.max_n:
-            raise InvalidRequestError(f"n {body.n} is above the limit of {self._args.limits.max_n}", param="n")
+        self._images.check_n(body.n)
         # Decoding uploaded images is CPU work: keep it off the event loop.
         requests, params = await asyncio.to_thread(self._requests, body.kind, body.params, body.n, "params")
         payload = JobPayload(requests, params.output_format, params.output_compression)
