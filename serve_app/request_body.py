@@ -52,7 +52,7 @@ async def parse_body(request: Request, model: type[Body], limits: LimitsConfig) 
 
 
 async def _json_fields(request: Request, limits: LimitsConfig) -> dict:
-    raw = b""
+    raw = bytearray()  # appended in place: a 60 MB body in small chunks must not copy quadratically
     async for chunk in request.stream():  # counted as it arrives: content-length may be absent
         raw += chunk
         if len(raw) > body_limit(limits):
