@@ -4,9 +4,10 @@
 # $OUT as soon as it finishes, so a run cut short still returns what it measured.
 #
 #   bash benchmarks/gpu_suite.sh pipeline   # in-process: baseline sweep, speed-up variants, compile cold/warm
+#   bash benchmarks/gpu_suite.sh startup    # cold vs warm start of the compiled UNet (needs no Ray)
 #   bash benchmarks/gpu_suite.sh http       # end to end over HTTP: unoptimized vs optimized app, same run
 set -uo pipefail
-step=${1:?pipeline or http}
+step=${1:?pipeline, startup or http}
 OUT=${OUT:-bench-out/gpu}
 mkdir -p "$OUT" /tmp/site
 tar xJf .gpu/bundle.tar.xz -C /tmp/site
@@ -16,7 +17,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_worker_niceness=0 RAY_AU
 CACHE=$PWD/bench-out/compile-cache
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, diffusers, ray, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| ray', ray.__version__, '| transformers', transformers.__version__)"
+  python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
+  python3 -c "import ray; print('ray', ray.__version__)" 2>&1 | tail -1
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
 } | tee "$OUT/gpu.txt"
 
@@ -29,6 +31,14 @@ pipeline)
   for start in cold warm; do
     python3 benchmarks/bench_pipeline.py --variants compile --batches 1,8 --compile-cache "$CACHE" \
       --reference "$OUT/baseline_seed0.npy" --tag "compile_$start" --out "$OUT"
+  done
+  ;;
+startup)
+  # Start-up cost of the compiled variant alone: an empty cache, then the same process again.
+  rm -rf "$CACHE"
+  for start in cold warm; do
+    python3 benchmarks/bench_pipeline.py --variants compile --batches 1,8 --compile-cache "$CACHE" --no-stages \
+      --tag "compile_$start" --out "$OUT"
   done
   ;;
 http)

@@ -12,8 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from configs.schedulers import canonical_scheduler
 
-#: Folders of diffusers-layout config files (no weights) shipped in this package.
+#: Folders of diffusers-layout models shipped in this package: configs, and for the tiny family
+#: the trained weights too.
 MODEL_CONFIG_ROOT = Path(__file__).resolve().parent / "models"
+#: The trained tiny base model, its canny ControlNet and the folder of its example LoRAs.
+TINY_MODEL_DIR = MODEL_CONFIG_ROOT / "tiny"
+TINY_CONTROLNET_CANNY_DIR = MODEL_CONFIG_ROOT / "tiny-controlnet-canny"
+TINY_LORA_DIR = Path(__file__).resolve().parent / "loras"
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -125,20 +130,14 @@ class _SpecBase(BaseModel):
 
 
 class TinySpec(_SpecBase):
-    """The embedded default: a tiny SDXL-architecture pipeline with random weights.
-
-    Built offline from `configs/models/tiny`, saved once with `save_pretrained` into `cache_dir` and
-    then loaded through `from_pretrained`, the same path real weights take.
+    """The embedded default: a tiny SDXL-architecture model trained on a synthetic world of flat
+    shapes (`training/`), shipped in `configs/models/tiny` and loaded with `from_pretrained`, the
+    same path real weights take. It draws what it was trained on, on a CPU, and nothing else.
     """
 
     source: Literal["tiny"] = "tiny"
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random weights.")
-    cache_dir: str | None = Field(
-        None,
-        description="Where the built model is saved; default `$SDXL_SERVE_CACHE` or `~/.cache/sdxl-serve`.",
-    )
     default_size: tuple[int, int] = Field((128, 128), description="(width, height) when a request gives none.")
-    default_steps: int = Field(4, ge=1, le=500, description="Denoising steps when a request gives none.")
+    default_steps: int = Field(20, ge=1, le=500, description="Denoising steps when a request gives none.")
 
 
 class PretrainedSpec(_SpecBase):

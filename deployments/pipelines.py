@@ -1,17 +1,13 @@
 """Building and loading SDXL pipelines from a model spec. Knows diffusers and torch, not Ray.
 
 Every source ends in the same object, a `StableDiffusionXLPipeline` on the spec's device and
-dtype. The tiny default is built from the config files in `configs/models/tiny`, saved once with
-`save_pretrained` and then loaded with `from_pretrained`, so the path real weights take is the
-path the tests exercise.
+dtype. The tiny default is a trained model shipped as a diffusers folder and loaded with
+`from_pretrained`, so the path real weights take is the path the tests exercise. Random weights
+(`build_random_pipeline`) serve the full-size benchmarks and the start of training.
 """
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -28,25 +24,27 @@ from diffusers import (
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from configs.model_spec import (
     MODEL_CONFIG_ROOT,
+    TINY_MODEL_DIR,
     PretrainedSpec,
     SdxlArchSpec,
     SingleFileSpec,
     TinySpec,
 )
-from configs.paths import default_cache_dir
-from deployments.optimize import apply_optimizations
 from configs.schedulers import SCHEDULERS
+from deployments.optimize import apply_optimizations
 
 logger = logging.getLogger(__name__)
 
 AnySpec = Union[TinySpec, PretrainedSpec, SingleFileSpec, SdxlArchSpec]
-
-#: Bump when the tiny builder changes in a way that changes the weights it writes.
-_TINY_BUILD_VERSION = 1
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -94,7 +92,7 @@ def load_pipeline(spec: AnySpec) -> StableDiffusionXLPipeline:
     device = resolve_device(spec)
     dtype = resolve_dtype(spec, device)
     if isinstance(spec, TinySpec):
-        pipe = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_saved(spec), dtype=dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(TINY_MODEL_DIR, dtype=dtype)
     elif isinstance(spec, PretrainedSpec):
         extra = {"vae": _load_vae(spec.vae_path, dtype, spec.local_files_only)} if spec.vae_path else {}
         pipe = StableDiffusionXLPipeline.from_pretrained(
@@ -235,39 +233,3 @@ def _clip_config(path: Path) -> CLIPTextConfig:
     raw.pop("torch_dtype", None)
     raw.pop("transformers_version", None)
     return CLIPTextConfig(**raw)
-
-
-def tiny_model_dir(spec: TinySpec) -> Path:
-    """Where the tiny model for this spec lives; the name hashes the configs and the seed."""
-    config_dir = MODEL_CONFIG_ROOT / "tiny"
-    digest = hashlib.sha256(f"v{_TINY_BUILD_VERSION}:seed{spec.seed}".encode())
-    for path in sorted(config_dir.rglob("*.json")):
-        digest.update(path.relative_to(config_dir).as_posix().encode())
-        digest.update(path.read_bytes())
-    root = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
-    return root / f"tiny-{digest.hexdigest()[:16]}"
-
-
-def ensure_tiny_saved(spec: TinySpec) -> Path:
-    """Build the tiny model and `save_pretrained` it once; return its folder.
-
-    Written to a temporary sibling and renamed into place, so replicas starting together never see
-    a half-written folder; the loser of a race drops its copy.
-    """
-    target = tiny_model_dir(spec)
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    pipe = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", spec.seed, torch.device("cpu"), torch.float32)
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("built the tiny SDXL model in %s", target)
-    return target

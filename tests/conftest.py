@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model (built once per session) and a plain diffusers reference.
+"""Shared fixtures: the shipped tiny model, loaded once per session.
 
 Ray settings are applied before anything imports Ray: the same auth mode for this process and the
 `ray`/`serve` CLIs the tests start (a stale ~/.ray/auth_token would otherwise turn token auth on),
@@ -16,15 +16,10 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_cache_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("sdxl-cache"))
-
-
-@pytest.fixture(scope="session")
-def tiny_spec(tiny_cache_dir):
+def tiny_spec():
     from configs.model_spec import TinySpec
 
-    return TinySpec(cache_dir=tiny_cache_dir, device="cpu")
+    return TinySpec(device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +30,10 @@ def tiny_pipe(tiny_spec):
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tiny_spec, tiny_pipe):
-    from deployments.pipelines import tiny_model_dir
+def tiny_dir():
+    from configs.model_spec import TINY_MODEL_DIR
 
-    return tiny_model_dir(tiny_spec)
+    return TINY_MODEL_DIR
 
 
 def pytest_collection_modifyitems(config, items):

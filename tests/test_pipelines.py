@@ -1,5 +1,5 @@
-"""Model loading from specs on the tiny model: the save_pretrained -> from_pretrained path,
-determinism of the random builder, the full-size architecture, attention backends."""
+"""Model loading from specs: the shipped tiny model through from_pretrained, determinism of the
+random builder, the full-size architecture, attention backends."""
 
 import json
 
@@ -12,10 +12,8 @@ from configs.model_spec import MODEL_CONFIG_ROOT, PretrainedSpec, TinySpec
 from deployments.pipelines import (
     build_random_pipeline,
     byte_level_tokenizer,
-    ensure_tiny_saved,
     load_pipeline,
     set_attention_backend,
-    tiny_model_dir,
 )
 
 
@@ -31,12 +29,16 @@ def test_tiny_is_saved_in_diffusers_layout(tiny_dir):
     assert (tiny_dir / "tokenizer").is_dir() and (tiny_dir / "tokenizer_2").is_dir()
 
 
-def test_tiny_loads_through_from_pretrained_with_the_built_weights(tiny_spec, tiny_pipe):
-    built = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", tiny_spec.seed, torch.device("cpu"), torch.float32)
+def test_tiny_loads_the_shipped_weights_not_a_random_init(tiny_pipe):
+    """Every parameter of the architecture comes from the shipped files, and each component is
+    trained: its weights moved away from the seeded random start of training. (Not all of them:
+    SDXL reads the first text encoder's penultimate layer, so its last layer never trains.)"""
+    built = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", 0, torch.device("cpu"), torch.float32)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         loaded, fresh = _state(getattr(tiny_pipe, part)), _state(getattr(built, part))
         assert loaded.keys() == fresh.keys()
-        assert all(torch.equal(loaded[k], fresh[k]) for k in loaded), part
+        moved = sum(not torch.equal(loaded[k], fresh[k]) for k in loaded)
+        assert moved >= len(loaded) // 2, part
 
 
 def test_pretrained_spec_loads_a_local_diffusers_folder(tiny_dir, tiny_pipe):
@@ -65,17 +67,6 @@ def test_tiny_build_is_deterministic_and_seed_dependent():
     weight = "conv_in.weight"
     assert torch.equal(a.unet.state_dict()[weight], b.unet.state_dict()[weight])
     assert not torch.equal(a.unet.state_dict()[weight], c.unet.state_dict()[weight])
-
-
-def test_tiny_folder_name_depends_on_seed_and_cache(tmp_path):
-    assert tiny_model_dir(TinySpec(cache_dir=str(tmp_path), seed=0)) != tiny_model_dir(TinySpec(cache_dir=str(tmp_path), seed=1))
-    assert tiny_model_dir(TinySpec(cache_dir=str(tmp_path))).parent == tmp_path
-
-
-def test_ensure_tiny_saved_is_idempotent(tiny_spec, tiny_dir):
-    before = (tiny_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    assert ensure_tiny_saved(tiny_spec) == tiny_dir
-    assert (tiny_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
 
 
 def test_sdxl_arch_has_the_public_parameter_counts():

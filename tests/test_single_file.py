@@ -16,7 +16,7 @@ from diffusers.loaders import single_file_utils
 from safetensors import safe_open
 
 from configs.model_spec import MODEL_CONFIG_ROOT, SingleFileSpec
-from deployments.pipelines import build_random_pipeline, ensure_tiny_saved, load_pipeline
+from deployments.pipelines import build_random_pipeline, load_pipeline
 from tests.ldm_export import (
     CLIP_L_PREFIX,
     OPEN_CLIP_PREFIX,
@@ -40,8 +40,8 @@ def offline():
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tiny_spec) -> Path:
-    return ensure_tiny_saved(tiny_spec)
+def tiny_folder(tiny_dir) -> Path:
+    return tiny_dir
 
 
 @pytest.fixture(scope="module")

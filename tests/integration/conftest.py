@@ -23,9 +23,9 @@ def jobs_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def app_args(tiny_cache_dir, jobs_dir) -> dict:
+def app_args(jobs_dir) -> dict:
     return {
-        "model": {"source": "tiny", "name": "sdxl-tiny", "cache_dir": tiny_cache_dir, "device": "cpu"},
+        "model": {"source": "tiny", "name": "sdxl-tiny", "device": "cpu"},
         "batching": {"max_batch_size": MAX_BATCH, "batch_wait_timeout_s": BATCH_WAIT_S},
         "engine": {"num_replicas": 1, "num_cpus": 1},
         "ingress": {"num_replicas": 1, "num_cpus": 0.5, "engine_timeout_s": 120},

@@ -43,12 +43,11 @@ def head_node():
         _cli("ray", "stop", "--force")
 
 
-def test_serve_deploy_status_and_request(head_node, tmp_path, tiny_cache_dir):
+def test_serve_deploy_status_and_request(head_node, tmp_path):
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     http_port = free_port()
     config["http_options"]["port"] = http_port
     args = config["applications"][0]["args"]
-    args["model"]["cache_dir"] = tiny_cache_dir
     args["jobs"] = {"db_path": str(tmp_path / "jobs.sqlite3"), "results_dir": str(tmp_path / "results")}
     config_file = tmp_path / "serve_config.yaml"
     config_file.write_text(yaml.safe_dump(config))

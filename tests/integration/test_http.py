@@ -190,3 +190,22 @@ def test_n_images_fuse_into_one_pipeline_call(http, engine):
     _generate(http, n=4, seed=1)
     after = engine.stats.remote().result()
     assert after["group_sizes"][len(before["group_sizes"]) :] == [4]
+
+
+def test_default_model_draws_the_requested_colours_and_shapes(http):
+    """`serve run` as shipped: held-out captions at the model's defaults (size, steps, guidance)
+    come back in the named colours, recognisably shaped."""
+    import torch
+
+    from training import judge, shapes
+
+    scene = shapes.sample_scenes(6, torch.Generator().manual_seed(5), held_out=True)
+    images = []
+    for i in range(len(scene)):
+        response = http.post("/v1/images/generations", json={"prompt": shapes.caption(scene, i), "seed": i})
+        assert response.status_code == 200, response.text
+        images.append(torch.from_numpy(_decode_b64(response.json()["data"][0]).copy()).permute(2, 0, 1) / 255)
+    batch = torch.stack(images)
+    foreground, background = judge.dominant_colours(batch)
+    assert (foreground == scene.colour).sum() >= 5 and (background == scene.background).sum() >= 5
+    assert (judge.classify_shapes(batch) == scene.shape).sum() >= 3

@@ -1,0 +1,150 @@
+"""Score the tiny model family on what it was trained to do, with `training.judge`.
+
+    python -m training.evaluate                  # the shipped weights; prints a table, writes JSON
+    python -m training.evaluate --out bench-out/eval.json
+
+The semantic tests (`tests/test_semantics.py`) assert thresholds on these same measures; the README
+records the numbers. Prompts come from held-out (shape, colour, background) triples.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TINY_LORA_DIR, TINY_MODEL_DIR
+from deployments.canny import canny
+from training import judge, shapes
+
+STEPS = 20
+
+
+def held_out_scenes(n: int, seed: int) -> shapes.Scene:
+    return shapes.sample_scenes(n, torch.Generator().manual_seed(seed), held_out=True)
+
+
+def generate(pipe, prompts: list[str], seed: int = 0, **kwargs) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1]; request i is seeded `seed + i`, as the service does."""
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(prompt=prompts, generator=generators, num_inference_steps=STEPS, output_type="pt", **kwargs).images
+
+
+def text_to_image(pipe, scene: shapes.Scene, images: torch.Tensor | None = None) -> dict:
+    """Share of images with the caption's foreground colour, background colour, shape and position."""
+    images = generate(pipe, [shapes.caption(scene, i) for i in range(len(scene))]) if images is None else images
+    foreground, background = judge.dominant_colours(images)
+    return {
+        "foreground": (foreground == scene.colour).float().mean().item(),
+        "background": (background == scene.background).float().mean().item(),
+        "shape": (judge.classify_shapes(images) == scene.shape).float().mean().item(),
+        "position": (judge.positions(images) == scene.position).float().mean().item(),
+    }
+
+
+def controlnet_edges(pipe, controlnet: ControlNetModel, scene: shapes.Scene) -> dict:
+    """Edge recall of the control map in the output, with and without the ControlNet; prompts
+    leave out position and size, so only the control map says where the shape goes."""
+    controls = canny(shapes.render(scene))
+    prompts = [shapes.caption(scene, i, with_size=False, with_position=False) for i in range(len(scene))]
+    control_pipe = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    control_pipe.set_progress_bar_config(disable=True)
+    with_control = generate(control_pipe, prompts, image=controls.expand(-1, 3, -1, -1))
+    without = generate(pipe, prompts)
+    return {
+        "recall_with": judge.edge_recall(canny(with_control), controls).mean().item(),
+        "recall_without": judge.edge_recall(canny(without), controls).mean().item(),
+    }
+
+
+def inpainting(pipe, n: int = 8) -> dict:
+    """A large red circle top left on blue; the top-left quadrant is masked and repainted as "a
+    large yellow square". Reports the quadrant's yellow and red shares before and after, how many
+    outputs read as a square, and the change outside the mask (kept 8 px clear of its edge)."""
+    scene = shapes.Scene(*(torch.tensor([v] * n) for v in (0, 0, 5, 0, 1)), torch.zeros(n, 3))
+    init = shapes.render(scene)
+    half = init.shape[-1] // 2
+    mask = torch.zeros(n, 1, 2 * half, 2 * half)
+    mask[:, :, :half, :half] = 1
+    inpaint = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    prompts = ["a large yellow square on a blue background, top left"] * n
+    out = generate(inpaint, prompts, image=init, mask_image=mask, strength=1.0)
+
+    def share(images: torch.Tensor, colour: str) -> float:
+        labels = judge.nearest_colours(images)[:, :half, :half]
+        return (labels == shapes.COLOUR_NAMES.index(colour)).float().mean().item()
+
+    keep = torch.ones(2 * half, 2 * half, dtype=torch.bool)
+    keep[: half + 8, : half + 8] = False
+    return {
+        "yellow_in_mask_before": share(init, "yellow"),
+        "yellow_in_mask": share(out, "yellow"),
+        "red_in_mask_before": share(init, "red"),
+        "red_in_mask": share(out, "red"),
+        "square": (judge.classify_shapes(out) == shapes.SHAPES.index("square")).float().mean().item(),
+        "outside_mean_abs_diff": (out - init).abs()[:, :, keep].mean().item(),
+    }
+
+
+def img2img(pipe, scene: shapes.Scene, strengths=(0.2, 0.6, 0.95)) -> dict:
+    """Mean absolute distance from the init image per strength; the prompt names the init's
+    colours and shape and leaves layout open."""
+    init = shapes.render(scene)
+    img2img_pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+    img2img_pipe.set_progress_bar_config(disable=True)
+    prompts = [shapes.caption(scene, i, with_size=False, with_position=False) for i in range(len(scene))]
+    return {
+        str(strength): (generate(img2img_pipe, prompts, image=init, strength=strength) - init).abs().mean().item()
+        for strength in strengths
+    }
+
+
+def lora_palette(scene: shapes.Scene, plain: torch.Tensor) -> dict:
+    """The pastel LoRA on the same prompts and seeds as `plain`: saturation with and without, and
+    whether the backgrounds keep their (pastel) colour."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(TINY_MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(TINY_LORA_DIR, weight_name="pastel.safetensors")
+    pastel = generate(pipe, [shapes.caption(scene, i) for i in range(len(scene))])
+    _, background = judge.dominant_colours(pastel, pastel=True)
+    return {
+        "saturation_plain": judge.saturation(plain).mean().item(),
+        "saturation_lora": judge.saturation(pastel).mean().item(),
+        "pastel_background": (background == scene.background).float().mean().item(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="write the scores here as JSON")
+    parser.add_argument("-n", type=int, default=48, help="held-out prompts for text-to-image and the LoRA")
+    args = parser.parse_args(argv)
+    pipe = StableDiffusionXLPipeline.from_pretrained(TINY_MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    scene = held_out_scenes(args.n, seed=1234)
+    plain = generate(pipe, [shapes.caption(scene, i) for i in range(len(scene))])
+    scores = {
+        "text_to_image": text_to_image(pipe, scene, plain),
+        "controlnet": controlnet_edges(pipe, ControlNetModel.from_pretrained(TINY_CONTROLNET_CANNY_DIR), held_out_scenes(16, seed=99)),
+        "inpainting": inpainting(pipe),
+        "img2img_distance": img2img(pipe, held_out_scenes(8, seed=7)),
+        "lora": lora_palette(scene, plain),
+    }
+    for group, values in scores.items():
+        print(f"{group:<18}" + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Reading generated images back into words: which colours, which shape, how close to an edge map.
+
+The semantic tests and the training report use these to score the model. Each measure is checked
+against ground-truth renders in `tests/test_shapes_world.py`, so a failing semantic test means the
+model is wrong, not the ruler.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from training.shapes import POSITION_NAMES, POSITIONS, SHAPES, palette, shape_coverage
+
+#: Radii tried when fitting a shape template to a foreground mask (fractions of the side).
+_FIT_RADII = torch.linspace(0.04, 0.32, 29)
+#: Masks are compared at this resolution at most (fitting cost grows with the pixel count).
+_FIT_RESOLUTION = 64
+
+
+def nearest_colours(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
+    """(B, H, W) index of the nearest palette colour of each pixel of images (B, 3, H, W) in [0, 1]."""
+    colours = palette(pastel).to(images.device)
+    distances = ((images[:, None] - colours[None, :, :, None, None]) ** 2).sum(dim=2)
+    return distances.argmin(dim=1)
+
+
+def dominant_colours(images: torch.Tensor, pastel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(foreground, background) palette indices per image.
+
+    The background is the most common colour (shapes cover under a quarter of the image); the
+    foreground the most common of the rest, or -1 when nothing else is there.
+    """
+    labels = nearest_colours(images, pastel).flatten(1)
+    counts = F.one_hot(labels, len(palette())).sum(dim=1)  # (B, colours)
+    background = counts.argmax(dim=1)
+    counts[torch.arange(len(counts)), background] = 0
+    foreground = torch.where(counts.max(dim=1).values > 0, counts.argmax(dim=1), -1)
+    return foreground, background
+
+
+def foreground_mask(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
+    """(B, H, W) bool: pixels not named the background colour."""
+    labels = nearest_colours(images, pastel)
+    _, background = dominant_colours(images, pastel)
+    return labels != background[:, None, None]
+
+
+def classify_shapes(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
+    """(B,) index into SHAPES of the best-fitting template, -1 where no foreground is found.
+
+    Each shape's template is rendered at the foreground's centroid over a range of radii; the shape
+    whose best template overlaps the mask most (intersection over union) wins.
+    """
+    masks = foreground_mask(images, pastel).float()
+    if masks.shape[-1] > _FIT_RESOLUTION:
+        masks = F.adaptive_avg_pool2d(masks[:, None], _FIT_RESOLUTION)[:, 0]
+    masks = (masks >= 0.5).float()
+    resolution = masks.shape[-1]
+    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
+    result = torch.full((len(masks),), -1, dtype=torch.long)
+    for i, mask in enumerate(masks):
+        area = mask.sum()
+        if area < 4:
+            continue
+        centre = torch.stack([(mask.sum(0) * axis).sum() / area, (mask.sum(1) * axis).sum() / area])
+        candidates = len(SHAPES) * len(_FIT_RADII)
+        shapes = torch.arange(len(SHAPES)).repeat_interleave(len(_FIT_RADII))
+        radii = _FIT_RADII.repeat(len(SHAPES))
+        templates = shape_coverage(shapes, centre.expand(candidates, 2), radii, resolution) > 0.5
+        inter = (templates & mask.bool()).flatten(1).sum(1)
+        union = (templates | mask.bool()).flatten(1).sum(1)
+        iou = (inter / union).view(len(SHAPES), len(_FIT_RADII)).max(dim=1).values
+        result[i] = int(iou.argmax())
+    return result
+
+
+def positions(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
+    """(B,) index into POSITION_NAMES nearest the foreground's centroid, -1 without foreground."""
+    masks = foreground_mask(images, pastel).float()
+    resolution = masks.shape[-1]
+    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
+    area = masks.flatten(1).sum(1)
+    centroid = torch.stack([(masks.sum(1) * axis).sum(1), (masks.sum(2) * axis).sum(1)], dim=1) / area.clamp(min=1)[:, None]
+    centres = torch.tensor([POSITIONS[name] for name in POSITION_NAMES])
+    nearest = torch.cdist(centroid, centres).argmin(dim=1)
+    return torch.where(area >= 4, nearest, -1)
+
+
+def edge_recall(edges: torch.Tensor, reference: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
+    """(B,) share of the reference's edge pixels with an edge of `edges` within `tolerance` pixels."""
+    near = F.max_pool2d(edges.float(), 2 * tolerance + 1, stride=1, padding=tolerance) > 0
+    ref = reference.bool()
+    hits = (near & ref).flatten(1).sum(1).float()
+    return hits / ref.flatten(1).sum(1).clamp(min=1)
+
+
+def saturation(images: torch.Tensor) -> torch.Tensor:
+    """(B,) mean HSV saturation of images (B, 3, H, W) in [0, 1]."""
+    high = images.max(dim=1).values
+    low = images.min(dim=1).values
+    return ((high - low) / high.clamp(min=1e-3)).flatten(1).mean(1)

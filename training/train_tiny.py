@@ -1,0 +1,491 @@
+"""Train the tiny SDXL model family on the shapes world (`training/shapes.py`).
+
+    python -m training.train_tiny --out configs --device cuda          # the shipped recipe, ~18 min on an H100
+    python -m training.train_tiny --out /tmp/tiny --profile cpu         # smaller batches, ~2.5 h on 2 CPU cores
+    python -m training.train_tiny --out /tmp/tiny --smoke               # seconds, any machine
+
+Stages, in order (``--stages`` picks some; a stage that is not run reads its inputs from ``--out``):
+
+1. ``vae``: the AutoencoderKL of ``configs/models/tiny/vae`` (scale factor 8), on normal and pastel
+   renders; its ``scaling_factor`` is then set to 1 / std of the latents, as for SDXL.
+2. ``base``: the UNet **and both text encoders**, with SDXL's objective: epsilon prediction under the
+   model's own scheduler config (scaled-linear betas, 1000 steps), SDXL's size/crop time ids, and
+   10% of captions dropped to zero embeddings (what the pipeline feeds as the unconditional half,
+   ``force_zeros_for_empty_prompt``). The text encoders are trained, not frozen: random 64-wide
+   encoders over byte tokens would leave the UNet to learn spelling through fixed noise.
+3. ``controlnet``: a canny ControlNet copied from the trained UNet (``ControlNetModel.from_unet``),
+   on canny edges of the same scenes; 80% of the captions lose their position and size words so
+   the edges must carry the layout, and timesteps are drawn toward high noise, where layout is
+   decided.
+4. ``lora``: a LoRA on the frozen UNet trained on pastel renders of the same captions.
+
+Everything is seeded: the initial weights (``--seed``), each stage's scene stream and noise. The
+same command on the same device type gives the same weights; GPU kernels may differ in the last
+bits from CPU ones. Writes ``OUT/models/tiny`` (a complete ``save_pretrained`` pipeline),
+``OUT/models/tiny-controlnet-canny``, ``OUT/loras/pastel.safetensors`` and
+``OUT/models/tiny-training.json`` (the command, steps, losses and timings).
+"""
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    StableDiffusionXLPipeline,
+)
+
+from configs.model_spec import MODEL_CONFIG_ROOT
+from deployments.canny import canny
+from deployments.pipelines import build_random_pipeline, byte_level_tokenizer
+from training import shapes
+
+logger = logging.getLogger("train_tiny")
+
+STAGES = ("vae", "base", "controlnet", "lora")
+NOISE_OFFSET = 0.1
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
+
+@dataclass
+class StageConfig:
+    steps: int
+    batch: int
+    lr: float
+    warmup: int
+
+
+DEFAULTS = {
+    "vae": StageConfig(steps=2000, batch=32, lr=1e-3, warmup=200),
+    "base": StageConfig(steps=6000, batch=256, lr=5e-4, warmup=300),
+    "controlnet": StageConfig(steps=3000, batch=256, lr=1e-3, warmup=100),
+    "lora": StageConfig(steps=400, batch=256, lr=1e-3, warmup=50),
+}
+#: Smaller batches and fewer steps for a 2-core CPU: about 2.5 hours from the per-step times
+#: measured there (README); the shipped weights come from the GPU profile.
+CPU_PROFILE = {
+    "vae": StageConfig(steps=800, batch=8, lr=1e-3, warmup=100),
+    "base": StageConfig(steps=3000, batch=32, lr=5e-4, warmup=200),
+    "controlnet": StageConfig(steps=1200, batch=32, lr=1e-3, warmup=100),
+    "lora": StageConfig(steps=300, batch=32, lr=1e-3, warmup=30),
+}
+SMOKE = {name: StageConfig(steps=2, batch=2, lr=cfg.lr, warmup=1) for name, cfg in DEFAULTS.items()}
+PROFILES = {"gpu": DEFAULTS, "cpu": CPU_PROFILE, "smoke": SMOKE}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # every step has the same shapes
+    configs = {name: _stage_config(name, args) for name in STAGES}
+    budgets = _budgets(args.budget_s)
+    trainer = Trainer(Path(args.out), device, args.seed, args.resolution, budgets)
+    report = {"command": "python -m training.train_tiny " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report["torch"] = torch.__version__
+    report["stages"] = {}
+    for name in STAGES:
+        if name in args.stages:
+            report["stages"][name] = {"config": asdict(configs[name]), **getattr(trainer, f"train_{name}")(configs[name])}
+    trainer.save_report(report)
+    return report
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="root to write models/ and loras/ under (`configs` for the shipped weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=128, help="training image side (a multiple of 8)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="gpu",
+        help="steps and batches per stage: gpu (the shipped weights), cpu (~2.5 h on 2 cores), smoke",
+    )
+    parser.add_argument("--smoke", action="store_true", help="same as --profile smoke: 2 steps of batch 2 per stage")
+    parser.add_argument(
+        "--budget-s",
+        nargs="+",
+        default=[],
+        metavar="STAGE=SECONDS",
+        help="fit a stage's steps into a time budget: after 20 timed steps its step count shrinks to fit",
+    )
+    for name in STAGES:
+        parser.add_argument(f"--{name}-steps", type=int)
+        parser.add_argument(f"--{name}-batch", type=int)
+    args = parser.parse_args(argv)
+    if args.resolution % 8 or args.resolution < 32:
+        parser.error(f"--resolution {args.resolution} must be a multiple of 8, at least 32")
+    return args
+
+
+def _budgets(items: list[str]) -> dict[str, float]:
+    budgets = {}
+    for item in items:
+        stage, _, seconds = item.partition("=")
+        if stage not in STAGES or not seconds.replace(".", "", 1).isdigit():
+            raise SystemExit(f"--budget-s {item!r}: expected STAGE=SECONDS with STAGE one of {', '.join(STAGES)}")
+        budgets[stage] = float(seconds)
+    return budgets
+
+
+def _stage_config(name: str, args) -> StageConfig:
+    config = PROFILES["smoke" if args.smoke else args.profile][name]
+    steps = getattr(args, f"{name}_steps") or config.steps
+    batch = getattr(args, f"{name}_batch") or config.batch
+    return StageConfig(steps=steps, batch=batch, lr=config.lr, warmup=min(config.warmup, steps))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stable_seed(*parts) -> int:
+    # Python's hash() of strings changes between processes; crc32 does not.
+    return zlib.crc32(":".join(map(str, parts)).encode())
+
+
+@dataclass
+class Batch:
+    scene: shapes.Scene  # on the device
+    ids: torch.Tensor  # (B, 77) caption token ids, on the device
+    drop: torch.Tensor  # (B,) bool: caption replaced by zero embeddings (classifier-free guidance)
+
+
+class BatchStream:
+    """One stage's batches, prepared `CHUNK` steps at a time on the CPU (scenes, captions, token
+    ids) and moved to the device in one copy: a copy every step would make the CPU wait for the
+    GPU every step. Deterministic from (seed, stage, chunk), whatever the number of steps."""
+
+    CHUNK = 50
+    #: Share of captions dropped to the unconditional input.
+    DROP_CAPTION = 0.1
+
+    def __init__(self, trainer: "Trainer", stage: str, batch: int, drop_layout: float):
+        self.trainer, self.stage, self.batch, self.drop_layout = trainer, stage, batch, drop_layout
+        self._chunk_index, self._chunk = -1, None
+
+    def __call__(self, step: int) -> Batch:
+        index, offset = divmod(step, self.CHUNK)
+        if index != self._chunk_index:
+            self._chunk_index, self._chunk = index, self._prepare(index)
+        scene, ids, drop = self._chunk
+        rows = slice(offset * self.batch, (offset + 1) * self.batch)
+        return Batch(scene.rows(rows.start, rows.stop), ids[rows], drop[rows])
+
+    def _prepare(self, index: int):
+        generator = torch.Generator().manual_seed(_stable_seed(self.trainer.seed, self.stage, index))
+        n = self.CHUNK * self.batch
+        scene = shapes.sample_scenes(n, generator)
+        keep = torch.rand(n, 2, generator=generator) >= self.drop_layout
+        captions = [shapes.caption(scene, i, with_size=bool(keep[i, 0]), with_position=bool(keep[i, 1])) for i in range(n)]
+        ids = self.trainer.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        drop = torch.rand(n, generator=generator) < self.DROP_CAPTION
+        device = self.trainer.device
+        return scene.to(device), ids.to(device), drop.to(device)
+
+
+class Trainer:
+    """Holds the components between stages and writes each stage's result as soon as it ends."""
+
+    def __init__(self, out: Path, device: torch.device, seed: int, resolution: int, budgets: dict[str, float]):
+        self.out = out
+        self.device = device
+        self.seed = seed
+        self.resolution = resolution
+        self.budgets = budgets
+        self.model_dir = out / "models" / "tiny"
+        self.tokenizer = byte_level_tokenizer()
+        self._pipe: StableDiffusionXLPipeline | None = None
+        self.noise_scheduler = DDPMScheduler.from_pretrained(MODEL_CONFIG_ROOT / "tiny", subfolder="scheduler")
+
+    # -- components ---------------------------------------------------------------------------
+
+    @property
+    def pipe(self) -> StableDiffusionXLPipeline:
+        """The pipeline being trained: from `--out` when an earlier run wrote it, else seeded random."""
+        if self._pipe is None:
+            if (self.model_dir / "model_index.json").exists():
+                pipe = StableDiffusionXLPipeline.from_pretrained(self.model_dir, dtype=torch.float32)
+            else:
+                pipe = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", self.seed, torch.device("cpu"), torch.float32)
+            self._pipe = pipe.to(self.device)
+        return self._pipe
+
+    def save_pipeline(self) -> None:
+        self.pipe.save_pretrained(self.model_dir, safe_serialization=True)
+
+    def save_report(self, report: dict) -> None:
+        path = self.out / "models" / "tiny-training.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        # Stages not run this time keep their earlier record; `runs` lists every command in order
+        # (a stage run again continues from the weights the earlier runs wrote).
+        runs = previous.get("runs", []) + [{k: report[k] for k in ("command", "device", "torch")} | {"stages": list(report["stages"])}]
+        merged = {**previous, **report, "runs": runs, "stages": {**previous.get("stages", {}), **report["stages"]}}
+        path.write_text(json.dumps(merged, indent=2) + "\n")
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def stream(self, stage: str, batch: int, drop_layout: float = 0.0) -> "BatchStream":
+        return BatchStream(self, stage, batch, drop_layout)
+
+    def encode_text(self, batch: "Batch") -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's prompt embeddings: penultimate hidden states of both encoders, pooled from the
+        second; dropped captions become zeros, the pipeline's unconditional input."""
+        first = self.pipe.text_encoder(batch.ids, output_hidden_states=True)
+        second = self.pipe.text_encoder_2(batch.ids, output_hidden_states=True)
+        embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        pooled = second.text_embeds
+        keep = (~batch.drop).to(embeds.dtype)
+        return embeds * keep[:, None, None], pooled * keep[:, None]
+
+    def time_ids(self, batch: int) -> torch.Tensor:
+        side = float(self.resolution)
+        return torch.tensor([[side, side, 0.0, 0.0, side, side]], device=self.device).expand(batch, -1)
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        vae = self.pipe.vae
+        dist = vae.encode(images * 2 - 1).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator, device=self.device)
+        return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+
+    def noisy(self, latents: torch.Tensor, generator: torch.Generator, early_steps: bool = False):
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        # Offset noise: SDXL's schedule leaves some signal at the last timestep, and in a world of
+        # flat backgrounds that leftover mean *is* the background colour. Without the offset the
+        # model learns to read the colour from it, and at inference (pure noise) draws the
+        # colour of the noise's mean instead of the prompt's (measured: 17% right backgrounds).
+        noise = noise + NOISE_OFFSET * torch.randn(*latents.shape[:2], 1, 1, generator=generator, device=self.device)
+        total = self.noise_scheduler.config.num_train_timesteps
+        if early_steps:
+            # Cubic sampling toward high noise (T2I-Adapter, Mou et al. 2023): layout is decided
+            # in the first, noisiest steps, where the epsilon loss barely sees it.
+            u = torch.rand(len(latents), generator=generator, device=self.device)
+            steps = ((1 - u**3) * total).long().clamp(max=total - 1)
+        else:
+            steps = torch.randint(0, total, (len(latents),), generator=generator, device=self.device)
+        return self.noise_scheduler.add_noise(latents, noise, steps), noise, steps
+
+    def diffusion_loss(self, batch: "Batch", images: torch.Tensor, generator: torch.Generator, controlnet=None) -> torch.Tensor:
+        """SDXL's objective on one batch: predict the noise added at a uniform random timestep."""
+        embeds, pooled = self.encode_text(batch)
+        noisy, noise, steps = self.noisy(self.latents(images, generator), generator, early_steps=controlnet is not None)
+        added = {"text_embeds": pooled, "time_ids": self.time_ids(len(images))}
+        residuals = {}
+        if controlnet is not None:
+            control = canny(images).expand(-1, 3, -1, -1)
+            down, mid = controlnet(noisy, steps, embeds, controlnet_cond=control, added_cond_kwargs=added, return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        predicted = self.pipe.unet(noisy, steps, embeds, added_cond_kwargs=added, **residuals).sample
+        per_item = F.mse_loss(predicted.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        return (per_item * self.min_snr_weights(steps)).mean()
+
+    def min_snr_weights(self, steps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+        # Min-SNR weighting (Hang et al. 2023) for epsilon prediction: converges in fewer steps.
+        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[steps]
+        snr = alphas / (1 - alphas)
+        return snr.clamp(max=gamma) / snr
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def train_vae(self, config: StageConfig) -> dict:
+        vae: AutoencoderKL = self.pipe.vae
+        vae.train().requires_grad_(True)
+        stream = self.stream("vae", config.batch)
+
+        def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+            scene = stream(step).scene
+            # A third pastel, so the LoRA's colours stay within what the decoder can draw.
+            pastel = torch.rand(config.batch, generator=generator, device=self.device) < 1 / 3
+            images = torch.where(
+                pastel[:, None, None, None],
+                shapes.render(scene, self.resolution, pastel=True),
+                shapes.render(scene, self.resolution),
+            )
+            dist = vae.encode(images * 2 - 1).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=generator, device=self.device)
+            decoded = vae.decode(dist.mean + dist.std * noise).sample.float()
+            target = images * 2 - 1
+            kl = dist.kl().mean() / dist.mean[0].numel()
+            return F.l1_loss(decoded, target) + F.mse_loss(decoded, target) + 1e-6 * kl
+
+        result = self._optimize("vae", list(vae.parameters()), loss_fn, config)
+        vae.eval().requires_grad_(False)
+        result["scaling_factor"] = self._calibrate_latent_scale()
+        self.save_pipeline()
+        return result
+
+    @torch.no_grad()
+    def _calibrate_latent_scale(self) -> float:
+        generator = torch.Generator().manual_seed(self.seed)
+        scene = shapes.sample_scenes(512, generator).to(self.device)
+        images = shapes.render(scene, self.resolution)
+        std = float(self.pipe.vae.encode(images * 2 - 1).latent_dist.mean.std())
+        self.pipe.vae.register_to_config(scaling_factor=1.0 / std)
+        return 1.0 / std
+
+    def train_base(self, config: StageConfig) -> dict:
+        pipe = self.pipe
+        pipe.vae.eval().requires_grad_(False)
+        trained = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2]
+        for module in trained:
+            module.train().requires_grad_(True)
+        params = [p for module in trained for p in module.parameters()]
+        stream = self.stream("base", config.batch, drop_layout=0.2)
+
+        def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+            batch = stream(step)
+            return self.diffusion_loss(batch, shapes.render(batch.scene, self.resolution), generator)
+
+        result = self._optimize("base", params, loss_fn, config, ema_modules=trained)
+        for module in trained:
+            module.eval().requires_grad_(False)
+        self.save_pipeline()
+        return result
+
+    def train_controlnet(self, config: StageConfig) -> dict:
+        self._freeze_pipeline()
+        torch.manual_seed(self.seed)
+        controlnet = ControlNetModel.from_unet(self.pipe.unet, conditioning_embedding_out_channels=(16, 32, 64, 64))
+        # The paper zero-initialises both ends of the control path, so no gradient reaches the
+        # edge encoder until the output convolutions have grown: a slow start that cost this
+        # tiny model its whole first run (edge recall 0.12). A normal init of the encoder's last
+        # layer keeps the output convolutions at zero, so the ControlNet still starts as a no-op.
+        controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
+        controlnet.to(self.device).train()
+        # Most captions lose their layout words: the edges must carry position and size.
+        stream = self.stream("controlnet", config.batch, drop_layout=0.8)
+
+        def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+            batch = stream(step)
+            images = shapes.render(batch.scene, self.resolution)
+            return self.diffusion_loss(batch, images, generator, controlnet=controlnet)
+
+        # No weight average here: control is learned late and suddenly, and an average over the
+        # run would mostly hold the weights from before it was.
+        result = self._optimize("controlnet", list(controlnet.parameters()), loss_fn, config)
+        controlnet.eval()
+        controlnet.save_pretrained(self.out / "models" / "tiny-controlnet-canny", safe_serialization=True)
+        return result
+
+    def train_lora(self, config: StageConfig) -> dict:
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict
+
+        pipe = self.pipe
+        self._freeze_pipeline()
+        torch.manual_seed(self.seed)
+        pipe.unet.add_adapter(
+            LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=LORA_TARGETS),
+            adapter_name="pastel",
+        )
+        params = [p for p in pipe.unet.parameters() if p.requires_grad]
+        stream = self.stream("lora", config.batch, drop_layout=0.2)
+
+        def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+            batch = stream(step)
+            return self.diffusion_loss(batch, shapes.render(batch.scene, self.resolution, pastel=True), generator)
+
+        pipe.unet.train()
+        result = self._optimize("lora", params, loss_fn, config)
+        pipe.unet.eval()
+        # PEFT key names as they are: diffusers' conversion renames only the attention
+        # keys to its older format, and a file mixing both formats loads without them.
+        layers = get_peft_model_state_dict(pipe.unet, adapter_name="pastel")
+        StableDiffusionXLPipeline.save_lora_weights(
+            self.out / "loras", unet_lora_layers=layers, weight_name="pastel.safetensors", safe_serialization=True
+        )
+        pipe.unet.delete_adapters("pastel")
+        return result
+
+    def _freeze_pipeline(self) -> None:
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2):
+            module.eval().requires_grad_(False)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _optimize(self, stage, params, loss_fn, config: StageConfig, ema_modules=None) -> dict:
+        """AdamW with warm-up and cosine decay; with `ema_modules`, their weights end as an
+        exponential moving average of the trajectory (smoother samples after short runs)."""
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
+
+        def lr_at(step: int) -> float:
+            if step < config.warmup:
+                return (step + 1) / config.warmup
+            progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+        ema_params = [p for m in ema_modules for p in m.parameters()] if ema_modules else []
+        shadow = [p.detach().clone() for p in ema_params]
+        # Noise and timesteps come from a generator on the device: drawing them on the CPU and
+        # copying would make the CPU wait for the GPU every step.
+        generator = torch.Generator(self.device).manual_seed(_stable_seed(self.seed, stage))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        losses, started, step, mark = [], time.perf_counter(), 0, 0.0
+        for step in range(config.steps):  # config.steps may shrink once (time budget)
+            with autocast:
+                loss = loss_fn(step, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            if shadow:
+                decay = min(0.999, (1 + step) / (10 + step))
+                torch._foreach_lerp_(shadow, [p.detach() for p in ema_params], 1 - decay)
+            losses.append(loss.detach())
+            if (step + 1) % 250 == 0 or step + 1 == config.steps:
+                recent = torch.stack(losses[-250:]).mean().item()
+                logger.info("%s step %d/%d loss %.4f (%.1f s)", stage, step + 1, config.steps, recent, time.perf_counter() - started)
+            if stage in self.budgets and step == 19:
+                _synchronize(self.device)
+                mark = time.perf_counter()
+            elif stage in self.budgets and step == 69:
+                # Timed over steps 20-70, past the first steps' one-off costs. The warm-up and
+                # cosine schedule follow the shrunk count, so the run still ends at the low rate.
+                _synchronize(self.device)
+                per_step = (time.perf_counter() - mark) / 50
+                fitted = 70 + int((self.budgets[stage] - (time.perf_counter() - started)) / per_step)
+                if fitted < config.steps:
+                    logger.warning("%s: %d steps fit %.0f s at %.3f s/step (asked %d)", stage, fitted, self.budgets[stage], per_step, config.steps)
+                    config.steps = fitted
+                    config.warmup = min(config.warmup, fitted // 10)
+            if step + 1 >= config.steps:
+                break
+        with torch.no_grad():
+            for target, average in zip(ema_params, shadow):
+                target.copy_(average)
+        history = torch.stack(losses).float().cpu()
+        seconds = time.perf_counter() - started
+        return {
+            "steps_run": step + 1,
+            "seconds": round(seconds, 1),
+            "seconds_per_step": round(seconds / (step + 1), 4),
+            "loss_first_100": round(history[:100].mean().item(), 5),
+            "loss_last_100": round(history[-100:].mean().item(), 5),
+        }
+
+
+if __name__ == "__main__":
+    main()
