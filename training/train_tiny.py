@@ -80,7 +80,7 @@ CPU_PROFILE = {
     "lora": StageConfig(steps=300, batch=32, lr=1e-3, warmup=30),
 }
 SMOKE = {name: StageConfig(steps=2, batch=2, lr=cfg.lr, warmup=1) for name, cfg in DEFAULTS.items()}
-PROFILES = {"gpu": DEFAULTS, "cpu": CPU_PROFILE, "smoke": SMOKE}
+PROFILES = {"gpu": DEFAULTS, "cpu": CPU_PROFILE}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,15 +116,15 @@ def _parse(argv):
         "--profile",
         choices=sorted(PROFILES),
         default="gpu",
-        help="steps and batches per stage: gpu (the shipped weights), cpu (~2.5 h on 2 cores), smoke",
+        help="steps and batches per stage: gpu (the shipped recipe) or cpu (~2.5 h on 2 cores)",
     )
-    parser.add_argument("--smoke", action="store_true", help="same as --profile smoke: 2 steps of batch 2 per stage")
+    parser.add_argument("--smoke", action="store_true", help="2 steps of batch 2 per stage: checks the path, trains nothing")
     parser.add_argument(
         "--budget-s",
         nargs="+",
         default=[],
         metavar="STAGE=SECONDS",
-        help="fit a stage's steps into a time budget: after 20 timed steps its step count shrinks to fit",
+        help="fit a stage into a time budget: timed over steps 20-70, its step count then shrinks to fit",
     )
     for name in STAGES:
         parser.add_argument(f"--{name}-steps", type=int)
@@ -146,7 +146,7 @@ def _budgets(items: list[str]) -> dict[str, float]:
 
 
 def _stage_config(name: str, args) -> StageConfig:
-    config = PROFILES["smoke" if args.smoke else args.profile][name]
+    config = (SMOKE if args.smoke else PROFILES[args.profile])[name]
     steps = getattr(args, f"{name}_steps") or config.steps
     batch = getattr(args, f"{name}_batch") or config.batch
     return StageConfig(steps=steps, batch=batch, lr=config.lr, warmup=min(config.warmup, steps))
