@@ -44,6 +44,15 @@ def foreground_mask(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
     return labels != background[:, None, None]
 
 
+def _centroids(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids (B, 2) as (x, y) fractions of the side, and areas (B,) in pixels, of masks (B, H, W)."""
+    resolution = masks.shape[-1]
+    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
+    area = masks.flatten(1).sum(1)
+    weighted = torch.stack([(masks.sum(1) * axis).sum(1), (masks.sum(2) * axis).sum(1)], dim=1)
+    return weighted / area.clamp(min=1)[:, None], area
+
+
 def classify_shapes(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
     """(B,) index into SHAPES of the best-fitting template, -1 where no foreground is found.
 
@@ -53,21 +62,18 @@ def classify_shapes(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
     masks = foreground_mask(images, pastel).float()
     if masks.shape[-1] > _FIT_RESOLUTION:
         masks = F.adaptive_avg_pool2d(masks[:, None], _FIT_RESOLUTION)[:, 0]
-    masks = (masks >= 0.5).float()
-    resolution = masks.shape[-1]
-    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
+    masks = masks >= 0.5
+    centres, areas = _centroids(masks.float())
+    candidates = len(SHAPES) * len(_FIT_RADII)
+    shapes = torch.arange(len(SHAPES)).repeat_interleave(len(_FIT_RADII))
+    radii = _FIT_RADII.repeat(len(SHAPES))
     result = torch.full((len(masks),), -1, dtype=torch.long)
-    for i, mask in enumerate(masks):
-        area = mask.sum()
+    for i, (mask, centre, area) in enumerate(zip(masks, centres, areas)):
         if area < 4:
             continue
-        centre = torch.stack([(mask.sum(0) * axis).sum() / area, (mask.sum(1) * axis).sum() / area])
-        candidates = len(SHAPES) * len(_FIT_RADII)
-        shapes = torch.arange(len(SHAPES)).repeat_interleave(len(_FIT_RADII))
-        radii = _FIT_RADII.repeat(len(SHAPES))
-        templates = shape_coverage(shapes, centre.expand(candidates, 2), radii, resolution) > 0.5
-        inter = (templates & mask.bool()).flatten(1).sum(1)
-        union = (templates | mask.bool()).flatten(1).sum(1)
+        templates = shape_coverage(shapes, centre.expand(candidates, 2), radii, masks.shape[-1]) > 0.5
+        inter = (templates & mask).flatten(1).sum(1)
+        union = (templates | mask).flatten(1).sum(1)
         iou = (inter / union).view(len(SHAPES), len(_FIT_RADII)).max(dim=1).values
         result[i] = int(iou.argmax())
     return result
@@ -75,14 +81,9 @@ def classify_shapes(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
 
 def positions(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
     """(B,) index into POSITION_NAMES nearest the foreground's centroid, -1 without foreground."""
-    masks = foreground_mask(images, pastel).float()
-    resolution = masks.shape[-1]
-    axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution
-    area = masks.flatten(1).sum(1)
-    centroid = torch.stack([(masks.sum(1) * axis).sum(1), (masks.sum(2) * axis).sum(1)], dim=1) / area.clamp(min=1)[:, None]
+    centroids, areas = _centroids(foreground_mask(images, pastel).float())
     centres = torch.tensor([POSITIONS[name] for name in POSITION_NAMES])
-    nearest = torch.cdist(centroid, centres).argmin(dim=1)
-    return torch.where(area >= 4, nearest, -1)
+    return torch.where(areas >= 4, torch.cdist(centroids, centres).argmin(dim=1), -1)
 
 
 def edge_recall(edges: torch.Tensor, reference: torch.Tensor, tolerance: int = 2) -> torch.Tensor:

@@ -23,11 +23,11 @@ from PIL import Image, ImageDraw
 from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TINY_LORA_DIR, TINY_MODEL_DIR
 from deployments.canny import canny
 from training import shapes
+from training.evaluate import generate
 
 TILE = 128
 LABEL = 40
 COLUMNS = 6
-STEPS = 20
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> Path:
     base.set_progress_bar_config(disable=True)
     scene = shapes.sample_scenes(COLUMNS, torch.Generator().manual_seed(args.seed + 1), held_out=True)
     prompts = [shapes.caption(scene, i) for i in range(COLUMNS)]
-    rows = [[(image, text) for image, text in zip(_run(base, prompts, args.seed), prompts)]]
+    rows = [[(image, text) for image, text in zip(generate(base, prompts, args.seed), prompts)]]
 
     controlnet = ControlNetModel.from_pretrained(TINY_CONTROLNET_CANNY_DIR)
     control_pipe = StableDiffusionXLControlNetPipeline.from_pipe(base, controlnet=controlnet)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> Path:
     control_scene = shapes.sample_scenes(COLUMNS, torch.Generator().manual_seed(args.seed + 2), held_out=True)
     controls = canny(shapes.render(control_scene)).expand(-1, 3, -1, -1)
     control_prompts = [shapes.caption(control_scene, i, with_position=False) for i in range(COLUMNS)]
-    drawn = _run(control_pipe, control_prompts, args.seed, image=controls)
+    drawn = generate(control_pipe, control_prompts, args.seed, image=controls)
     rows.append([(control, "canny control map") for control in controls])
     rows.append([(image, f"+ControlNet: {text}") for image, text in zip(drawn, control_prompts)])
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> Path:
         "a large yellow square on a blue background, top left",
         "a large red circle on a white background, bottom right",
     ]
-    repainted = _run(inpaint, inpaint_prompts, args.seed, image=init, mask_image=mask, strength=1.0)
+    repainted = generate(inpaint, inpaint_prompts, args.seed, image=init, mask_image=mask, strength=1.0)
     inpaint_row = []
     for i in range(2):
         inpaint_row += [
@@ -76,18 +76,13 @@ def main(argv: list[str] | None = None) -> Path:
     rows.append(inpaint_row)
 
     base.load_lora_weights(TINY_LORA_DIR, weight_name="pastel.safetensors")
-    rows.insert(1, [(image, f"+pastel LoRA: {text}") for image, text in zip(_run(base, prompts, args.seed), prompts)])
+    rows.insert(1, [(image, f"+pastel LoRA: {text}") for image, text in zip(generate(base, prompts, args.seed), prompts)])
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _grid(rows).save(out, optimize=True)
     print(f"wrote {out}")
     return out
-
-
-def _run(pipe, prompts: list[str], seed: int, **kwargs) -> torch.Tensor:
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    return pipe(prompt=prompts, generator=generators, num_inference_steps=STEPS, output_type="pt", **kwargs).images
 
 
 def _grid(rows: list[list[tuple[torch.Tensor, str]]]) -> Image.Image:
