@@ -40,6 +40,17 @@ VARIANTS: dict[str, dict] = {
         "dtype": "float16",
         "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet", "batch_buckets": [1, 8]},
     },
+    "compile_cudagraphs": {
+        "dtype": "float16",
+        "optimize": {
+            "channels_last": True,
+            "fuse_qkv": True,
+            "compile": "unet",
+            "compile_mode": "reduce-overhead",
+            "batch_buckets": [1, 8],
+        },
+    },
+    "vae_slicing": {"dtype": "float16", "optimize": {"vae_slicing": True}},
     "compile_vae": {
         "dtype": "float16",
         "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet+vae", "batch_buckets": [1, 8]},

@@ -5,9 +5,10 @@
 #
 #   bash benchmarks/gpu_suite.sh pipeline   # in-process: baseline sweep, speed-up variants, compile cold/warm
 #   bash benchmarks/gpu_suite.sh startup    # cold vs warm start of the compiled UNet (needs no Ray)
+#   bash benchmarks/gpu_suite.sh graphs     # CUDA graphs vs plain compile (batch 1), VAE slicing (needs no Ray)
 #   bash benchmarks/gpu_suite.sh http       # end to end over HTTP: unoptimized vs optimized app, same run
 set -uo pipefail
-step=${1:?pipeline, startup or http}
+step=${1:?pipeline, startup, graphs or http}
 OUT=${OUT:-bench-out/gpu}
 mkdir -p "$OUT" /tmp/site
 tar xJf .gpu/bundle.tar.xz -C /tmp/site
@@ -40,6 +41,13 @@ startup)
     python3 benchmarks/bench_pipeline.py --variants compile --batches 1,8 --compile-cache "$CACHE" --no-stages \
       --tag "compile_$start" --out "$OUT"
   done
+  ;;
+graphs)
+  # CUDA graphs (compile mode reduce-overhead) against plain compile at batch 1, the single-request
+  # path where launch overhead matters most; VAE slicing against the baseline at batch 8. Needs no Ray.
+  python3 benchmarks/bench_pipeline.py --variants baseline,vae_slicing --batches 1,8 --no-stages --tag slicing --out "$OUT"
+  python3 benchmarks/bench_pipeline.py --variants compile,compile_cudagraphs --batches 1 --no-stages \
+    --compile-cache "$CACHE" --reference "$OUT/baseline_seed0.npy" --tag graphs --out "$OUT"
   ;;
 http)
   base='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa"}'
