@@ -29,8 +29,7 @@ def dominant_colours(images: torch.Tensor, pastel: bool = False) -> tuple[torch.
     The background is the most common colour (shapes cover under a quarter of the image); the
     foreground the most common of the rest, or -1 when nothing else is there.
     """
-    labels = nearest_colours(images, pastel).flatten(1)
-    counts = F.one_hot(labels, len(palette())).sum(dim=1)  # (B, colours)
+    counts = _colour_counts(nearest_colours(images, pastel))
     background = counts.argmax(dim=1)
     counts[torch.arange(len(counts)), background] = 0
     foreground = torch.where(counts.max(dim=1).values > 0, counts.argmax(dim=1), -1)
@@ -40,8 +39,13 @@ def dominant_colours(images: torch.Tensor, pastel: bool = False) -> tuple[torch.
 def foreground_mask(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
     """(B, H, W) bool: pixels not named the background colour."""
     labels = nearest_colours(images, pastel)
-    _, background = dominant_colours(images, pastel)
+    background = _colour_counts(labels).argmax(dim=1)
     return labels != background[:, None, None]
+
+
+def _colour_counts(labels: torch.Tensor) -> torch.Tensor:
+    """(B, colours) pixel count of each palette colour in labels (B, H, W)."""
+    return F.one_hot(labels.flatten(1), len(palette())).sum(dim=1)
 
 
 def _centroids(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -287,7 +287,8 @@ class Trainer:
         return self.noise_scheduler.add_noise(latents, noise, steps), noise, steps
 
     def diffusion_loss(self, batch: "Batch", images: torch.Tensor, generator: torch.Generator, controlnet=None) -> torch.Tensor:
-        """SDXL's objective on one batch: predict the noise added at a uniform random timestep."""
+        """SDXL's objective on one batch: predict the noise added at a random timestep (uniform;
+        drawn toward high noise when training a ControlNet)."""
         embeds, pooled = self.encode_text(batch)
         noisy, noise, steps = self.noisy(self.latents(images, generator), generator, early_steps=controlnet is not None)
         added = {"text_embeds": pooled, "time_ids": self.time_ids(len(images))}
