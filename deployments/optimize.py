@@ -1,7 +1,8 @@
 """Speed switches applied to a loaded pipeline (`ModelSpec.optimize`). Knows torch, not Ray.
 
-Order matters: float8 replaces linear layers, then projections are fused, memory formats set, and
-compilation comes last so it sees the final modules. Compilation is in place (`Module.compile`),
+Order matters: projections are fused first, so float8 then quantizes the fused layers (fusing after
+float8 would concatenate float8 weights, which torchao refuses); memory formats come next, and
+compilation last so it sees the final modules. Compilation is in place (`Module.compile`),
 so the per-call pipeline objects of every kind share the compiled UNet.
 """
 
@@ -21,12 +22,12 @@ logger = logging.getLogger(__name__)
 def apply_optimizations(pipe: DiffusionPipeline, options: OptimizeConfig, device: torch.device) -> list[str]:
     """Apply the switches that are on; return their names (logged and reported by the engine)."""
     applied = []
-    if options.fp8:
-        _float8(pipe, device)
-        applied.append("fp8")
     if options.fuse_qkv:
         pipe.fuse_qkv_projections()
         applied.append("fuse_qkv")
+    if options.fp8:
+        _float8(pipe, device)
+        applied.append("fp8")
     if options.channels_last:
         # UNet only: on an H100 the VAE decoder ran slower channels-last (BENCHMARKS.md).
         pipe.unet.to(memory_format=torch.channels_last)

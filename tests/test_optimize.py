@@ -60,6 +60,19 @@ def test_fp8_refuses_a_cpu(tiny_spec):
         load_pipeline(_with(tiny_spec, fp8=True))
 
 
+def test_fp8_quantizes_the_fused_projections(tiny_spec, monkeypatch):
+    """Fusing after float8 would concatenate float8 weights, which torchao refuses (seen on an
+    H100): the projections are fused first and float8 sees the fused layers."""
+    import deployments.optimize as optimize
+
+    seen = []
+    monkeypatch.setattr(
+        optimize, "_float8", lambda pipe, device: seen.append(any(getattr(m, "fused_projections", False) for m in pipe.unet.modules()))
+    )
+    load_pipeline(_with(tiny_spec, fp8=True, fuse_qkv=True))
+    assert seen == [True]
+
+
 def test_bad_buckets_are_rejected():
     with pytest.raises(ValueError, match="batch_buckets"):
         OptimizeConfig(batch_buckets=[4, 2])
