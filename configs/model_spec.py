@@ -8,7 +8,7 @@ it, so a field is never accepted and then ignored.
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from configs.schedulers import canonical_scheduler
 
@@ -101,8 +101,9 @@ class _SpecBase(BaseModel):
     attention: Literal["auto", "sdpa", "xformers"] = Field(
         "auto",
         description=(
-            "Attention kernel. `auto` uses xformers when it is importable and the device is CUDA, "
-            "else PyTorch SDPA. `xformers` fails at load time when it cannot be used."
+            "Attention kernel. `auto` uses xformers when it is importable, the device is CUDA and "
+            "`optimize.fuse_qkv` is off (diffusers' fused projections run on SDPA), else PyTorch SDPA. "
+            "`xformers` fails at load time when it cannot be used."
         ),
     )
     default_size: tuple[int, int] = Field(
@@ -127,6 +128,17 @@ class _SpecBase(BaseModel):
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
         return canonical_scheduler(value)
+
+    @model_validator(mode="after")
+    def _one_attention_kernel(self) -> "_SpecBase":
+        # diffusers' fused q/k/v projections come with their own SDPA attention processor, which
+        # would silently replace xformers': refuse the pair rather than ignore a field.
+        if self.attention == "xformers" and self.optimize.fuse_qkv:
+            raise ValueError(
+                "attention 'xformers' cannot be combined with optimize.fuse_qkv (fused projections run "
+                "on PyTorch SDPA); choose one"
+            )
+        return self
 
 
 class TinySpec(_SpecBase):

@@ -118,7 +118,7 @@ def load_pipeline(spec: AnySpec) -> StableDiffusionXLPipeline:
         raise TypeError(f"unsupported model spec {type(spec).__name__}")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    backend = set_attention_backend(pipe, spec.attention, device)
+    backend = set_attention_backend(pipe, spec.attention, device, fused_qkv=spec.optimize.fuse_qkv)
     applied = apply_optimizations(pipe, spec.optimize, device)
     logger.info("pipeline %r on %s/%s, attention %s, optimizations %s", spec.name, device, dtype, backend, applied or "none")
     return pipe
@@ -128,12 +128,16 @@ def _load_vae(path: str, dtype: torch.dtype, local_files_only: bool) -> Autoenco
     return AutoencoderKL.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
 
 
-def set_attention_backend(pipe: StableDiffusionXLPipeline, choice: str, device: torch.device) -> str:
+def set_attention_backend(
+    pipe: StableDiffusionXLPipeline, choice: str, device: torch.device, fused_qkv: bool = False
+) -> str:
     """Switch to xformers when asked (or on `auto` when usable); otherwise keep PyTorch SDPA.
 
-    Returns the backend in use. xformers cannot run on CPU, so `auto` never picks it there.
+    Returns the backend in use. xformers cannot run on CPU, so `auto` never picks it there; nor
+    with fused q/k/v projections, whose attention processor is SDPA's (the spec refuses an explicit
+    `xformers` with them).
     """
-    if choice == "sdpa":
+    if choice == "sdpa" or (choice == "auto" and fused_qkv):
         return "sdpa"
     usable = device.type == "cuda" and _xformers_importable()
     if choice == "xformers" and not usable:

@@ -92,6 +92,24 @@ def test_attention_backend_on_cpu(tiny_pipe):
         set_attention_backend(tiny_pipe, "xformers", torch.device("cpu"))
 
 
+def test_auto_attention_on_a_gpu_with_xformers(tiny_pipe, monkeypatch):
+    """On CUDA with xformers importable, `auto` takes it, except with fused projections (their
+    processor is SDPA's and would replace xformers' unseen)."""
+    import deployments.pipelines as pipelines
+
+    switched = []
+    monkeypatch.setattr(pipelines, "_xformers_importable", lambda: True)
+    monkeypatch.setattr(tiny_pipe, "enable_xformers_memory_efficient_attention", lambda: switched.append(True))
+    cuda = torch.device("cuda")
+    assert set_attention_backend(tiny_pipe, "auto", cuda, fused_qkv=True) == "sdpa" and not switched
+    assert set_attention_backend(tiny_pipe, "auto", cuda) == "xformers" and switched == [True]
+
+
+def test_xformers_with_fused_projections_is_refused():
+    with pytest.raises(ValueError, match="fuse_qkv"):
+        TinySpec(attention="xformers", optimize={"fuse_qkv": True})
+
+
 def test_dtype_and_device_resolution():
     from deployments.pipelines import resolve_device, resolve_dtype
 
