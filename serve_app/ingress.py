@@ -157,7 +157,8 @@ class ImageIngress:
         return Response(
             content=content,
             media_type=MEDIA_TYPES[body.output_format],
-            headers={"X-Seed": str(result.seed)},
+            # X-Batch-Size: how many requests shared this image's forward passes (load tuning).
+            headers={"X-Seed": str(result.seed), "X-Batch-Size": str(result.batch_size)},
         )
 
     # -- async jobs, batches, stored files -------------------------------------------------------

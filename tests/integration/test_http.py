@@ -185,6 +185,21 @@ def test_concurrent_requests_fuse_and_match_sequential_images(served, http, engi
         assert np.mean(fused != alone) < 0.01
 
 
+def test_txt2img_tells_how_many_requests_shared_its_batch(served, engine):
+    async def post_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=served.base_url, timeout=120) as client:
+            body = {"prompt": "a blue star", "width": 64, "height": 64, "num_inference_steps": 2}
+            return await asyncio.gather(*(client.post("/v1/txt2img", json={**body, "seed": i}) for i in range(4)))
+
+    before = engine.stats.remote().result()["group_sizes"]
+    responses = asyncio.run(post_all())
+    groups = engine.stats.remote().result()["group_sizes"][len(before) :]
+    assert all(r.status_code == 200 for r in responses)
+    # Each request of a fused group of b reports b.
+    assert sorted(int(r.headers["x-batch-size"]) for r in responses) == sorted(b for b in groups for _ in range(b))
+    assert max(groups) > 1
+
+
 def test_n_images_fuse_into_one_pipeline_call(http, engine):
     before = engine.stats.remote().result()
     _generate(http, n=4, seed=1)
