@@ -4,12 +4,16 @@
     python benchmarks/bench_http.py --skip-direct --engine-gpus 1 --size 1024 --steps 30 \
         --model baseline='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16"}' \
         --model optimized='{"source": "sdxl-arch", "device": "cuda", "optimize": {"fuse_qkv": true}}' \
+        --model 'two={"model": {"source": "sdxl-arch", "device": "cuda"}, "replicas": 2, "concurrency": [32]}' \
         --concurrency 1,16 --out $OUT
 
 First the plain pipeline is called in this process, one request at a time (unless --skip-direct);
-then, for each --model (label=spec JSON, in order, in the same run), the Ray Serve app is started
-and driven over HTTP by closed-loop clients at each concurrency. Prints a table and writes
-`bench_http.json` into --out.
+then, for each --model (in order, in the same run), the Ray Serve app is started and driven over
+HTTP by closed-loop clients at each concurrency. A --model is `label=JSON`: a model spec
+(configs/model_spec.py), or `{"model": spec, ...}` with any of `replicas` (engine replicas, each
+with --engine-gpus), `max_batch_size`, `batch_wait_s` and `concurrency` overriding the flags for
+that run. Batch sizes come from each response's `X-Batch-Size` header, so they count every replica.
+Prints a table and writes `bench_http.json` into --out.
 """
 
 import argparse
@@ -66,10 +70,12 @@ def bench_direct(spec_raw: dict, size: int, steps: int, requests: int) -> dict:
     return result
 
 
-async def _closed_loop(base_url: str, concurrency: int, total: int, body: dict) -> tuple[list[float], float]:
+async def _closed_loop(base_url: str, concurrency: int, total: int, body: dict) -> tuple[list[float], list[int], float]:
+    """`concurrency` clients, each sending its next request when the last one answered."""
     import httpx
 
     latencies: list[float] = []
+    batch_sizes: list[int] = []
     remaining = iter(range(total))
 
     async def client(http: "httpx.AsyncClient") -> None:
@@ -78,15 +84,32 @@ async def _closed_loop(base_url: str, concurrency: int, total: int, body: dict) 
             response = await http.post("/v1/txt2img", json={**body, "seed": i})
             response.raise_for_status()
             latencies.append(time.perf_counter() - t0)
+            batch_sizes.append(int(response.headers["x-batch-size"]))
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        return latencies, time.perf_counter() - started
+        return latencies, batch_sizes, time.perf_counter() - started
 
 
-def bench_http(args, label: str, spec_raw: dict) -> list[dict]:
+def _run_settings(args, raw: dict) -> tuple[dict, dict]:
+    """Split a --model JSON into the model spec and this run's serving settings."""
+    if "model" not in raw:
+        raw = {"model": raw}
+    unknown = set(raw) - {"model", "replicas", "max_batch_size", "batch_wait_s", "concurrency"}
+    if unknown:
+        raise SystemExit(f"--model: unknown keys {sorted(unknown)}")
+    settings = {
+        "replicas": raw.get("replicas", 1),
+        "max_batch_size": raw.get("max_batch_size", args.max_batch_size),
+        "batch_wait_s": raw.get("batch_wait_s", args.batch_wait_s),
+        "concurrency": raw.get("concurrency", args.concurrency),
+    }
+    return raw["model"], settings
+
+
+def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     from ray import serve
 
     from serve_app.builder import build_app
@@ -94,32 +117,37 @@ def bench_http(args, label: str, spec_raw: dict) -> list[dict]:
     port = 8123
     app_args = {
         "model": spec_raw,
-        "batching": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s},
-        "engine": {"num_replicas": 1, "num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
+        "batching": {"max_batch_size": settings["max_batch_size"], "batch_wait_timeout_s": settings["batch_wait_s"]},
+        "engine": {"num_replicas": settings["replicas"], "num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
         "ingress": {"num_replicas": 1, "num_cpus": 0.5},
     }
     started = time.perf_counter()
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")
     ready_s = time.perf_counter() - started
-    engine = serve.get_deployment_handle("SDXLBase", app_name="sdxl")
     base_url = f"http://127.0.0.1:{port}"
     body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps}
     rows = []
     try:
-        asyncio.run(_closed_loop(base_url, 2, 4, body))  # warm-up
-        for concurrency in args.concurrency:
-            before = engine.stats.remote().result()["group_sizes"]
-            total = max(args.requests, concurrency * 3)
-            latencies, wall_s = asyncio.run(_closed_loop(base_url, concurrency, total, body))
-            groups = engine.stats.remote().result()["group_sizes"][len(before) :]
+        warm = 2 * settings["replicas"]
+        asyncio.run(_closed_loop(base_url, warm, 2 * warm, body))  # warm-up, every replica
+        for concurrency in settings["concurrency"]:
+            total = max(args.requests, concurrency * args.rounds)
+            latencies, batch_sizes, wall_s = asyncio.run(_closed_loop(base_url, concurrency, total, body))
+            summary = _summary(latencies, wall_s)
             rows.append(
                 {
                     "mode": label,
                     "ready_s": round(ready_s, 1),
+                    "replicas": settings["replicas"],
+                    "max_batch_size": settings["max_batch_size"],
+                    "batch_wait_s": settings["batch_wait_s"],
                     "concurrency": concurrency,
-                    **_summary(latencies, wall_s),
-                    "mean_batch": round(statistics.fmean(groups), 2),
-                    "max_batch": max(groups),
+                    **summary,
+                    "req_per_s_per_replica": round(summary["req_per_s"] / settings["replicas"], 3),
+                    # A call of b requests answers b of them: calls = sum(1/b), so this is the
+                    # mean per pipeline call (exact when no call straddles the measurement's edges).
+                    "mean_batch": round(len(batch_sizes) / sum(1 / b for b in batch_sizes), 2),
+                    "max_batch": max(batch_sizes),
                 }
             )
             print(f"  {label} concurrency {concurrency}: {rows[-1]['req_per_s']} req/s", flush=True)
@@ -133,61 +161,74 @@ def main() -> None:
     parser.add_argument(
         "--model",
         action="append",
-        help="label=model spec JSON (configs/model_spec.py); repeat to compare in one run. Default: http={tiny}",
+        help="label=JSON: a model spec, or {model, replicas, max_batch_size, batch_wait_s, concurrency}; "
+        "repeat to compare in one run. Default: http={tiny}",
     )
     parser.add_argument("--skip-direct", action="store_true", help="no in-process baseline (saves GPU time)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps")
-    parser.add_argument("--requests", type=int, default=32, help="requests per measurement (at least 3 per client)")
+    parser.add_argument("--requests", type=int, default=32, help="requests per measurement (at least --rounds per client)")
+    parser.add_argument("--rounds", type=int, default=3, help="requests each client sends, at least")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-s", type=float, default=0.05)
     parser.add_argument("--engine-cpus", type=float, default=2, help="CPUs of the engine replica (torch threads)")
-    parser.add_argument("--engine-gpus", type=float, default=0)
+    parser.add_argument("--engine-gpus", type=float, default=0, help="GPUs of each engine replica")
     parser.add_argument("--ray-cpus", type=int, default=3, help="logical CPUs given to the local Ray cluster")
     parser.add_argument("--out", type=Path, required=True, help="folder for bench_http.json")
     args = parser.parse_args()
     models = [m.split("=", 1) for m in (args.model or ['http={"source": "tiny"}'])]
-    specs = {label: json.loads(raw) for label, raw in models}
+    runs = {label: _run_settings(args, json.loads(raw)) for label, raw in models}
 
     import ray
     import torch
     from ray import serve
 
-    rows = []
-    if not args.skip_direct:
-        first = next(iter(specs.values()))
-        rows.append({"mode": "direct", "concurrency": 1, **bench_direct(first, args.size, args.steps, args.requests)})
-    ray.init(address="local", num_cpus=args.ray_cpus, num_gpus=args.engine_gpus or None, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8123})
-    try:
-        for label, spec_raw in specs.items():
-            rows.extend(bench_http(args, label, spec_raw))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-    header = f"{'mode':<10}{'conc':>5}{'reqs':>6}{'req/s':>9}{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'mean batch':>12}{'max batch':>11}"
-    print(header)
-    for row in rows:
-        print(
-            f"{row['mode']:<10}{row['concurrency']:>5}{row['requests']:>6}{row['req_per_s']:>9.2f}"
-            f"{row['p50_s']:>9.3f}{row['p95_s']:>9.3f}{row['p99_s']:>9.3f}{row.get('mean_batch', 1):>12}{row.get('max_batch', 1):>11}"
-        )
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "bench_http",
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "settings": {"models": specs, "size": args.size, "steps": args.steps, "max_batch_size": args.max_batch_size,
-                     "batch_wait_s": args.batch_wait_s, "engine_cpus": args.engine_cpus},
-        "rows": rows,
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                    "gpus": torch.cuda.device_count()},
+        "settings": {"runs": {label: {"model": spec, **settings} for label, (spec, settings) in runs.items()},
+                     "size": args.size, "steps": args.steps, "engine_cpus": args.engine_cpus, "engine_gpus": args.engine_gpus},
+        "rows": [],
     }
-    (args.out / "bench_http.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out / 'bench_http.json'}")
+    rows = report["rows"]
 
+    def save() -> None:  # after every run, so a run cut short keeps what it measured
+        (args.out / "bench_http.json").write_text(json.dumps(report, indent=2))
+
+    if not args.skip_direct:
+        first, _ = next(iter(runs.values()))
+        rows.append({"mode": "direct", "concurrency": 1, **bench_direct(first, args.size, args.steps, args.requests)})
+        save()
+    # Every visible GPU (CUDA_VISIBLE_DEVICES narrows it): runs with several replicas need them.
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8123})
+    try:
+        for label, (spec_raw, settings) in runs.items():
+            rows.extend(bench_http(args, label, spec_raw, settings))
+            save()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    header = (
+        f"{'mode':<14}{'repl':>5}{'mbs':>5}{'wait s':>8}{'conc':>5}{'reqs':>6}{'req/s':>9}{'/replica':>9}"
+        f"{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'mean batch':>12}{'max batch':>11}"
+    )
+    print(header)
+    for row in rows:
+        print(
+            f"{row['mode']:<14}{row.get('replicas', '-')!s:>5}{row.get('max_batch_size', '-')!s:>5}"
+            f"{row.get('batch_wait_s', '-')!s:>8}{row['concurrency']:>5}{row['requests']:>6}{row['req_per_s']:>9.2f}"
+            f"{row.get('req_per_s_per_replica', row['req_per_s']):>9.2f}{row['p50_s']:>9.3f}{row['p95_s']:>9.3f}"
+            f"{row['p99_s']:>9.3f}{row.get('mean_batch', 1):>12}{row.get('max_batch', 1):>11}"
+        )
+    print(f"wrote {args.out / 'bench_http.json'}")
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,12 @@ CFG_STEP_TFLOP_1024 = 13.52
 VARIANTS: dict[str, dict] = {
     "baseline": {"dtype": "float16", "optimize": {}},
     "bf16": {"dtype": "bfloat16", "optimize": {}},
+    "channels_last": {"dtype": "float16", "optimize": {"channels_last": True}},
+    "fuse_qkv": {"dtype": "float16", "optimize": {"fuse_qkv": True}},
     "cl_qkv": {"dtype": "float16", "optimize": {"channels_last": True, "fuse_qkv": True}},
+    # xformers cannot take fused projections (their processor is SDPA's): its best pairing is CL.
+    "xformers": {"dtype": "float16", "attention": "xformers", "optimize": {}},
+    "xformers_cl": {"dtype": "float16", "attention": "xformers", "optimize": {"channels_last": True}},
     "compile": {
         "dtype": "float16",
         "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet", "batch_buckets": [1, 8]},
@@ -56,9 +61,14 @@ VARIANTS: dict[str, dict] = {
         "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet+vae", "batch_buckets": [1, 8]},
     },
     "fp8": {"dtype": "bfloat16", "optimize": {"fp8": True, "fuse_qkv": True}},
+    "fp8_cl": {"dtype": "bfloat16", "optimize": {"fp8": True, "fuse_qkv": True, "channels_last": True}},
     "fp8_compile": {
         "dtype": "bfloat16",
-        "optimize": {"fp8": True, "fuse_qkv": True, "compile": "unet", "batch_buckets": [1, 8]},
+        "optimize": {"fp8": True, "fuse_qkv": True, "channels_last": True, "compile": "unet", "batch_buckets": [1, 8]},
+    },
+    "fp8_compile_vae": {
+        "dtype": "bfloat16",
+        "optimize": {"fp8": True, "fuse_qkv": True, "channels_last": True, "compile": "unet+vae", "batch_buckets": [1, 8]},
     },
 }
 
@@ -141,7 +151,8 @@ def bench_variant(name: str, args) -> dict:
     if args.smoke:  # the script's logic on the tiny model, on CPU
         spec = TinySpec(device="cpu", dtype="float32", optimize={**optimize, "compile_backend": "eager"})
     else:
-        spec = SdxlArchSpec(source="sdxl-arch", device="cuda", dtype=config["dtype"], attention=args.attention, optimize=optimize)
+        attention = config.get("attention", args.attention)
+        spec = SdxlArchSpec(source="sdxl-arch", device="cuda", dtype=config["dtype"], attention=attention, optimize=optimize)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -149,7 +160,13 @@ def bench_variant(name: str, args) -> dict:
     pipe = load_pipeline(spec)
     runner = BatchRunner(pipe, buckets=spec.optimize.buckets())
     load_s = time.perf_counter() - started
-    row: dict = {"variant": name, "dtype": config["dtype"], "optimize": config["optimize"], "load_s": round(load_s, 1)}
+    row: dict = {
+        "variant": name,
+        "dtype": config["dtype"],
+        "attention": spec.attention,
+        "optimize": config["optimize"],
+        "load_s": round(load_s, 1),
+    }
 
     first = time.perf_counter()
     (probe,) = runner.run([_request(args.size, args.steps, seed=0)])
@@ -186,9 +203,12 @@ def main() -> None:
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "auto"])
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "auto"],
+                        help="attention kernel of variants that name none")
     parser.add_argument("--compile-cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "sdxl-compile"))
     parser.add_argument("--reference", type=Path, help="a .npy fp16 baseline image (seed 0) to compare against")
+    parser.add_argument("--save-reference", action="store_true",
+                        help="write the baseline's seed-0 image to OUT/baseline_seed0.npy for later --reference runs")
     parser.add_argument("--smoke", action="store_true", help="check the script on the tiny model on CPU")
     parser.add_argument("--tag", default=None, help="name of the JSON file (default: the variants)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timings")
@@ -198,9 +218,18 @@ def main() -> None:
         args.size, args.steps = 64, 2
     args.out.mkdir(parents=True, exist_ok=True)
 
-    rows, reference = [], None
-    if args.reference and args.reference.exists():
-        reference = np.load(args.reference)
+    report = {
+        "benchmark": "bench_pipeline",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", *sys.argv]),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": _versions(),
+        "settings": {"size": args.size, "steps": args.steps, "attention": args.attention},
+        "rows": [],
+    }
+    rows = report["rows"]
+    path = args.out / ("bench_pipeline_" + (args.tag or args.variants.replace(",", "_")) + ".json")
+    reference = np.load(args.reference) if args.reference and args.reference.exists() else None
     for name in args.variants.split(","):
         print(f"variant {name}", flush=True)
         try:
@@ -212,36 +241,38 @@ def main() -> None:
         image = row.pop("image")
         if name == "baseline":
             reference = image
-            np.save(args.out / "baseline_seed0.npy", image)
+            if args.save_reference:
+                np.save(args.out / "baseline_seed0.npy", image)
         row["psnr_vs_baseline_db"] = None if reference is None else round(psnr(image, reference), 2)
         rows.append(row)
+        # After every variant, so a run cut short keeps what it measured.
+        path.write_text(json.dumps(report, indent=2, default=str))
+    path.write_text(json.dumps(report, indent=2, default=str))
 
-    print(f"\n{'variant':<12}{'batch':>6}{'latency s':>11}{'img/s':>8}{'unet step s':>13}{'TFLOP/s':>9}{'vae s':>8}{'peak GiB':>10}{'PSNR dB':>9}")
+    print(f"\n{'variant':<14}{'batch':>6}{'latency s':>11}{'img/s':>8}{'unet step s':>13}{'TFLOP/s':>9}{'vae s':>8}{'peak GiB':>10}{'PSNR dB':>9}")
     for row in rows:
         if "error" in row:
-            print(f"{row['variant']:<12} failed: {row['error']}")
+            print(f"{row['variant']:<14} failed: {row['error']}")
             continue
         for batch, numbers in row["batches"].items():
             stage = row["stages"].get(batch, {})
             print(
-                f"{row['variant']:<12}{batch:>6}{numbers['latency_s']:>11.3f}{numbers['img_per_s']:>8.3f}"
+                f"{row['variant']:<14}{batch:>6}{numbers['latency_s']:>11.3f}{numbers['img_per_s']:>8.3f}"
                 f"{stage.get('unet_step_s', float('nan')):>13.4f}{stage.get('unet_tflops', float('nan')):>9}"
                 f"{stage.get('vae_decode_s', float('nan')):>8.3f}{row['peak_memory_gib']!s:>10}{row['psnr_vs_baseline_db']!s:>9}"
             )
-        print(f"{'':<12}load {row['load_s']} s, first image {row['first_image_s']} s")
-    report = {
-        "benchmark": "bench_pipeline",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python", *sys.argv]),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
-        "settings": {"size": args.size, "steps": args.steps, "attention": args.attention},
-        "rows": rows,
-    }
-    name = "bench_pipeline_" + (args.tag or args.variants.replace(",", "_")) + ".json"
-    (args.out / name).write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out / name}")
+        print(f"{'':<14}load {row['load_s']} s, first image {row['first_image_s']} s")
+    print(f"wrote {path}")
 
+
+def _versions() -> dict:
+    versions = {"torch": torch.__version__}
+    for package in ("diffusers", "transformers", "torchao", "xformers"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            versions[package] = None
+    return versions
 
 if __name__ == "__main__":
     main()

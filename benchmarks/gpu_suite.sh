@@ -7,11 +7,21 @@
 #   bash benchmarks/gpu_suite.sh startup    # cold vs warm start of the compiled UNet (needs no Ray)
 #   bash benchmarks/gpu_suite.sh graphs     # CUDA graphs vs plain compile (batch 1), VAE slicing (needs no Ray)
 #   bash benchmarks/gpu_suite.sh http       # end to end over HTTP: unoptimized vs optimized app, same run
+#   bash benchmarks/gpu_suite.sh variants   # each switch alone, xformers, FP8, compiled VAE; batch tuning over HTTP
+#   bash benchmarks/gpu_suite.sh scaling    # over HTTP: unoptimized, then the compiled app on 1, 2, 4... replicas
+#
+# `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
+# on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
+# Wheels the bundle lacks (xformers) are installed from .gpu/whl/ when that folder holds any.
+# The device tool returns at most 8 files from $OUT: the steps keep to fewer (one log per step).
 set -uo pipefail
-step=${1:?pipeline, startup, graphs or http}
+step=${1:?pipeline, startup, graphs, http, variants or scaling}
 OUT=${OUT:-bench-out/gpu}
 mkdir -p "$OUT" /tmp/site
 tar xJf .gpu/bundle.tar.xz -C /tmp/site
+if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_worker_niceness=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 # Compile caches live in an ignored folder of the checkout, which the device machine keeps between
 # calls while it stays warm.
@@ -21,11 +31,12 @@ CACHE=$PWD/bench-out/compile-cache
   python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
   python3 -c "import ray; print('ray', ray.__version__)" 2>&1 | tail -1
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
+  python3 -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
 } | tee "$OUT/gpu.txt"
 
 case "$step" in
 pipeline)
-  python3 benchmarks/bench_pipeline.py --variants baseline --batches 1,2,4,8,16 --tag baseline --out "$OUT"
+  python3 benchmarks/bench_pipeline.py --variants baseline --batches 1,2,4,8,16 --save-reference --tag baseline --out "$OUT"
   python3 benchmarks/bench_pipeline.py --variants cl_qkv,bf16,fp8 --batches 1,8 --reference "$OUT/baseline_seed0.npy" --tag variants --out "$OUT"
   # Cold then warm start of the compiled variant: the same command, an empty cache, then a full one.
   rm -rf "$CACHE"
@@ -45,7 +56,7 @@ startup)
 graphs)
   # CUDA graphs (compile mode reduce-overhead) against plain compile at batch 1, the single-request
   # path where launch overhead matters most; VAE slicing against the baseline at batch 8. Needs no Ray.
-  python3 benchmarks/bench_pipeline.py --variants baseline,vae_slicing --batches 1,8 --no-stages --tag slicing --out "$OUT"
+  python3 benchmarks/bench_pipeline.py --variants baseline,vae_slicing --batches 1,8 --no-stages --save-reference --tag slicing --out "$OUT"
   python3 benchmarks/bench_pipeline.py --variants compile,compile_cudagraphs --batches 1 --no-stages \
     --compile-cache "$CACHE" --reference "$OUT/baseline_seed0.npy" --tag graphs --out "$OUT"
   ;;
@@ -55,5 +66,56 @@ http)
   python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus 8 --size 1024 --steps 30 \
     --requests ${REQUESTS:-24} --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 --batch-wait-s 0.1 \
     --model "unoptimized=$base" --model "optimized=$fast" --out "$OUT"
+  ;;
+variants)
+  base='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa"}'
+  job_eager() {
+    python3 benchmarks/bench_pipeline.py --variants baseline,channels_last,fuse_qkv,xformers,xformers_cl,fp8,fp8_cl \
+      --batches 1,8 --tag eager --out "$OUT"
+  }
+  job_compile_vae() {
+    python3 benchmarks/bench_pipeline.py --variants baseline,compile_vae --batches 1,8 --compile-cache "$CACHE" --tag compile_vae --out "$OUT"
+  }
+  job_fp8_compile() {
+    python3 benchmarks/bench_pipeline.py --variants baseline,fp8_compile --batches 1,8 --compile-cache "$CACHE-fp8" --tag fp8_compile --out "$OUT"
+  }
+  job_tuning() {  # max_batch_size and batch_wait_timeout_s under closed-loop load, one GPU, fp16 SDPA
+    python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus 8 --size 1024 --steps 30 \
+      --requests 8 --rounds 2 --batch-wait-s 0.1 \
+      --model "mbs4={\"model\": $base, \"max_batch_size\": 4, \"concurrency\": [16]}" \
+      --model "mbs8={\"model\": $base, \"max_batch_size\": 8, \"concurrency\": [1, 16]}" \
+      --model "mbs8_wait0.02={\"model\": $base, \"batch_wait_s\": 0.02, \"concurrency\": [1]}" \
+      --model "mbs16={\"model\": $base, \"max_batch_size\": 16, \"concurrency\": [16, 32]}" \
+      --out "$OUT/tuning"
+  }
+  # JOBS picks some of them (e.g. JOBS="job_fp8_compile job_tuning"); the default runs all four.
+  read -r -a jobs <<< "${JOBS:-job_eager job_compile_vae job_fp8_compile job_tuning}"
+  gpus=$(nvidia-smi -L | wc -l)
+  rm -rf "$CACHE" "$CACHE-fp8"
+  for ((g = 0; g < gpus && g < ${#jobs[@]}; g++)); do
+    (
+      export CUDA_VISIBLE_DEVICES=$g
+      for ((j = g; j < ${#jobs[@]}; j += gpus)); do
+        echo "GPU $g: ${jobs[j]}"
+        "${jobs[j]}" 2>&1 | sed -u "s/^/[${jobs[j]}] /" >> "$OUT/variants.log"
+        echo "GPU $g: ${jobs[j]} exit ${PIPESTATUS[0]}"
+      done
+    ) &
+  done
+  wait
+  grep -v "INFO\|WARNING\|float32: \[\]\|^\S* *$" "$OUT/variants.log" | tail -n 80
+  ;;
+scaling)
+  # The optimized app (default: compiled UNet and VAE decoder, FAST_SPEC to change it) on 1, 2,
+  # 4, ... replicas of one GPU each, after the unoptimized app on one, all in one run.
+  base='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa"}'
+  fast=${FAST_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet+vae", "batch_buckets": [1, 8], "compile_cache_dir": "'$CACHE'"}}'}
+  gpus=$(nvidia-smi -L | wc -l)
+  models=(--model "unoptimized={\"model\": $base, \"concurrency\": [16]}")
+  for ((n = 1; n <= gpus; n *= 2)); do
+    models+=(--model "optimized_x$n={\"model\": $fast, \"replicas\": $n, \"concurrency\": [$((16 * n))]}")
+  done
+  python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus $((4 * gpus + 4)) --size 1024 --steps 30 \
+    --requests 8 --rounds 2 --max-batch-size 8 --batch-wait-s 0.1 "${models[@]}" --out "$OUT/scaling"
   ;;
 esac
