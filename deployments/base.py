@@ -43,6 +43,7 @@ class SDXLBase:
 
     def __init__(self, model_spec: dict[str, Any], batching: dict[str, Any], limits: dict[str, Any]):
         from deployments.batching import BatchRunner, RequestControl
+        from deployments.optimize import compile_cache_counts
         from deployments.pipelines import load_pipeline
 
         self._spec = TypeAdapter(ModelSpec).validate_python(model_spec)
@@ -73,19 +74,24 @@ class SDXLBase:
         self._pipe = load_pipeline(self._spec)
         self._runner = BatchRunner(self._pipe, on_group=self._record_group, buckets=self._spec.optimize.buckets())
         self.load_s = time.perf_counter() - started
+        #: Compile-cache lookups during the warm-up (None without compile): shows a warm start.
+        self.compile_cache: Optional[dict[str, int]] = None
         if self._spec.optimize.compile != "off":
             # Compile every bucket now (or load it from the compile cache), not on user requests.
+            before = compile_cache_counts()
             self._runner.warmup([GenerationRequest(prompt="warm-up", seed=0).with_defaults(self._spec)])
+            self.compile_cache = {name: count - before[name] for name, count in compile_cache_counts().items()}
             self._group_sizes.clear()
             self._totals.clear()
         self.warmup_s = time.perf_counter() - started - self.load_s
         logger.info(
-            "loaded model %r (%s) on %s in %.1fs, warm-up %.1fs",
+            "loaded model %r (%s) on %s in %.1fs, warm-up %.1fs, compile cache %s",
             self._spec.name,
             self._spec.source,
             self._pipe.device,
             self.load_s,
             self.warmup_s,
+            self.compile_cache,
         )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -191,6 +197,7 @@ class SDXLBase:
             "load_s": round(self.load_s, 3),
             "warmup_s": round(self.warmup_s, 3),
             "optimize": self._spec.optimize.model_dump(),
+            "compile_cache": self.compile_cache,
         }
 
     def stats(self) -> dict[str, Any]:

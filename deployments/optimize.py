@@ -64,6 +64,18 @@ def use_compile_cache(cache_dir: str | None) -> Path:
     return path
 
 
+def compile_cache_counts() -> dict[str, int]:
+    """This process's compile-cache lookups so far: inductor's FX graph cache and AOTAutograd's.
+    Across a replica's warm-up, hits and no misses mean a warm start (nothing recompiled)."""
+    from torch._dynamo.utils import counters
+
+    names = {
+        "inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
+        "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss"),
+    }
+    return {name: int(counters[group][name]) for group, group_names in names.items() for name in group_names}
+
+
 def _float8(pipe: DiffusionPipeline, device: torch.device) -> None:
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError(f"optimize.fp8 needs a CUDA GPU of compute capability 8.9 or newer (device is {device})")

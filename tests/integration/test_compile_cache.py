@@ -1,0 +1,41 @@
+"""A compiled replica that restarts loads its kernels from the persistent compile cache instead of
+compiling again (inductor on CPU, the tiny model): what `optimize.compile_cache_dir` is for."""
+
+import numpy as np
+import pytest
+from ray import serve
+
+from deployments.base import SDXLBaseDeployment
+from deployments.types import GenerationRequest
+
+pytestmark = pytest.mark.integration
+
+
+def _deploy(cache_dir) -> serve.handle.DeploymentHandle:
+    spec = {
+        "source": "tiny",
+        "device": "cpu",
+        "default_size": [64, 64],
+        "default_steps": 2,  # the warm-up runs the defaults once per bucket
+        "optimize": {"compile": "unet", "batch_buckets": [1], "compile_cache_dir": str(cache_dir)},
+    }
+    # No CPUs reserved: the session's app holds the test cluster's two.
+    engine = SDXLBaseDeployment.options(ray_actor_options={"num_cpus": 0}).bind(spec, {"max_batch_size": 1}, {})
+    return serve.run(engine, name="compiled", route_prefix=None)
+
+
+def test_a_restarted_compiled_replica_starts_warm_and_draws_the_same(served, engine, tmp_path):
+    request = GenerationRequest(prompt="a red circle", seed=5, width=64, height=64, num_inference_steps=2)
+    try:
+        cold = _deploy(tmp_path).model_info.remote().result()["compile_cache"]
+        serve.delete("compiled")
+        restarted = _deploy(tmp_path)
+        warm = restarted.model_info.remote().result()["compile_cache"]
+        compiled_image = restarted.generate.remote(request).result().image
+    finally:
+        serve.delete("compiled")
+    assert any(tmp_path.iterdir())  # the cache went where the spec said
+    assert cold["fxgraph_cache_miss"] >= 1 and cold["fxgraph_cache_hit"] == 0
+    assert warm["fxgraph_cache_miss"] == 0 and warm["fxgraph_cache_hit"] >= 1
+    eager_image = engine.generate.remote(request).result().image
+    assert np.abs(compiled_image.astype(int) - eager_image.astype(int)).max() <= 2
