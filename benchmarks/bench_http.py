@@ -124,6 +124,9 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     started = time.perf_counter()
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")
     ready_s = time.perf_counter() - started
+    # One replica's start: load and warm-up seconds, and whether its compile came from the cache.
+    info = serve.get_deployment_handle("SDXLBase", app_name="sdxl").model_info.remote().result()
+    start = {"load_s": info["load_s"], "warmup_s": info["warmup_s"], "compile_cache": info["compile_cache"]}
     base_url = f"http://127.0.0.1:{port}"
     body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps}
     rows = []
@@ -138,6 +141,7 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
                 {
                     "mode": label,
                     "ready_s": round(ready_s, 1),
+                    "replica_start": start,
                     "replicas": settings["replicas"],
                     "max_batch_size": settings["max_batch_size"],
                     "batch_wait_s": settings["batch_wait_s"],
