@@ -234,5 +234,6 @@ def main() -> None:
         )
     print(f"wrote {args.out / 'bench_http.json'}")
 
+
 if __name__ == "__main__":
     main()
