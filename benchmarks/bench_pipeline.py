@@ -237,17 +237,16 @@ def main() -> None:
         except Exception as exc:  # one broken variant (e.g. fp8 without torchao) must not lose the rest
             print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
             rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        image = row.pop("image")
-        if name == "baseline":
-            reference = image
-            if args.save_reference:
-                np.save(args.out / "baseline_seed0.npy", image)
-        row["psnr_vs_baseline_db"] = None if reference is None else round(psnr(image, reference), 2)
-        rows.append(row)
+        else:
+            image = row.pop("image")
+            if name == "baseline":
+                reference = image
+                if args.save_reference:
+                    np.save(args.out / "baseline_seed0.npy", image)
+            row["psnr_vs_baseline_db"] = None if reference is None else round(psnr(image, reference), 2)
+            rows.append(row)
         # After every variant, so a run cut short keeps what it measured.
         path.write_text(json.dumps(report, indent=2, default=str))
-    path.write_text(json.dumps(report, indent=2, default=str))
 
     print(f"\n{'variant':<14}{'batch':>6}{'latency s':>11}{'img/s':>8}{'unet step s':>13}{'TFLOP/s':>9}{'vae s':>8}{'peak GiB':>10}{'PSNR dB':>9}")
     for row in rows:
@@ -273,6 +272,7 @@ def _versions() -> dict:
         except ImportError:
             versions[package] = None
     return versions
+
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,8 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_worker_niceness=0 RAY_AU
 # Compile caches live in an ignored folder of the checkout, which the device machine keeps between
 # calls while it stays warm.
 CACHE=$PWD/bench-out/compile-cache
+# The unoptimized recipe every step compares against: fp16, PyTorch SDPA, no switches.
+base='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa"}'
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
@@ -61,14 +63,12 @@ graphs)
     --compile-cache "$CACHE" --reference "$OUT/baseline_seed0.npy" --tag graphs --out "$OUT"
   ;;
 http)
-  base='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa"}'
   fast=${FAST_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "optimize": {"channels_last": true, "fuse_qkv": true}}'}
   python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus 8 --size 1024 --steps 30 \
     --requests ${REQUESTS:-24} --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 --batch-wait-s 0.1 \
     --model "unoptimized=$base" --model "optimized=$fast" --out "$OUT"
   ;;
 variants)
-  base='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa"}'
   job_eager() {
     python3 benchmarks/bench_pipeline.py --variants baseline,channels_last,fuse_qkv,xformers,xformers_cl,fp8,fp8_cl \
       --batches 1,8 --tag eager --out "$OUT"
@@ -108,7 +108,6 @@ variants)
 scaling)
   # The optimized app (default: compiled UNet and VAE decoder, FAST_SPEC to change it) on 1, 2,
   # 4, ... replicas of one GPU each, after the unoptimized app on one, all in one run.
-  base='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa"}'
   fast=${FAST_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet+vae", "batch_buckets": [1, 8], "compile_cache_dir": "'$CACHE'"}}'}
   gpus=$(nvidia-smi -L | wc -l)
   models=(--model "unoptimized={\"model\": $base, \"concurrency\": [16]}")
