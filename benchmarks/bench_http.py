@@ -70,12 +70,24 @@ def bench_direct(spec_raw: dict, size: int, steps: int, requests: int) -> dict:
     return result
 
 
-async def _closed_loop(base_url: str, concurrency: int, total: int, body: dict) -> tuple[list[float], list[int], float]:
+#: Columns of the latency split in the printed table: (mean_split key, width).
+SPLIT_COLUMNS = (("queue_s", 9), ("run_s", 8), ("encode_s", 10), ("rest_s", 8))
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    """`queue;dur=1.0, run;dur=2.0, ...` -> {"queue": 0.001, "run": 0.002, ...} in seconds."""
+    return {name.strip(): float(ms) / 1e3 for name, ms in (part.split(";dur=") for part in header.split(","))}
+
+
+async def _closed_loop(
+    base_url: str, concurrency: int, total: int, body: dict
+) -> tuple[list[float], list[int], list[dict[str, float]], float]:
     """`concurrency` clients, each sending its next request when the last one answered."""
     import httpx
 
     latencies: list[float] = []
     batch_sizes: list[int] = []
+    timings: list[dict[str, float]] = []
     remaining = iter(range(total))
 
     async def client(http: "httpx.AsyncClient") -> None:
@@ -85,12 +97,13 @@ async def _closed_loop(base_url: str, concurrency: int, total: int, body: dict) 
             response.raise_for_status()
             latencies.append(time.perf_counter() - t0)
             batch_sizes.append(int(response.headers["x-batch-size"]))
+            timings.append(_server_timing(response.headers["server-timing"]))
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        return latencies, batch_sizes, time.perf_counter() - started
+        return latencies, batch_sizes, timings, time.perf_counter() - started
 
 
 def _run_settings(args, raw: dict) -> tuple[dict, dict]:
@@ -114,7 +127,6 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
 
     from serve_app.builder import build_app
 
-    port = 8123
     app_args = {
         "model": spec_raw,
         "batching": {"max_batch_size": settings["max_batch_size"], "batch_wait_timeout_s": settings["batch_wait_s"]},
@@ -127,7 +139,7 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     # One replica's start: load and warm-up seconds, and whether its compile came from the cache.
     info = serve.get_deployment_handle("SDXLBase", app_name="sdxl").model_info.remote().result()
     start = {"load_s": info["load_s"], "warmup_s": info["warmup_s"], "compile_cache": info["compile_cache"]}
-    base_url = f"http://127.0.0.1:{port}"
+    base_url = f"http://127.0.0.1:{args.port}"
     body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps}
     rows = []
     try:
@@ -135,8 +147,12 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
         asyncio.run(_closed_loop(base_url, warm, 2 * warm, body))  # warm-up, every replica
         for concurrency in settings["concurrency"]:
             total = max(args.requests, concurrency * args.rounds)
-            latencies, batch_sizes, wall_s = asyncio.run(_closed_loop(base_url, concurrency, total, body))
+            latencies, batch_sizes, timings, wall_s = asyncio.run(_closed_loop(base_url, concurrency, total, body))
             summary = _summary(latencies, wall_s)
+            # Where a request's time went (Server-Timing means): waiting on the engine, in the
+            # pipeline call, encoding; the rest is routing and transfer.
+            split = {f"{name}_s": round(statistics.fmean(t[name] for t in timings), 4) for name in timings[0]}
+            split["rest_s"] = round(statistics.fmean(latencies) - sum(split.values()), 4)
             rows.append(
                 {
                     "mode": label,
@@ -152,6 +168,7 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
                     # mean per pipeline call (exact when no call straddles the measurement's edges).
                     "mean_batch": round(len(batch_sizes) / sum(1 / b for b in batch_sizes), 2),
                     "max_batch": max(batch_sizes),
+                    "mean_split": split,
                 }
             )
             print(f"  {label} concurrency {concurrency}: {rows[-1]['req_per_s']} req/s", flush=True)
@@ -179,6 +196,7 @@ def main() -> None:
     parser.add_argument("--engine-cpus", type=float, default=2, help="CPUs of the engine replica (torch threads)")
     parser.add_argument("--engine-gpus", type=float, default=0, help="GPUs of each engine replica")
     parser.add_argument("--ray-cpus", type=int, default=3, help="logical CPUs given to the local Ray cluster")
+    parser.add_argument("--port", type=int, default=8123, help="HTTP port of the Serve proxy (two runs on one host need two)")
     parser.add_argument("--out", type=Path, required=True, help="folder for bench_http.json")
     args = parser.parse_args()
     models = [m.split("=", 1) for m in (args.model or ['http={"source": "tiny"}'])]
@@ -211,7 +229,7 @@ def main() -> None:
         save()
     # Every visible GPU (CUDA_VISIBLE_DEVICES narrows it): runs with several replicas need them.
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8123})
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     try:
         for label, (spec_raw, settings) in runs.items():
             rows.extend(bench_http(args, label, spec_raw, settings))
@@ -223,14 +241,17 @@ def main() -> None:
     header = (
         f"{'mode':<14}{'repl':>5}{'mbs':>5}{'wait s':>8}{'conc':>5}{'reqs':>6}{'req/s':>9}{'/replica':>9}"
         f"{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'mean batch':>12}{'max batch':>11}"
+        f"{'queue s':>9}{'run s':>8}{'encode s':>10}{'rest s':>8}"
     )
     print(header)
     for row in rows:
+        split = row.get("mean_split", {})
         print(
             f"{row['mode']:<14}{row.get('replicas', '-')!s:>5}{row.get('max_batch_size', '-')!s:>5}"
             f"{row.get('batch_wait_s', '-')!s:>8}{row['concurrency']:>5}{row['requests']:>6}{row['req_per_s']:>9.2f}"
             f"{row.get('req_per_s_per_replica', row['req_per_s']):>9.2f}{row['p50_s']:>9.3f}{row['p95_s']:>9.3f}"
             f"{row['p99_s']:>9.3f}{row.get('mean_batch', 1):>12}{row.get('max_batch', 1):>11}"
+            + "".join(f"{split.get(k, float('nan')):>{w}.3f}" for k, w in SPLIT_COLUMNS)
         )
     print(f"wrote {args.out / 'bench_http.json'}")
 

@@ -9,32 +9,42 @@
 #   bash benchmarks/gpu_suite.sh http       # end to end over HTTP: unoptimized vs optimized app, same run
 #   bash benchmarks/gpu_suite.sh variants   # each switch alone, xformers, FP8, compiled VAE; batch tuning over HTTP
 #   bash benchmarks/gpu_suite.sh scaling    # over HTTP: unoptimized, then the compiled app on 1, 2, 4... replicas
+#   bash benchmarks/gpu_suite.sh restart    # over HTTP: the compiled app started cold, then restarted on every GPU
+#   bash benchmarks/gpu_suite.sh wait       # over HTTP: batch wait 0.1 vs 0.02 s (1 and 16 clients), then every GPU
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
 # Wheels the bundle lacks (xformers) are installed from .gpu/whl/ when that folder holds any.
 # The device tool returns at most 8 files from $OUT: the steps keep to fewer (one log per step).
+# Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
+# unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants or scaling}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart or wait}
 OUT=${OUT:-bench-out/gpu}
-mkdir -p "$OUT" /tmp/site
-tar xJf .gpu/bundle.tar.xz -C /tmp/site
+site=/tmp/site-$step
+mkdir -p "$OUT" "$site"
+tar xJf .gpu/bundle.tar.xz -C "$site"
 if compgen -G ".gpu/whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/whl/*.whl
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_worker_niceness=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1 RAY_worker_niceness=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 # Compile caches live in an ignored folder of the checkout, which the device machine keeps between
 # calls while it stays warm.
 CACHE=$PWD/bench-out/compile-cache
 # The unoptimized recipe every step compares against: fp16, PyTorch SDPA, no switches.
 base='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa"}'
+# The optimized app's default (FAST_SPEC changes it): compiled UNet and VAE decoder, buckets 1 and
+# 8, compile artifacts in the folder given.
+compiled() {
+  echo '{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet+vae", "batch_buckets": [1, 8], "compile_cache_dir": "'"$1"'"}}'
+}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)"
   python3 -c "import ray; print('ray', ray.__version__)" 2>&1 | tail -1
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
   python3 -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
-} | tee "$OUT/gpu.txt"
+} | tee "$OUT/gpu-$step.txt"
 
 case "$step" in
 pipeline)
@@ -106,9 +116,9 @@ variants)
   grep -v "INFO\|WARNING\|float32: \[\]\|^\S* *$" "$OUT/variants.log" | tail -n 80
   ;;
 scaling)
-  # The optimized app (default: compiled UNet and VAE decoder, FAST_SPEC to change it) on 1, 2,
-  # 4, ... replicas of one GPU each, after the unoptimized app on one, all in one run.
-  fast=${FAST_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet+vae", "batch_buckets": [1, 8], "compile_cache_dir": "'$CACHE'"}}'}
+  # The optimized app on 1, 2, 4, ... replicas of one GPU each, after the unoptimized app on one,
+  # all in one run.
+  fast=${FAST_SPEC:-$(compiled "$CACHE")}
   gpus=$(nvidia-smi -L | wc -l)
   models=(--model "unoptimized={\"model\": $base, \"concurrency\": [16]}")
   for ((n = 1; n <= gpus; n *= 2)); do
@@ -116,5 +126,32 @@ scaling)
   done
   python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus $((4 * gpus + 4)) --size 1024 --steps 30 \
     --requests 8 --rounds 2 --max-batch-size 8 --batch-wait-s 0.1 "${models[@]}" --out "$OUT/scaling"
+  ;;
+restart)
+  # Cold start of the optimized app on one replica (an empty compile cache), then the app deleted
+  # and deployed again on every visible GPU: the restart and scale-out a deployment goes through.
+  # Each row's replica_start.compile_cache says whether its compile came from the cache. Its own
+  # cache folder, so a `variants` run beside it does not clear it.
+  fast=${FAST_SPEC:-$(compiled "$CACHE-restart")}
+  gpus=$(nvidia-smi -L | wc -l)
+  [[ -n ${CUDA_VISIBLE_DEVICES:-} ]] && gpus=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | wc -l)
+  rm -rf "$CACHE-restart"
+  python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus $((4 * gpus + 4)) --size 1024 --steps 30 \
+    --requests 4 --rounds 2 --max-batch-size 8 --batch-wait-s 0.1 --port 8124 \
+    --model "cold_x1={\"model\": $fast, \"replicas\": 1, \"concurrency\": [1]}" \
+    --model "warm_x$gpus={\"model\": $fast, \"replicas\": $gpus, \"concurrency\": [1, $((16 * gpus))]}" \
+    --out "$OUT/restart"
+  ;;
+wait)
+  # The unoptimized app with batch wait 0.1 vs 0.02 s, one client and sixteen (what a lone request
+  # pays for the wait, and whether a short wait costs throughput), then the short wait on every
+  # GPU. The Server-Timing split says where a request's time goes.
+  gpus=$(nvidia-smi -L | wc -l)
+  python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus $((4 * gpus + 4)) --size 1024 --steps 30 \
+    --requests 8 --rounds 2 --max-batch-size 8 --concurrency 1,16 \
+    --model "wait0.1={\"model\": $base, \"batch_wait_s\": 0.1}" \
+    --model "wait0.02={\"model\": $base, \"batch_wait_s\": 0.02}" \
+    --model "wait0.02_x$gpus={\"model\": $base, \"batch_wait_s\": 0.02, \"replicas\": $gpus, \"concurrency\": [$((16 * gpus))]}" \
+    --out "$OUT/wait"
   ;;
 esac

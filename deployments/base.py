@@ -198,6 +198,8 @@ class SDXLBase:
             "warmup_s": round(self.warmup_s, 3),
             "optimize": self._spec.optimize.model_dump(),
             "compile_cache": self.compile_cache,
+            # Seconds of one pipeline call per batch bucket, timed at warm-up: what groups are split by.
+            "bucket_call_s": {size: round(seconds, 3) for size, seconds in self._runner.bucket_costs.items()},
         }
 
     def stats(self) -> dict[str, Any]:

@@ -60,6 +60,15 @@ def _encode_all(results: list, output_format: str, quality: Optional[int]) -> li
     return [encode_image(result.image, output_format, quality) for result in results]
 
 
+def _server_timing(results: list, encode_s: float) -> str:
+    """A W3C `Server-Timing` value (ms) for the slowest of the images: its wait on the engine (batch
+    forming and calls ahead of it), its pipeline call and the encoding. A client's latency minus
+    these is routing and transfer."""
+    queue_s = max(result.timings.get("queue_s", 0.0) for result in results)
+    run_s = max(result.timings.get("run_s", 0.0) for result in results)
+    return f"queue;dur={queue_s * 1e3:.1f}, run;dur={run_s * 1e3:.1f}, encode;dur={encode_s * 1e3:.1f}"
+
+
 app = FastAPI(
     title="sdxl-serve",
     summary="SDXL image generation on Ray Serve, with an OpenAI-compatible images API.",
@@ -149,16 +158,22 @@ class ImageIngress:
         )
 
     async def _native_response(self, body: Any, requests: list, results: list) -> Response:
+        started = time.perf_counter()
         if body.response_format == "b64_json":
             response = await self._images_response(body, requests, results)
-            return JSONResponse(response.model_dump(mode="json"))
+            timing = _server_timing(results, time.perf_counter() - started)
+            return JSONResponse(response.model_dump(mode="json"), headers={"Server-Timing": timing})
         (result,) = results
         (content,) = await asyncio.to_thread(_encode_all, results, body.output_format, body.output_compression)
         return Response(
             content=content,
             media_type=MEDIA_TYPES[body.output_format],
             # X-Batch-Size: how many requests shared this image's forward passes (load tuning).
-            headers={"X-Seed": str(result.seed), "X-Batch-Size": str(result.batch_size)},
+            headers={
+                "X-Seed": str(result.seed),
+                "X-Batch-Size": str(result.batch_size),
+                "Server-Timing": _server_timing(results, time.perf_counter() - started),
+            },
         )
 
     # -- async jobs, batches, stored files -------------------------------------------------------

@@ -9,7 +9,14 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from configs.schedulers import SCHEDULERS
-from deployments.batching import BatchRunner, RequestControl, RunOutput, compatibility_key, group_by_key
+from deployments.batching import (
+    BatchRunner,
+    RequestControl,
+    RunOutput,
+    compatibility_key,
+    group_by_key,
+    plan_calls,
+)
 from deployments.pipelines import make_scheduler
 from deployments.types import DeadlineExceededError, GenerationRequest, RequestCancelledError
 
@@ -377,10 +384,11 @@ def test_strength_scales_the_steps_run(runner):
 
 def test_buckets_pad_groups_without_changing_images(tiny_pipe):
     reports = []
-    bucketed = BatchRunner(tiny_pipe, on_group=reports.append, buckets=[1, 2, 4])
+    # No bucket of 1: seven requests go as 4 + 3 (padded to 4), which costs no more than 4 + 2 + 1.
+    bucketed = BatchRunner(tiny_pipe, on_group=reports.append, buckets=[2, 4])
     requests = [GenerationRequest(prompt=f"p{i}", seed=i, **SMALL) for i in range(7)]
     outcomes = bucketed.run(requests)
-    assert [(r.size, r.padded_size) for r in reports] == [(4, 4), (3, 4)]  # split at the largest, padded
+    assert [(r.size, r.padded_size) for r in reports] == [(4, 4), (3, 4)]
     plain = BatchRunner(tiny_pipe)
     for request, outcome in zip(requests, outcomes):
         (alone,) = plain.run([request])
@@ -388,8 +396,35 @@ def test_buckets_pad_groups_without_changing_images(tiny_pipe):
         assert np.abs(outcome.image - alone.image).max() <= FIDELITY_ATOL
 
 
-def test_warmup_runs_every_bucket(tiny_pipe):
+def test_buckets_split_a_group_rather_than_pad_it_when_that_costs_less(tiny_pipe):
+    reports = []
+    runner = BatchRunner(tiny_pipe, on_group=reports.append, buckets=[1, 2, 4])
+    runner.run([GenerationRequest(prompt=f"p{i}", seed=i, **SMALL) for i in range(7)])
+    assert [(r.size, r.padded_size) for r in reports] == [(4, 4), (2, 2), (1, 1)]
+
+
+@pytest.mark.parametrize(
+    "count, costs, sizes",
+    [
+        (5, {1: 1.0, 8: 8.0}, [1, 1, 1, 1, 1]),  # padding 5 to 8 wastes three images
+        (5, {1: 1.0, 8: 2.0}, [5]),  # a batch of 8 costs two singles: pad
+        (8, {1: 1.154, 8: 8.1}, [8]),  # H100, 1024², 30 steps (BENCHMARKS.md)
+        (17, {1: 1.0, 8: 8.0}, [8, 8, 1]),  # more than the largest bucket
+        (3, {2: 2.0, 4: 4.0}, [3]),  # 2 + 1 (padded to 2 + 2) ties with 3 (padded to 4): fewer calls
+        (6, {1: 0.3, 2: 0.35, 4: 0.5, 8: 0.9}, [4, 2]),
+    ],
+)
+def test_plan_calls_takes_the_cheapest_split(count, costs, sizes):
+    assert plan_calls(count, costs) == sizes
+    assert sum(sizes) == count
+
+
+def test_warmup_runs_every_bucket_then_times_each(tiny_pipe):
     reports = []
     runner = BatchRunner(tiny_pipe, on_group=reports.append, buckets=[1, 2])
+    assert runner.bucket_costs == {1: 1.0, 2: 2.0}  # until measured: the padded size
     runner.warmup([GenerationRequest(prompt="w", seed=0, **SMALL)])
-    assert [r.padded_size for r in reports] == [1, 2]
+    assert [r.padded_size for r in reports] == [1, 2, 1, 2]
+    assert set(runner.bucket_costs) == {1, 2}
+    assert all(0 < seconds < 60 for seconds in runner.bucket_costs.values())
+    assert runner.bucket_costs != {1: 1.0, 2: 2.0}

@@ -30,12 +30,14 @@ def test_a_restarted_compiled_replica_starts_warm_and_draws_the_same(served, eng
         cold = _deploy(tmp_path).model_info.remote().result()["compile_cache"]
         serve.delete("compiled")
         restarted = _deploy(tmp_path)
-        warm = restarted.model_info.remote().result()["compile_cache"]
+        info = restarted.model_info.remote().result()
+        warm = info["compile_cache"]
         compiled_image = restarted.generate.remote(request).result().image
     finally:
         serve.delete("compiled")
     assert any(tmp_path.iterdir())  # the cache went where the spec said
     assert cold["fxgraph_cache_miss"] >= 1 and cold["fxgraph_cache_hit"] == 0
     assert warm["fxgraph_cache_miss"] == 0 and warm["fxgraph_cache_hit"] >= 1
+    assert list(info["bucket_call_s"]) == [1] and info["bucket_call_s"][1] > 0  # timed at warm-up
     eager_image = engine.generate.remote(request).result().image
     assert np.abs(compiled_image.astype(int) - eager_image.astype(int)).max() <= 2

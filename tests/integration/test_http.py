@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import io
+import time
 
 import httpx
 import numpy as np
@@ -198,6 +199,22 @@ def test_txt2img_tells_how_many_requests_shared_its_batch(served, engine):
     # Each request of a fused group of b reports b.
     assert sorted(int(r.headers["x-batch-size"]) for r in responses) == sorted(b for b in groups for _ in range(b))
     assert max(groups) > 1
+
+
+@pytest.mark.parametrize("response_format", [None, "b64_json"])
+def test_txt2img_server_timing_splits_the_latency(http, response_format):
+    body = {"prompt": "a blue star", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
+    if response_format:
+        body["response_format"] = response_format
+    started = time.perf_counter()
+    response = http.post("/v1/txt2img", json=body)
+    latency_ms = (time.perf_counter() - started) * 1e3
+    assert response.status_code == 200
+    timing = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+    assert set(timing) == {"queue", "run", "encode"}
+    durations = {name: float(ms) for name, ms in timing.items()}
+    assert durations["run"] > 0 and durations["encode"] > 0 and durations["queue"] >= 0
+    assert sum(durations.values()) < latency_ms
 
 
 def test_n_images_fuse_into_one_pipeline_call(http, engine):
