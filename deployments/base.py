@@ -168,8 +168,9 @@ class SDXLBase:
     def _run_batch(self, requests: list[GenerationRequest], controls: list, arrivals: list[float]) -> list:
         started = time.perf_counter()
         outcomes = self._runner.run(requests, controls)
+        batch_s = time.perf_counter() - started
         return [
-            _to_result(request, outcome, queue_s=started - arrived)
+            _to_result(request, outcome, queue_s=started - arrived, batch_s=batch_s)
             for request, outcome, arrived in zip(requests, outcomes, arrivals)
         ]
 
@@ -229,7 +230,7 @@ class SDXLBase:
         )
 
 
-def _to_result(request: GenerationRequest, outcome: Any, queue_s: float) -> Any:
+def _to_result(request: GenerationRequest, outcome: Any, queue_s: float, batch_s: float) -> Any:
     """Unbatch one outcome: errors pass through, float pixels become uint8 like diffusers' PIL path."""
     if isinstance(outcome, ServiceError):
         return outcome
@@ -239,7 +240,7 @@ def _to_result(request: GenerationRequest, outcome: Any, queue_s: float) -> Any:
         image=pixels,
         seed=outcome.seed,
         batch_size=outcome.batch_size,
-        timings={"queue_s": round(queue_s, 4), "run_s": round(outcome.run_s, 4)},
+        timings={"queue_s": round(queue_s, 4), "run_s": round(outcome.run_s, 4), "batch_s": round(batch_s, 4)},
     )
 
 

@@ -174,7 +174,9 @@ class GenerationResult:
     seed: int
     #: How many requests shared this image's forward passes.
     batch_size: int
-    #: Seconds: `queue_s` waiting for a batch slot, `run_s` inside the pipeline call.
+    #: Seconds: `queue_s` waiting for a batch slot, `run_s` inside its pipeline call, `batch_s` the
+    #: whole batch it was in (its call and any other calls of that batch: other groups, or a group
+    #: split into bucket-sized calls), which the request waits for.
     timings: dict[str, float] = field(default_factory=dict)
 
 

@@ -61,11 +61,12 @@ def _encode_all(results: list, output_format: str, quality: Optional[int]) -> li
 
 
 def _server_timing(results: list, encode_s: float) -> str:
-    """A W3C `Server-Timing` value (ms) for the slowest of the images: its wait on the engine (batch
-    forming and calls ahead of it), its pipeline call and the encoding. A client's latency minus
-    these is routing and transfer."""
+    """A W3C `Server-Timing` value (ms) for the slowest of the images: `queue`, its wait on the
+    engine (batch window, batches ahead of it); `run`, the engine running its batch (its pipeline
+    call and any other call of that batch); `encode`. A client's latency minus these is routing
+    and transfer."""
     queue_s = max(result.timings.get("queue_s", 0.0) for result in results)
-    run_s = max(result.timings.get("run_s", 0.0) for result in results)
+    run_s = max(result.timings.get("batch_s", 0.0) for result in results)
     return f"queue;dur={queue_s * 1e3:.1f}, run;dur={run_s * 1e3:.1f}, encode;dur={encode_s * 1e3:.1f}"
 
 

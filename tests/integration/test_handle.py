@@ -16,7 +16,8 @@ def test_generate_through_a_handle(engine):
     assert isinstance(result, GenerationResult)
     assert result.image.shape == (64, 64, 3) and result.image.dtype == np.uint8
     assert result.seed == 3 and result.batch_size >= 1
-    assert set(result.timings) == {"queue_s", "run_s"}
+    assert set(result.timings) == {"queue_s", "run_s", "batch_s"}
+    assert 0 < result.timings["run_s"] <= result.timings["batch_s"]
 
 
 def test_handle_request_uses_model_defaults(engine):
