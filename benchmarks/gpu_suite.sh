@@ -45,6 +45,9 @@ compiled() {
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
   python3 -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
 } | tee "$OUT/gpu-$step.txt"
+# The GPUs this step may use: those CUDA_VISIBLE_DEVICES names, else all of the host's.
+IFS=, read -r -a gpu_ids <<< "${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)}"
+gpus=${#gpu_ids[@]}
 
 case "$step" in
 pipeline)
@@ -100,11 +103,10 @@ variants)
   }
   # JOBS picks some of them (e.g. JOBS="job_fp8_compile job_tuning"); the default runs all four.
   read -r -a jobs <<< "${JOBS:-job_eager job_compile_vae job_fp8_compile job_tuning}"
-  gpus=$(nvidia-smi -L | wc -l)
   rm -rf "$CACHE" "$CACHE-fp8"
   for ((g = 0; g < gpus && g < ${#jobs[@]}; g++)); do
     (
-      export CUDA_VISIBLE_DEVICES=$g
+      export CUDA_VISIBLE_DEVICES=${gpu_ids[g]}
       for ((j = g; j < ${#jobs[@]}; j += gpus)); do
         echo "GPU $g: ${jobs[j]}"
         "${jobs[j]}" 2>&1 | sed -u "s/^/[${jobs[j]}] /" >> "$OUT/variants.log"
@@ -119,7 +121,6 @@ scaling)
   # The optimized app on 1, 2, 4, ... replicas of one GPU each, after the unoptimized app on one,
   # all in one run.
   fast=${FAST_SPEC:-$(compiled "$CACHE")}
-  gpus=$(nvidia-smi -L | wc -l)
   models=(--model "unoptimized={\"model\": $base, \"concurrency\": [16]}")
   for ((n = 1; n <= gpus; n *= 2)); do
     models+=(--model "optimized_x$n={\"model\": $fast, \"replicas\": $n, \"concurrency\": [$((16 * n))]}")
@@ -133,8 +134,6 @@ restart)
   # Each row's replica_start.compile_cache says whether its compile came from the cache. Its own
   # cache folder, so a `variants` run beside it does not clear it.
   fast=${FAST_SPEC:-$(compiled "$CACHE-restart")}
-  gpus=$(nvidia-smi -L | wc -l)
-  [[ -n ${CUDA_VISIBLE_DEVICES:-} ]] && gpus=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | wc -l)
   rm -rf "$CACHE-restart"
   python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus $((4 * gpus + 4)) --size 1024 --steps 30 \
     --requests 4 --rounds 2 --max-batch-size 8 --batch-wait-s 0.1 --port 8124 \
@@ -146,7 +145,6 @@ wait)
   # The unoptimized app with batch wait 0.1 vs 0.02 s, one client and sixteen (what a lone request
   # pays for the wait, and whether a short wait costs throughput), then the short wait on every
   # GPU. The Server-Timing split says where a request's time goes.
-  gpus=$(nvidia-smi -L | wc -l)
   python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus $((4 * gpus + 4)) --size 1024 --steps 30 \
     --requests 8 --rounds 2 --max-batch-size 8 --concurrency 1,16 \
     --model "wait0.1={\"model\": $base, \"batch_wait_s\": 0.1}" \

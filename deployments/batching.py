@@ -201,12 +201,12 @@ class BatchRunner:
                     outcomes[index] = controls[index].stop_error()
                 else:
                     live.append(index)
+            if not live:
+                continue
             sizes = plan_calls(len(live), self._bucket_costs) if self._bucket_costs else [len(live)]
             start = 0
             for size in sizes:
                 part, start = live[start : start + size], start + size
-                if not part:
-                    continue
                 group = self._run_group([requests[i] for i in part], [controls[i] for i in part])
                 for index, outcome in zip(part, group):
                     outcomes[index] = outcome
