@@ -149,8 +149,8 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
             total = max(args.requests, concurrency * args.rounds)
             latencies, batch_sizes, timings, wall_s = asyncio.run(_closed_loop(base_url, concurrency, total, body))
             summary = _summary(latencies, wall_s)
-            # Where a request's time went (Server-Timing means): waiting on the engine, in the
-            # pipeline call, encoding; the rest is routing and transfer.
+            # Where a request's time went (Server-Timing means): waiting on the engine, the engine
+            # running its batch, encoding; the rest is routing and transfer.
             split = {f"{name}_s": round(statistics.fmean(t[name] for t in timings), 4) for name in timings[0]}
             split["rest_s"] = round(statistics.fmean(latencies) - sum(split.values()), 4)
             rows.append(

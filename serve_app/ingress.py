@@ -65,8 +65,8 @@ def _server_timing(results: list, encode_s: float) -> str:
     engine (batch window, batches ahead of it); `run`, the engine running its batch (its pipeline
     call and any other call of that batch); `encode`. A client's latency minus these is routing
     and transfer."""
-    queue_s = max(result.timings.get("queue_s", 0.0) for result in results)
-    run_s = max(result.timings.get("batch_s", 0.0) for result in results)
+    queue_s = max(result.timings["queue_s"] for result in results)
+    run_s = max(result.timings["batch_s"] for result in results)
     return f"queue;dur={queue_s * 1e3:.1f}, run;dur={run_s * 1e3:.1f}, encode;dur={encode_s * 1e3:.1f}"
 
 
