@@ -9,6 +9,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from configs.model_spec import ModelSpec, TinySpec
+from configs.paths import state_root
 
 
 class _Strict(BaseModel):
@@ -59,10 +60,13 @@ class EngineDeploymentConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0, le=8, description="GPUs per replica (1 for one pipeline per GPU).")
     num_cpus: float = Field(1.0, ge=0, le=64, description="CPUs per replica.")
     max_queued_requests: int = Field(
-        256,
+        64,
         ge=-1,
         le=100_000,
-        description="Requests allowed to wait for a replica; beyond it callers get 503. -1: unbounded.",
+        description=(
+            "Requests (images) allowed to wait at each caller for a free replica slot; beyond it the "
+            "caller gets 503 with Retry-After at once. -1: unbounded."
+        ),
     )
 
     @model_validator(mode="before")
@@ -83,6 +87,15 @@ class IngressConfig(_Strict):
         description=(
             "Concurrent HTTP requests one ingress replica holds; they mostly wait on the engine, so "
             "this must stay well above the engine's max_batch_size or batches cannot fill."
+        ),
+    )
+    max_queued_requests: int = Field(
+        256,
+        ge=-1,
+        le=100_000,
+        description=(
+            "HTTP requests allowed to wait at each proxy for a free ingress slot; beyond it the proxy "
+            "answers 503 with Retry-After at once. -1: unbounded."
         ),
     )
     engine_timeout_s: float = Field(
@@ -108,17 +121,27 @@ class LimitsConfig(_Strict):
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1024, le=1024**3, description="Largest uploaded image or mask, in bytes (413 beyond)."
     )
+    max_input_pixels: int = Field(
+        4096 * 4096,
+        ge=64 * 64,
+        le=16384 * 16384,
+        description=(
+            "Most pixels an uploaded image or mask may have, read from its header before decoding "
+            "(413 beyond): a small file can declare a huge picture."
+        ),
+    )
 
 
 class JobsConfig(_Strict):
     """Async jobs, stored results and files (the job manager deployment, one replica)."""
 
     db_path: Optional[str] = Field(
-        None, description="SQLite file of job records; default `$SDXL_SERVE_CACHE/jobs/jobs.sqlite3`."
+        None, description="SQLite file of job records; default `<state_dir>/jobs/jobs.sqlite3`."
     )
     results_dir: Optional[str] = Field(
-        None, description="Folder of result and file bytes; default `$SDXL_SERVE_CACHE/jobs/results`."
+        None, description="Folder of result and file bytes; default `<state_dir>/jobs/results`."
     )
+    num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs reserved for the job manager replica.")
     max_queued: int = Field(1000, ge=1, le=1_000_000, description="Queued jobs beyond which submits get 429.")
     max_running: int = Field(
         16, ge=1, le=1024, description="Jobs dispatched to the engines at once (their images batch together)."
@@ -147,6 +170,29 @@ class AppArgs(_Strict):
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress deployment.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Async jobs and stored results.")
+    state_dir: Optional[str] = Field(
+        None,
+        description=(
+            "Folder of the service's state: job records and results (`jobs/`), compile caches "
+            "(`compile/`), created private (0700, files 0600). Default `$SDXL_SERVE_CACHE`, else "
+            "`~/.cache/sdxl-serve`. Give each deployment its own."
+        ),
+    )
+
+    def with_state_paths(self) -> "AppArgs":
+        """These args with every state path that was left out placed under `state_dir` (the one
+        place they are resolved; the builder passes the result to the deployments)."""
+        root = state_root(self.state_dir)
+        jobs = self.jobs.model_copy(
+            update={
+                "db_path": self.jobs.db_path or str(root / "jobs" / "jobs.sqlite3"),
+                "results_dir": self.jobs.results_dir or str(root / "jobs" / "results"),
+            }
+        )
+        optimize = self.model.optimize
+        cache = optimize.compile_cache_dir or str(root / "compile")
+        model = self.model.model_copy(update={"optimize": optimize.model_copy(update={"compile_cache_dir": cache})})
+        return self.model_copy(update={"jobs": jobs, "model": model})
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "AppArgs":

@@ -47,7 +47,7 @@ class OptimizeConfig(BaseModel):
         None,
         description=(
             "Persistent compile cache (inductor FX graph and autotune caches); a warm restart loads "
-            "compiled kernels instead of recompiling. Default: `$SDXL_SERVE_CACHE/compile`."
+            "compiled kernels instead of recompiling. Default: `<state_dir>/compile`."
         ),
     )
     batch_buckets: Optional[list[int]] = Field(

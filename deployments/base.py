@@ -23,6 +23,7 @@ from ray.serve.metrics import Histogram
 
 from configs.app_args import BatchingConfig, LimitsConfig
 from configs.model_spec import ModelSpec
+from deployments.logs import quiet_client_errors
 from deployments.types import (
     GenerationRequest,
     GenerationResult,
@@ -46,6 +47,7 @@ class SDXLBase:
         from deployments.optimize import compile_cache_counts
         from deployments.pipelines import load_pipeline
 
+        quiet_client_errors()
         self._spec = TypeAdapter(ModelSpec).validate_python(model_spec)
         self._limits = LimitsConfig.model_validate(limits)
         batching_config = BatchingConfig.model_validate(batching)

@@ -361,7 +361,11 @@ def _kind_inputs(pipe: DiffusionPipeline, requests: list[GenerationRequest]) -> 
     first = requests[0]
     if first.kind == "txt2img":
         return {"height": first.height, "width": first.width}
-    inputs = {"image": [Image.fromarray(r.init_image) for r in requests], "strength": first.strength}
+    # The strength that makes diffusers run `denoising_steps()` steps: at least one, where
+    # int(steps × strength) would be 0 (the factor keeps the float product from rounding below 1).
+    steps = first.num_inference_steps
+    strength = first.strength if int(steps * first.strength) >= 1 else (1 + 1e-6) / steps
+    inputs = {"image": [Image.fromarray(r.init_image) for r in requests], "strength": strength}
     if first.kind == "inpaint":
         masks = [Image.fromarray(r.mask_image) for r in requests]
         inputs["mask_image"] = [

@@ -14,7 +14,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from configs.model_spec import OptimizeConfig
-from configs.paths import default_cache_dir
+from configs.paths import default_cache_dir, private_dir
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ def apply_optimizations(pipe: DiffusionPipeline, options: OptimizeConfig, device
 def use_compile_cache(cache_dir: str | None) -> Path:
     """Point inductor's (and Triton's) on-disk caches at one folder that outlives the process, so a
     restarted replica reuses compiled kernels instead of compiling again."""
-    path = Path(cache_dir) if cache_dir else default_cache_dir() / "compile"
-    path.mkdir(parents=True, exist_ok=True)
+    path = private_dir(Path(cache_dir) if cache_dir else default_cache_dir() / "compile")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
     import torch._inductor.config as inductor_config

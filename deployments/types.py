@@ -1,19 +1,23 @@
 """The contract between the ingress and the engines: requests, results and typed errors.
 
 One `GenerationRequest` is one image. It is what the HTTP ingress sends through a
-`DeploymentHandle`, what other Ray apps send directly, and (later) what a job stores. Nothing heavy
+`DeploymentHandle`, what other Ray apps send directly, and what a job stores. Nothing heavy
 lives here: pydantic, dataclasses and numpy only, so both sides import it cheaply.
+
+The request fields are defined once, below, as annotated types (bounds and docs together); the
+HTTP schemas in `serve_app/protocol.py` reuse them, so the two doors cannot drift apart. The
+deployment's configured limits (`LimitsConfig`) narrow them further in `check_limits`.
 """
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Protocol
+from typing import Annotated, Literal, Optional, Protocol
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from configs.app_args import LimitsConfig
-from configs.schedulers import canonical_scheduler
+from configs.schedulers import SCHEDULERS, canonical_scheduler
 
 MAX_SEED = 2**32 - 1
 
@@ -21,6 +25,98 @@ Kind = Literal["txt2img", "img2img", "inpaint"]
 
 #: `strength` when a request gives none: A1111's img2img default; inpaint repaints the mask fully.
 DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}
+
+
+def _utf8_text(value: Optional[str]) -> Optional[str]:
+    # JSON may carry lone surrogates ("\ud800"); they cannot be encoded for the tokenizer, so
+    # they are refused here rather than failing inside an engine.
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+    return value
+
+
+#: What Python's `str.isspace` calls whitespace (none lies above U+3000), as a regex class: a
+#: prompt needs a character outside it. Spelled out for the JSON schema because ECMA regexes and
+#: Python disagree on `\\s` (U+0085 is whitespace to Python only).
+_WHITESPACE = "".join(sorted({chr(c) for c in range(0x3100) if chr(c).isspace()}))
+NOT_BLANK_PATTERN = "[^" + "".join(f"\\u{ord(c):04x}" for c in _WHITESPACE) + "]"
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return value
+
+
+def _known_scheduler(value: Optional[str]) -> Optional[str]:
+    return None if value is None else canonical_scheduler(value)
+
+
+_SCHEDULER_NAMES = ", ".join(SCHEDULERS.values())
+
+# --- the request fields, defined once for the HTTP schemas and this contract --------------------
+
+Prompt = Annotated[
+    str,
+    Field(min_length=1, description="What to draw (not only whitespace).", json_schema_extra={"pattern": NOT_BLANK_PATTERN}),
+    AfterValidator(_not_blank),
+    AfterValidator(_utf8_text),
+]
+NegativePrompt = Annotated[
+    Optional[str],
+    Field(
+        description=(
+            "What to steer away from. Absent: the model's unconditional embedding (zeros for SDXL "
+            "base), which differs from the empty string."
+        )
+    ),
+    AfterValidator(_utf8_text),
+]
+Seed = Annotated[
+    Optional[int],
+    Field(ge=0, le=MAX_SEED, description="Noise seed; with n > 1, image i uses seed + i. Absent: random, and returned."),
+]
+Steps = Annotated[Optional[int], Field(ge=1, le=1000, description="Denoising steps. Absent: the model's default.")]
+GuidanceScale = Annotated[
+    Optional[float],
+    Field(ge=0.0, le=50.0, description="Classifier-free guidance scale; <= 1 turns guidance off. Absent: the model's default."),
+]
+Scheduler = Annotated[
+    Optional[str],
+    Field(description=f"Sampler: {_SCHEDULER_NAMES} (or their ids). Absent: the model's default."),
+    AfterValidator(_known_scheduler),
+]
+Side = Annotated[
+    Optional[int],
+    Field(ge=8, le=16384, multiple_of=8, description="Pixels, a multiple of 8. Absent: the model's default."),
+]
+Strength = Annotated[
+    Optional[float],
+    Field(
+        gt=0.0,
+        le=1.0,
+        description=(
+            "How much to change the image, (0, 1]; 1 ignores it (under the mask). Runs "
+            "int(num_inference_steps × strength) steps, at least one. Absent: 0.75 for img2img, "
+            "1.0 for inpainting."
+        ),
+    ),
+]
+MaskBlur = Annotated[int, Field(ge=0, le=256, description="Gaussian blur of the mask edge, in pixels (0: off).")]
+PaddingMaskCrop = Annotated[
+    Optional[int],
+    Field(
+        ge=0,
+        le=4096,
+        description=(
+            "Repaint only the mask's bounding box grown by this many pixels, at full resolution, "
+            "and paste it back (A1111's 'inpaint only masked'); the rest stays pixel-exact."
+        ),
+    ),
+]
 
 
 class _SpecDefaults(Protocol):
@@ -37,32 +133,14 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    prompt: str = Field(..., min_length=1, description="What to draw.")
-    negative_prompt: Optional[str] = Field(
-        None,
-        description=(
-            "What to steer away from. `None` uses the model's unconditional embedding (zeros for "
-            "SDXL base), which differs from the empty string."
-        ),
-    )
-    width: Optional[int] = Field(
-        None, ge=8, le=16384, multiple_of=8, description="Image width in pixels; `None`: the model's default."
-    )
-    height: Optional[int] = Field(
-        None, ge=8, le=16384, multiple_of=8, description="Image height in pixels; `None`: the model's default."
-    )
-    num_inference_steps: Optional[int] = Field(
-        None, ge=1, le=1000, description="Denoising steps; `None`: the model's default."
-    )
-    guidance_scale: Optional[float] = Field(
-        None, ge=0.0, le=50.0, description="Classifier-free guidance scale; `None`: the model's default."
-    )
-    scheduler: Optional[str] = Field(
-        None, description="Scheduler id or name (see `configs.schedulers`); `None`: the model's default."
-    )
-    seed: Optional[int] = Field(
-        None, ge=0, le=MAX_SEED, description="Noise seed; drawn by the engine when absent, and returned."
-    )
+    prompt: Prompt
+    negative_prompt: NegativePrompt = None
+    width: Side = None
+    height: Side = None
+    num_inference_steps: Steps = None
+    guidance_scale: GuidanceScale = None
+    scheduler: Scheduler = None
+    seed: Seed = None
     kind: Kind = Field("txt2img", description="txt2img; img2img (needs init_image); inpaint (init_image and mask_image).")
     init_image: Optional[np.ndarray] = Field(
         None, description="img2img/inpaint: the starting picture, uint8 RGB (H, W, 3) at width x height."
@@ -70,32 +148,14 @@ class GenerationRequest(BaseModel):
     mask_image: Optional[np.ndarray] = Field(
         None, description="inpaint: uint8 (H, W), same size as init_image; white (>= 128) is repainted."
     )
-    strength: Optional[float] = Field(
-        None,
-        gt=0.0,
-        le=1.0,
-        description="img2img/inpaint: how much to change (1 ignores the init image under the mask); `None`: per-kind default.",
-    )
-    mask_blur: int = Field(0, ge=0, le=256, description="inpaint: Gaussian blur of the mask edge, in pixels.")
-    padding_mask_crop: Optional[int] = Field(
-        None,
-        ge=0,
-        le=4096,
-        description=(
-            "inpaint: repaint only the mask's bounding box grown by this many pixels, at full "
-            "resolution, and paste it back. Such requests never share a forward pass."
-        ),
-    )
+    strength: Strength = None
+    mask_blur: MaskBlur = 0
+    padding_mask_crop: PaddingMaskCrop = None
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     deadline: Optional[float] = Field(
         None,
         description="Unix time after which the engine abandons the request (504); `None` waits forever.",
     )
-
-    @field_validator("scheduler")
-    @classmethod
-    def _canonical_scheduler(cls, value: Optional[str]) -> Optional[str]:
-        return None if value is None else canonical_scheduler(value)
 
     @field_validator("init_image")
     @classmethod
@@ -141,7 +201,8 @@ class GenerationRequest(BaseModel):
 
     def with_defaults(self, spec: "_SpecDefaults") -> "GenerationRequest":
         """This request with every `None` generation setting replaced by its default: the init
-        image's size for img2img/inpaint, the model's defaults for the rest."""
+        image's size for img2img/inpaint, the model's defaults for the rest. The one place
+        defaults are resolved."""
         width, height = spec.default_size
         if self.init_image is not None:
             height, width = self.init_image.shape[:2]
@@ -163,6 +224,17 @@ class GenerationRequest(BaseModel):
                 "scheduler": self.scheduler or spec.default_scheduler,
             }
         )
+
+    def denoising_steps(self) -> int:
+        """Scheduler steps this (resolved) request runs: img2img and inpaint skip the first
+        `1 - strength` of the schedule, as diffusers' `get_timesteps` does
+        (`min(int(steps * strength), steps)`), but run at least the last step: diffusers fails
+        when the product is below 1 (steps 4 at strength 0.2), while the least change the request
+        can mean is one step at the lowest noise level. Progress totals count these steps."""
+        steps = self.num_inference_steps or 1
+        if self.kind == "txt2img" or self.strength is None:
+            return steps
+        return max(1, min(int(steps * self.strength), steps))
 
 
 @dataclass
@@ -272,6 +344,17 @@ class EngineError(ServiceError):
     error_type = "server_error"
 
 
+#: The engine role (deployment) that serves requests of today's kinds; ControlNet variants and the
+#: refiner add roles.
+BASE_ROLE = "base"
+
+
+def engine_role(request: GenerationRequest) -> str:
+    """Which engine deployment of the graph serves this request: the one rule the ingress and
+    the job manager both route by."""
+    return BASE_ROLE
+
+
 def unwrap_error(exc: BaseException) -> BaseException:
     """Return the `ServiceError` behind a Ray wrapper (RayTaskError keeps it in `.cause`)."""
     seen = 0
@@ -294,8 +377,6 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig) -> None:
                 param=name,
                 code="string_above_max_length",
             )
-    if not request.prompt.strip():
-        raise InvalidRequestError("prompt must not be empty or only whitespace", param="prompt", code="empty_prompt")
     for name in ("width", "height"):
         side = getattr(request, name)
         if side < limits.min_side:

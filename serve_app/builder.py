@@ -6,16 +6,24 @@
         args: {model: {source: tiny}, batching: {max_batch_size: 8}}
 
 `args` is validated as `configs.app_args.AppArgs` (unknown keys are errors). The graph is an
-ingress deployment holding handles to the base GPU deployment and to the job manager (one
-replica, which owns the job store and also calls the engine).
+ingress deployment holding a registry of engine handles by role (today `{"base": ...}`) and the
+job manager's handle (one replica, which owns the job store and also calls the engines).
+
+Every hop has a bound, so overload is refused fast instead of queued without end: the proxy holds
+at most `ingress.max_queued_requests` requests for a busy ingress replica, each caller of an engine
+at most `engine.max_queued_requests` requests for a busy engine replica; beyond them the answer is
+503 with `Retry-After`.
 """
 
 from typing import Any, Optional
 
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from configs.app_args import AppArgs
 from deployments.base import SDXLBaseDeployment
+from deployments.types import BASE_ROLE
+from serve_app.errors import RETRY_AFTER_S
 from serve_app.ingress import ImageIngress
 from serve_app.jobs.manager import JobManagerDeployment
 
@@ -26,6 +34,7 @@ _BATCHES_IN_FLIGHT = 2
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     """Validate `args` and bind the deployment graph."""
     config = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    config = config.with_state_paths()
     engine_options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": config.engine.num_gpus, "num_cpus": config.engine.num_cpus},
         # `@serve.batch` can only gather what the replica has been sent.
@@ -43,16 +52,21 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         }
     else:
         engine_options["num_replicas"] = config.engine.num_replicas
-    engine = SDXLBaseDeployment.options(**engine_options).bind(
-        config.model.model_dump(mode="json"),
-        config.batching.model_dump(mode="json"),
-        config.limits.model_dump(mode="json"),
-    )
-    jobs = JobManagerDeployment.options(ray_actor_options={"num_cpus": 0.5}).bind(
-        engine, config.jobs.model_dump(mode="json")
+    engines = {
+        BASE_ROLE: SDXLBaseDeployment.options(**engine_options).bind(
+            config.model.model_dump(mode="json"),
+            config.batching.model_dump(mode="json"),
+            config.limits.model_dump(mode="json"),
+        )
+    }
+    jobs = JobManagerDeployment.options(ray_actor_options={"num_cpus": config.jobs.num_cpus}).bind(
+        engines, config.jobs.model_dump(mode="json")
     )
     return ImageIngress.options(
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
+        max_queued_requests=config.ingress.max_queued_requests,
+        # Ray's proxy answers these itself (plain text, not the JSON envelope): tell clients when.
+        backpressure_config=BackpressureConfig(retry_after_s=RETRY_AFTER_S),
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
-    ).bind(engine, jobs, config.model_dump(mode="json"))
+    ).bind(engines, jobs, config.model_dump(mode="json"))

@@ -2,7 +2,8 @@
 
 The status comes from the exception: `ServiceError` subclasses carry their own `status_code`
 (also when they arrive wrapped by Ray from an engine replica); request validation is 400 naming
-the field; anything else is a 500 with a generic message and the traceback only in the log.
+the field; a full queue or a lost replica is 503 with `Retry-After`; anything else is a 500 with a
+generic message and the traceback only in the log.
 """
 
 import json
@@ -13,8 +14,8 @@ from typing import Callable, Iterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from ray.exceptions import GetTimeoutError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.types import (
@@ -39,6 +40,17 @@ _TYPE_FOR_STATUS = {
     429: "rate_limit_error",
 }
 
+#: Seconds a client is told to wait after a 503/429 (`Retry-After`): about one batch of work.
+RETRY_AFTER_S = 5
+
+#: Discriminator tags pydantic puts in an error's location for tagged unions (a job's or batch
+#: item's `kind`); they are not fields, so `param` leaves them out.
+_UNION_TAGS = {"txt2img", "img2img", "inpaint"}
+
+#: FastAPI's detail when the JSON decoder itself fails beyond a syntax error (a body nested deeper
+#: than Python's recursion limit); answered like any other unreadable JSON.
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
 
 def error_response(
     status: int,
@@ -53,23 +65,36 @@ def error_response(
 
 
 def service_error_response(exc: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": "5"} if isinstance(exc, (OverloadedError, TooManyRequestsError)) else None
+    retry = isinstance(exc, (OverloadedError, TooManyRequestsError))
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
     return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
+
+
+def engine_call_error(exc: BaseException) -> BaseException:
+    """What a failed handle call means to a client. Ray's own failures become 503s here, before
+    they reach the app: Ray Serve installs its own plain-text handler for `BackPressureError` on
+    every ingress app, which would bypass the envelope."""
+    exc = unwrap_error(exc)
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return OverloadedError("the server is at capacity; retry later", code="overloaded")
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
+        # The replica died (or none is up) with the request in flight. It is not retried: a
+        # request that crashes a replica would take the next one down too.
+        return OverloadedError("the engine replica was lost; retry later", code="engine_unavailable")
+    if isinstance(exc, (TimeoutError, GetTimeoutError)):
+        return DeadlineExceededError("the request timed out", code="timeout")
+    return exc
 
 
 def exception_response(exc: BaseException) -> JSONResponse:
     """The response for any exception raised while serving a request."""
-    exc = unwrap_error(exc)
+    exc = engine_call_error(exc)
     if isinstance(exc, ServiceError):
         return service_error_response(exc)
-    if isinstance(exc, BackPressureError):
-        return service_error_response(OverloadedError("the server is at capacity; retry later", code="overloaded"))
-    if isinstance(exc, (TimeoutError, GetTimeoutError)):
-        return service_error_response(DeadlineExceededError("the request timed out", code="timeout"))
     logger.error("unhandled error while serving a request", exc_info=exc)
     return error_response(500, "internal server error", "server_error", code="internal_error")
-
-
 
 
 def invalid_request_from(errors: list[dict]) -> InvalidRequestError:
@@ -77,9 +102,11 @@ def invalid_request_from(errors: list[dict]) -> InvalidRequestError:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return InvalidRequestError("request body is not valid JSON", code="invalid_json")
-    parts = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    param = ".".join(parts) or None
+    parts = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path") and p not in _UNION_TAGS]
     kind = first.get("type")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # every tagged union here is on `kind`
+        parts.append("kind")
+    param = ".".join(parts) or None
     if kind == "extra_forbidden":
         message = f"unrecognized request argument: {param}"
     elif kind == "missing":
@@ -104,23 +131,44 @@ def renamed_params(rename: Callable[[Optional[str]], Optional[str]]) -> Iterator
         raise InvalidRequestError(message, param=param, code=exc.code) from None
 
 
+def _allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route serves at this request's path (a path's GET and POST are separate
+    routes, and Starlette's 405 names only the first route's)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": "GET"})
+        route_methods = getattr(route, "methods", None)
+        if match != Match.NONE and route_methods:
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return service_error_response(invalid_request_from(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         error_type = _TYPE_FOR_STATUS.get(exc.status_code, "server_error")
-        return error_response(exc.status_code, detail, error_type, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        if exc.status_code == 400 and detail == _FASTAPI_BODY_ERROR:
+            return service_error_response(
+                InvalidRequestError("request body is not valid JSON or is nested too deeply", code="invalid_json")
+            )
+        return error_response(exc.status_code, detail, error_type, headers=headers or None)
 
     async def _on_error(_: Request, exc: Exception) -> JSONResponse:
         return exception_response(exc)
 
-    # Errors a route may raise by design (ServiceErrors, also wrapped by Ray; Serve backpressure;
+    # Errors a route may raise by design (ServiceErrors, also wrapped by Ray; a lost replica;
     # timeouts) are answered here, so routes need no try/except. Anything else is a bug: the
     # `Exception` handler still answers the envelope, and Starlette logs it.
-    for expected in (ServiceError, BackPressureError, TimeoutError, GetTimeoutError):
+    for expected in (ServiceError, RayActorError, DeploymentUnavailableError, TimeoutError, GetTimeoutError):
         app.add_exception_handler(expected, _on_error)
     app.add_exception_handler(Exception, _on_error)

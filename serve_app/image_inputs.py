@@ -2,12 +2,15 @@
 
 The rules, in the order they apply:
 - Formats: PNG, JPEG, WEBP (415 for anything else, 400 for bytes that do not decode, 413 over
-  `limits.max_upload_bytes`). EXIF orientation is applied first, so a phone photo comes out upright.
+  `limits.max_upload_bytes`, or over `limits.max_input_pixels` pixels: read from the header, before
+  any pixel is decoded, so a small file that would decode huge costs nothing). EXIF orientation is
+  applied first, so a phone photo comes out upright.
 - Colour: an image with transparency is composited onto white (an OpenAI edit without a mask uses
   its fully transparent pixels as the mask first).
-- Size: with an explicit size the image (and mask) is resized to it. Without one, the image's own
-  size is used, scaled down (keeping its aspect ratio) to fit `limits.max_pixels`, then each side
-  is rounded **down** to a multiple of 8.
+- Size: with an explicit size the image (and mask) is resized to it; with only a width or only a
+  height, the other side keeps the image's aspect ratio (rounded to a multiple of 8). Without
+  either, the image's own size is used, scaled down (keeping its aspect ratio) to fit
+  `limits.max_pixels`, then each side is rounded **down** to a multiple of 8.
 - Masks: white (>= 128 after resizing) is repainted. Native masks are read as greyscale; OpenAI
   edit masks are PNGs whose fully transparent pixels mark the area to edit. A mask must have the
   same size as its image.
@@ -25,9 +28,6 @@ from configs.app_args import LimitsConfig
 from deployments.types import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 SUPPORTED_FORMATS = {"PNG", "JPEG", "WEBP"}
-
-#: Refuse to decode pictures beyond this many pixels whatever the byte size (decompression bombs).
-MAX_DECODED_PIXELS = 64 * 1024 * 1024
 
 
 @dataclass
@@ -47,21 +47,19 @@ def open_image(data: bytes, param: str, limits: LimitsConfig) -> Image.Image:
     if not data:
         raise InvalidRequestError(f"{param} is empty", param=param, code="invalid_image")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError:
         raise InvalidRequestError(
             f"{param} is not a readable PNG, JPEG or WEBP image", param=param, code="invalid_image"
         ) from None
+    except Image.DecompressionBombError:  # Pillow's own bound (~179 M pixels), above ours
+        raise _too_many_pixels(param, f"larger than {Image.MAX_IMAGE_PIXELS * 2} pixels", limits) from None
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedMediaTypeError(
             f"{param} is {image.format}; send PNG, JPEG or WEBP", param=param, code="unsupported_image_format"
         )
-    if image.width * image.height > MAX_DECODED_PIXELS:
-        raise PayloadTooLargeError(
-            f"{param} is {image.width}x{image.height}; the most this server decodes is {MAX_DECODED_PIXELS} pixels",
-            param=param,
-            code="image_too_large",
-        )
+    if image.width * image.height > limits.max_input_pixels:
+        raise _too_many_pixels(param, f"{image.width}x{image.height}", limits)
     try:
         image.load()
         return ImageOps.exif_transpose(image)
@@ -69,14 +67,27 @@ def open_image(data: bytes, param: str, limits: LimitsConfig) -> Image.Image:
         raise InvalidRequestError(f"{param} is corrupt or truncated", param=param, code="invalid_image") from None
 
 
+def _too_many_pixels(param: str, size: str, limits: LimitsConfig) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"{param} is {size}, over the {limits.max_input_pixels} pixels an upload may have "
+        "(limits.max_input_pixels); scale it down before sending",
+        param=param,
+        code="image_too_large",
+    )
+
+
 def target_size(
     image_size: tuple[int, int], requested: tuple[Optional[int], Optional[int]], limits: LimitsConfig, param: str
 ) -> tuple[int, int]:
-    """The generation size: the requested one, or the image's, fitted to the limits (see module doc)."""
-    if requested != (None, None):
-        if None in requested:
-            raise InvalidRequestError("give both width and height, or neither", param=param, code="invalid_size")
-        return requested  # type: ignore[return-value]
+    """The generation size: the requested one (one side given: the other keeps the image's aspect
+    ratio, rounded to a multiple of 8), or the image's, fitted to the limits (see module doc)."""
+    width, height = requested
+    if width is not None and height is not None:
+        return width, height
+    if width is not None:
+        return width, _multiple_of_8(width * image_size[1] / image_size[0])
+    if height is not None:
+        return _multiple_of_8(height * image_size[0] / image_size[1]), height
     width, height = image_size
     if width * height > limits.max_pixels:
         scale = math.sqrt(limits.max_pixels / (width * height))
@@ -89,6 +100,10 @@ def target_size(
             code="invalid_size",
         )
     return width, height
+
+
+def _multiple_of_8(side: float) -> int:
+    return max(8, round(side / 8) * 8)
 
 
 def flatten(image: Image.Image) -> Image.Image:

@@ -1,22 +1,50 @@
 """HTTP request and response schemas (pydantic). No logic beyond field-level validation.
 
-`ImageGenerationRequest` follows the OpenAI Images API (`POST /v1/images/generations`) and adds the
-SDXL controls as extra fields; `Txt2ImgRequest` is the native endpoint that answers image bytes.
-Unknown fields are rejected, as OpenAI does, so a misspelt option never goes silently unused.
+The generation fields come from the contract (`deployments.types`: one definition of each field's
+bounds and docs); this module composes them into the bodies of each endpoint. `ImageGenerationRequest`
+follows the OpenAI Images API and adds the SDXL controls as extra fields; the native endpoints answer
+image bytes. Unknown fields are rejected, as OpenAI does, so a misspelt option never goes silently
+unused. Limits that depend on the deployment's configuration (steps, sizes, n, prompt length) are
+checked at run time and written into the served OpenAPI schema by `serve_app.openapi`.
 """
 
 import base64
 import binascii
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    HttpUrl,
+    Tag,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
-from configs.schedulers import canonical_scheduler
-from deployments.types import MAX_SEED
+from deployments.types import (
+    GuidanceScale,
+    MaskBlur,
+    NegativePrompt,
+    PaddingMaskCrop,
+    Prompt,
+    Scheduler,
+    Seed,
+    Side,
+    Steps,
+    Strength,
+)
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+JobKind = Literal["txt2img", "img2img", "inpaint"]
 
+#: `size`: "WIDTHxHEIGHT" (the side rules are the width/height rules) or "auto".
+SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
@@ -24,35 +52,51 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SDXLControls(_Strict):
-    """The generation controls both endpoints share; `None` means the model's default."""
+# --- the parts bodies are made of -----------------------------------------------------------------
 
-    prompt: str = Field(..., min_length=1, description="What to draw.")
-    negative_prompt: Optional[str] = Field(None, description="What to steer away from.")
-    model: Optional[str] = Field(None, description="Model id from `GET /v1/models`; default: the served model.")
-    seed: Optional[int] = Field(
-        None,
-        ge=0,
-        le=MAX_SEED,
-        description="Noise seed. With n > 1, image i uses seed + i. Absent: random, and returned.",
-    )
-    num_inference_steps: Optional[int] = Field(None, ge=1, description="Denoising steps.")
-    guidance_scale: Optional[float] = Field(None, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
-    scheduler: Optional[str] = Field(
-        None, description="Sampler: Euler, Euler a, Heun, DDIM, DPM++ 2M, DPM++ 2M Karras, DPM++ 2M SDE Karras, UniPC."
-    )
+
+class _Prompted(_Strict):
+    prompt: Prompt
+
+
+class _Settings(_Strict):
+    """The generation controls every kind shares; absent means the model's default."""
+
+    negative_prompt: NegativePrompt = None
+    model: Optional[str] = Field(None, description="Model id from `GET /v1/models`; absent: the served model.")
+    seed: Seed = None
+    num_inference_steps: Steps = None
+    guidance_scale: GuidanceScale = None
+    scheduler: Scheduler = None
+
+
+#: The JSON Schema form of "output_compression only with jpeg or webp" (png, also by default, is
+#: lossless and takes no quality), so schema-valid bodies are the ones the server accepts.
+_COMPRESSION_NEEDS_LOSSY = {
+    "if": {"properties": {"output_format": {"const": "png"}}},
+    "then": {"properties": {"output_compression": {"type": "null"}}},
+}
+
+
+class _Encoded(_Strict):
+    model_config = ConfigDict(json_schema_extra=_COMPRESSION_NEEDS_LOSSY)
+
     output_format: OutputFormat = Field("png", description="Encoding of the returned image(s).")
     output_compression: Optional[int] = Field(
-        None,
-        ge=0,
-        le=100,
-        description="jpeg/webp quality 0-100 (100 = best, the default); not allowed with png.",
+        None, ge=0, le=100, description="jpeg/webp quality 0-100 (100 = best, the default); not allowed with png."
     )
 
-    @field_validator("scheduler")
+    @field_validator("output_compression")
     @classmethod
-    def _known_scheduler(cls, value: Optional[str]) -> Optional[str]:
-        return None if value is None else canonical_scheduler(value)
+    def _compression_needs_a_lossy_format(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None and info.data.get("output_format", "png") == "png":
+            raise ValueError("applies to jpeg and webp only, not png")
+        return value
+
+
+class _Sized(_Strict):
+    width: Side = None
+    height: Side = None
 
 
 def _image_bytes(value: Any) -> bytes:
@@ -68,31 +112,76 @@ def _image_bytes(value: Any) -> bytes:
     raise ValueError("must be an image: base64 text in JSON, a file in multipart/form-data")
 
 
+#: In JSON an image is base64 text (`format: byte`); `serve_app.openapi` states the multipart
+#: form of the same body with `format: binary` (a file part).
 ImageUpload = Annotated[
     bytes,
     BeforeValidator(_image_bytes),
-    WithJsonSchema({"type": "string", "format": "binary", "description": "PNG, JPEG or WEBP (base64 in JSON)."}),
+    WithJsonSchema(
+        {"type": "string", "format": "byte", "description": "PNG, JPEG or WEBP; base64 (or a data: URL) in JSON."}
+    ),
 ]
 
 
-class _OpenAIImageOptions(BaseModel):
+class _Img2Img(_Strict):
+    image: ImageUpload = Field(..., description="The starting image.")
+    strength: Strength = None
+
+
+class _InpaintOptions(_Strict):
+    strength: Strength = None
+    mask_blur: MaskBlur = 0
+    padding_mask_crop: PaddingMaskCrop = None
+
+
+class _Inpaint(_InpaintOptions):
+    image: ImageUpload = Field(..., description="The image to repaint.")
+    mask: ImageUpload = Field(..., description="Same size as image; white = repaint, black = keep.")
+
+
+class _NativeResponse(_Strict):
+    response_format: Literal["image", "b64_json"] = Field(
+        "image", description='"image": the encoded image bytes; "b64_json": the JSON form of the images API.'
+    )
+
+
+# --- native endpoints (`/v1/txt2img`, `/v1/img2img`, `/v1/inpaint`) --------------------------------
+# Field order in the schema follows the bases from last to first: the prompt comes first.
+
+
+class Txt2ImgRequest(_NativeResponse, _Encoded, _Sized, _Settings, _Prompted):
+    """Native `POST /v1/txt2img` body."""
+
+
+class Img2ImgRequest(_NativeResponse, _Encoded, _Sized, _Img2Img, _Settings, _Prompted):
+    """Native `POST /v1/img2img` body (JSON with base64 `image`, or multipart/form-data). Without
+    width and height the image's own size is used (scaled to fit the limits, rounded down to 8)."""
+
+
+class InpaintRequest(_NativeResponse, _Encoded, _Sized, _Inpaint, _Settings, _Prompted):
+    """Native `POST /v1/inpaint` body (JSON with base64 `image`/`mask`, or multipart/form-data)."""
+
+
+# --- the OpenAI Images API ---------------------------------------------------------------------
+
+
+class _OpenAIImageOptions(_Strict):
     """Fields the OpenAI generations and edits calls share."""
 
-    n: int = Field(1, ge=1, description="Number of images (1 to the configured `max_n`, 10 by default).")
+    n: int = Field(1, ge=1, description="Number of images (1 to the configured `limits.max_n`); image i uses seed + i.")
     size: Optional[str] = Field(
-        None, description='"WIDTHxHEIGHT" (multiples of 8), or "auto"/absent for the default.'
+        None,
+        pattern=SIZE_PATTERN,
+        description='"WIDTHxHEIGHT" (each side a multiple of 8 within the limits), or "auto"/absent for the default.',
     )
     response_format: Literal["b64_json", "url"] = Field(
-        "b64_json", description='"b64_json" (stored "url" results come with async jobs).'
+        "b64_json",
+        description=(
+            '"b64_json": base64 images in the answer; "url": links to the stored images under '
+            "`/v1/files/`, valid for `jobs.file_ttl_s`."
+        ),
     )
     user: Optional[str] = Field(None, max_length=256, description="End-user id, written to the request log.")
-
-    @field_validator("size")
-    @classmethod
-    def _size_format(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and value != "auto" and not _SIZE.match(value):
-            raise ValueError(f'size {value!r} must look like "1024x1024" (WIDTHxHEIGHT) or be "auto"')
-        return value
 
     def parsed_size(self) -> tuple[Optional[int], Optional[int]]:
         if self.size is None or self.size == "auto":
@@ -101,33 +190,11 @@ class _OpenAIImageOptions(BaseModel):
         return int(width), int(height)
 
 
-class _Img2ImgOptions(BaseModel):
-    strength: Optional[float] = Field(
-        None,
-        gt=0.0,
-        le=1.0,
-        description="How much to change the image, (0, 1]; default 0.75 for img2img, 1.0 for inpainting.",
-    )
-
-
-class _InpaintOptions(_Img2ImgOptions):
-    mask_blur: int = Field(0, ge=0, le=256, description="Blur of the mask edge in pixels (0: off).")
-    padding_mask_crop: Optional[int] = Field(
-        None,
-        ge=0,
-        le=4096,
-        description=(
-            "Repaint only the mask's bounding box grown by this many pixels, at full resolution, and "
-            "paste it back (A1111's 'inpaint only masked'). Absent: the whole image is processed."
-        ),
-    )
-
-
-class ImageGenerationRequest(SDXLControls, _OpenAIImageOptions):
+class ImageGenerationRequest(_OpenAIImageOptions, _Encoded, _Settings, _Prompted):
     """OpenAI-compatible `POST /v1/images/generations` body."""
 
 
-class ImageEditRequest(SDXLControls, _OpenAIImageOptions, _InpaintOptions):
+class ImageEditRequest(_OpenAIImageOptions, _Encoded, _InpaintOptions, _Settings, _Prompted):
     """OpenAI-compatible `POST /v1/images/edits` form: `image`, optional `mask` (PNG whose fully
     transparent pixels mark the area to edit). Without a mask, an image with transparency is
     inpainted there; an opaque one is transformed as a whole (img2img)."""
@@ -136,31 +203,6 @@ class ImageEditRequest(SDXLControls, _OpenAIImageOptions, _InpaintOptions):
     mask: Optional[ImageUpload] = Field(
         None, description="PNG with an alpha channel, same size as image; fully transparent = edit."
     )
-
-
-class _NativeOptions(BaseModel):
-    width: Optional[int] = Field(None, ge=1, description="Image width in pixels (multiple of 8).")
-    height: Optional[int] = Field(None, ge=1, description="Image height in pixels (multiple of 8).")
-    response_format: Literal["image", "b64_json"] = Field(
-        "image", description='"image": the encoded image bytes; "b64_json": the JSON form of the images API.'
-    )
-
-
-class Txt2ImgRequest(SDXLControls, _NativeOptions):
-    """Native `POST /v1/txt2img` body."""
-
-
-class Img2ImgRequest(SDXLControls, _NativeOptions, _Img2ImgOptions):
-    """Native `POST /v1/img2img` body (JSON with base64 `image`, or multipart/form-data)."""
-
-    image: ImageUpload = Field(..., description="The starting image.")
-
-
-class InpaintRequest(SDXLControls, _NativeOptions, _InpaintOptions):
-    """Native `POST /v1/inpaint` body (JSON with base64 `image`/`mask`, or multipart/form-data)."""
-
-    image: ImageUpload = Field(..., description="The image to repaint.")
-    mask: ImageUpload = Field(..., description="Same size as image; white = repaint, black = keep.")
 
 
 class ImageData(BaseModel):
@@ -201,36 +243,125 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-JobKind = Literal["txt2img", "img2img", "inpaint"]
+# --- async jobs and batches ----------------------------------------------------------------------
+# A job stores its result, so its params are the native body without `response_format`; a batch
+# item also leaves the encoding to the batch (`output_format` once, at the top level).
 
 
-class JobSubmission(_Strict):
-    """`POST /v1/jobs`: any generation request, run in the background."""
+class Txt2ImgJobParams(_Encoded, _Sized, _Settings, _Prompted):
+    """`params` of a txt2img job: the `/v1/txt2img` body without `response_format`."""
 
-    kind: JobKind = Field(..., description="Which native endpoint's request `params` is.")
-    params: dict[str, Any] = Field(
-        ..., description="The body of `/v1/txt2img`, `/v1/img2img` or `/v1/inpaint` (images as base64)."
-    )
+
+class Img2ImgJobParams(_Encoded, _Sized, _Img2Img, _Settings, _Prompted):
+    """`params` of an img2img job (base64 `image`)."""
+
+
+class InpaintJobParams(_Encoded, _Sized, _Inpaint, _Settings, _Prompted):
+    """`params` of an inpaint job (base64 `image` and `mask`)."""
+
+
+class Txt2ImgItemParams(_Sized, _Settings, _Prompted):
+    """A txt2img request in a batch."""
+
+
+class Img2ImgItemParams(_Sized, _Img2Img, _Settings, _Prompted):
+    """An img2img request in a batch (base64 `image`)."""
+
+
+class InpaintItemParams(_Sized, _Inpaint, _Settings, _Prompted):
+    """An inpaint request in a batch (base64 `image` and `mask`)."""
+
+
+class SharedTxt2ImgParams(_Sized, _Settings):
+    """Settings every prompt of a `prompts` batch shares (everything but the prompt)."""
+
+
+def _no_credentials(url: HttpUrl) -> HttpUrl:
+    # Credentials in a URL end up in logs and databases; put a token in a path or query instead
+    # (query values are redacted from logs).
+    if url.username or url.password:
+        raise ValueError("must not carry a user:password@ part")
+    return url
+
+
+WebhookUrl = Annotated[
+    HttpUrl,
+    AfterValidator(_no_credentials),
+    Field(description="http(s) URL that gets a POST of the final job state; no user:password@ part."),
+]
+
+
+class _JobOptions(_Strict):
     n: int = Field(1, ge=1, description="Images to make (seed, seed + 1, ...); more than one gives a ZIP.")
-    webhook_url: Optional[HttpUrl] = Field(None, description="http(s) URL that gets a POST of the final job state.")
+    webhook_url: Optional[WebhookUrl] = None
 
 
-class BatchItem(_Strict):
-    kind: JobKind = Field("txt2img", description="Which native endpoint's request `params` is.")
-    params: dict[str, Any] = Field(..., description="That endpoint's body (images as base64).")
+class Txt2ImgJob(_JobOptions):
+    kind: Literal["txt2img"]
+    params: Txt2ImgJobParams
 
 
-class BatchRequest(_Strict):
+class Img2ImgJob(_JobOptions):
+    kind: Literal["img2img"]
+    params: Img2ImgJobParams
+
+
+class InpaintJob(_JobOptions):
+    kind: Literal["inpaint"]
+    params: InpaintJobParams
+
+
+#: `POST /v1/jobs`: any native request, run in the background; `kind` says which.
+JobSubmission = Annotated[Union[Txt2ImgJob, Img2ImgJob, InpaintJob], Field(discriminator="kind")]
+
+
+class Txt2ImgItem(_Strict):
+    kind: Literal["txt2img"] = "txt2img"
+    params: Txt2ImgItemParams
+
+
+class Img2ImgItem(_Strict):
+    kind: Literal["img2img"]
+    params: Img2ImgItemParams
+
+
+class InpaintItem(_Strict):
+    kind: Literal["inpaint"]
+    params: InpaintItemParams
+
+
+def _item_kind(value: Any) -> Optional[str]:
+    # A batch item without `kind` is txt2img.
+    return value.get("kind", "txt2img") if isinstance(value, dict) else getattr(value, "kind", None)
+
+
+BatchItem = Annotated[
+    Union[
+        Annotated[Txt2ImgItem, Tag("txt2img")],
+        Annotated[Img2ImgItem, Tag("img2img")],
+        Annotated[InpaintItem, Tag("inpaint")],
+    ],
+    Discriminator(_item_kind),
+]
+
+#: A batch is either `prompts` (+ shared `params`) or `requests`, never both; a webhook needs async.
+_BATCH_RULES = {
+    "oneOf": [
+        {"required": ["prompts"], "not": {"required": ["requests"]}},
+        {"required": ["requests"], "not": {"anyOf": [{"required": ["prompts"]}, {"required": ["params"]}]}},
+    ],
+    "dependentSchemas": {"webhook_url": {"required": ["async"], "properties": {"async": {"const": True}}}},
+}
+
+
+class BatchRequest(_Encoded):
     """`POST /v1/images/batch`: many requests, one ZIP (images + manifest.json)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={**_COMPRESSION_NEEDS_LOSSY, **_BATCH_RULES})
 
-    prompts: Optional[list[str]] = Field(None, min_length=1, description="Text-to-image prompts sharing `params`.")
-    params: Optional[dict[str, Any]] = Field(
-        None, description="With `prompts`: the shared `/v1/txt2img` settings (everything but `prompt`)."
-    )
-    requests: Optional[list[BatchItem]] = Field(None, min_length=1, description="Full requests, each with its kind.")
+    # Not nullable (absent is the only "none"), so the schema's oneOf above is exact.
+    prompts: list[Prompt] = Field(None, min_length=1, description="Text-to-image prompts sharing `params`.")
+    params: SharedTxt2ImgParams = Field(None, description="With `prompts`: the settings they share.")
+    requests: list[BatchItem] = Field(None, min_length=1, description="Full requests, each with its kind.")
     run_async: bool = Field(False, alias="async", description="Answer 202 with a job whose result is the ZIP.")
-    webhook_url: Optional[HttpUrl] = Field(None, description="With async: POSTed the final job state.")
-    output_format: OutputFormat = Field("png", description="Encoding of every image in the ZIP.")
-    output_compression: Optional[int] = Field(None, ge=0, le=100, description="jpeg/webp quality 0-100.")
+    webhook_url: Optional[WebhookUrl] = None

@@ -6,15 +6,16 @@ field: 400 bad value, 413 too large, 415 wrong content type.
 """
 
 import json
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from configs.app_args import LimitsConfig
 from deployments.types import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from serve_app.errors import invalid_request_from
+from serve_app.errors import invalid_request_from, service_error_response
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -29,15 +30,43 @@ def body_limit(limits: LimitsConfig) -> int:
     return 3 * limits.max_upload_bytes + 1024 * 1024
 
 
+class BodyLimit:
+    """ASGI middleware: every request body is at most `limit` bytes, whichever route reads it.
+    A declared length over it is answered 413 unread; a body that grows past it while arriving
+    (no or a false content-length) stops with 413 at that chunk."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            error = PayloadTooLargeError(
+                f"request body is {int(declared)} bytes; the limit is {self.limit}", code="body_too_large"
+            )
+            return await service_error_response(error)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                # An HTTPException is the one error FastAPI lets through from reading a body; the
+                # app's handler answers it in the envelope.
+                raise HTTPException(413, f"request body exceeds {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 async def parse_body(request: Request, model: type[Body], limits: LimitsConfig) -> Body:
+    """The body as `model`, from JSON or multipart/form-data (its size is bounded by `BodyLimit`)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > body_limit(limits):
-        raise PayloadTooLargeError(
-            f"request body is {declared} bytes; the limit is {body_limit(limits)}", code="body_too_large"
-        )
     if content_type == "application/json":
-        data = await _json_fields(request, limits)
+        data = await _json_fields(request)
     elif content_type == "multipart/form-data":
         data = await _form_fields(request, limits)
     else:
@@ -51,16 +80,16 @@ async def parse_body(request: Request, model: type[Body], limits: LimitsConfig) 
         raise invalid_request_from(exc.errors()) from None
 
 
-async def _json_fields(request: Request, limits: LimitsConfig) -> dict:
+async def _json_fields(request: Request) -> dict:
     raw = bytearray()  # appended in place: a 60 MB body in small chunks must not copy quadratically
-    async for chunk in request.stream():  # counted as it arrives: content-length may be absent
+    async for chunk in request.stream():
         raw += chunk
-        if len(raw) > body_limit(limits):
-            raise PayloadTooLargeError(f"request body exceeds {body_limit(limits)} bytes", code="body_too_large")
     try:
         data = json.loads(raw)
     except ValueError:
         raise InvalidRequestError("request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:  # the decoder recurses per nesting level; no valid body nests deeply
+        raise InvalidRequestError("request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object", code="invalid_json")
     return data

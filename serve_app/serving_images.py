@@ -1,20 +1,24 @@
 """Serving logic of the image endpoints: HTTP bodies -> `GenerationRequest`s -> engine -> results.
 
-No HTTP here (that is `ingress.py`) and no torch: this module validates against the configured
-limits, draws seeds, fans `n` images out as separate requests (the engine's batcher fuses them
-again), and waits for the engine within the configured timeout.
+No HTTP here (that is `http_app.py`) and no torch: this module validates against the configured
+limits, draws seeds, fans `n` images out as separate requests (the engine batches them again),
+picks the engine a request needs from the registry of engine handles, and waits for it within the
+configured timeout.
 """
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 from pydantic import ValidationError
 
 from configs.app_args import AppArgs
 from deployments.types import (
+    BASE_ROLE,
     MAX_SEED,
     DeadlineExceededError,
     GenerationRequest,
@@ -22,52 +26,80 @@ from deployments.types import (
     InvalidRequestError,
     ModelNotFoundError,
     check_limits,
+    engine_role,
 )
-from serve_app.errors import invalid_request_from, renamed_params
 from serve_app import image_inputs
+from serve_app.errors import engine_call_error, invalid_request_from, renamed_params
 from serve_app.protocol import (
-    Img2ImgRequest,
     ImageEditRequest,
     ImageGenerationRequest,
-    InpaintRequest,
-    SDXLControls,
-    Txt2ImgRequest,
 )
 
 logger = logging.getLogger("ray.serve")
+
+@dataclass
+class Generated:
+    """The results of one HTTP request's images and where their time went (seconds)."""
+
+    results: list[GenerationResult]
+    #: `time.perf_counter()` when the engine calls went out.
+    sent_at: float
+    #: From the engine calls being sent to the last result arriving: routing, the engine's queue
+    #: and its run (the engine reports the run, so the rest is waiting).
+    engine_s: float
+
+    @property
+    def run_s(self) -> float:
+        return max(result.timings["run_s"] for result in self.results)
+
+    @property
+    def queue_s(self) -> float:
+        """Waiting before the engine ran the images: the handle's queue, the replica's queue,
+        batching and transfers."""
+        return max(0.0, self.engine_s - self.run_s)
 
 
 class ImageServing:
     """Turns validated HTTP bodies into engine calls; one instance per ingress replica."""
 
-    def __init__(self, engine: Any, args: AppArgs):
-        self._engine = engine
+    def __init__(self, engines: Mapping[str, Any], args: AppArgs):
+        if BASE_ROLE not in engines:
+            raise ValueError(f"the engine registry needs a {BASE_ROLE!r} engine; it has {sorted(engines)}")
+        self._engines = dict(engines)
         self._args = args
 
     @property
     def model_id(self) -> str:
         return self._args.model.name
 
+    @property
+    def engines(self) -> dict[str, Any]:
+        """The engine handles by role."""
+        return dict(self._engines)
+
+    def engine_for(self, request: GenerationRequest) -> Any:
+        return self._engines[engine_role(request)]
+
     def requests_for_generations(self, body: ImageGenerationRequest) -> list[GenerationRequest]:
         self.check_n(body.n)
-        width, height = body.parsed_size()
         with _size_is_one_field():
+            width, height = _checked_size(body.parsed_size())
             return self._requests(body, "txt2img", width, height, n=body.n)
 
-    def requests_for_txt2img(self, body: Txt2ImgRequest, n: int = 1) -> list[GenerationRequest]:
+    def requests_for_txt2img(self, body: Any, n: int = 1) -> list[GenerationRequest]:
         return self._requests(body, "txt2img", body.width, body.height, n=n)
 
-    def requests_for_img2img(self, body: Img2ImgRequest, n: int = 1) -> list[GenerationRequest]:
+    def requests_for_img2img(self, body: Any, n: int = 1) -> list[GenerationRequest]:
         image = image_inputs.open_image(body.image, "image", self._args.limits)
-        width, height = self._size_for(image, (body.width, body.height), "image")
+        width, height = image_inputs.target_size(image.size, (body.width, body.height), self._args.limits, "image")
         prepared = image_inputs.prepare(image, None, (width, height))
         return self._requests(body, "img2img", None, None, n=n, image=prepared, strength=body.strength)
 
-    def requests_for_inpaint(self, body: InpaintRequest, n: int = 1) -> list[GenerationRequest]:
+    def requests_for_inpaint(self, body: Any, n: int = 1) -> list[GenerationRequest]:
         limits = self._args.limits
         image = image_inputs.open_image(body.image, "image", limits)
         mask = image_inputs.greyscale_mask(image_inputs.open_image(body.mask, "mask", limits))
-        width, height = self._size_for(image, (body.width, body.height), "image")
+        width, height = image_inputs.target_size(image.size, (body.width, body.height), limits, "image")
         prepared = image_inputs.prepare(image, mask, (width, height))
         return self._requests(body, "inpaint", None, None, n=n, image=prepared, **_inpaint_options(body))
 
@@ -89,7 +121,8 @@ class ImageServing:
         else:
             mask = image_inputs.transparent_area(image)
         with _size_is_one_field():
-            width, height = self._size_for(image, body.parsed_size(), "size")
+            size = _checked_size(body.parsed_size())
+            width, height = image_inputs.target_size(image.size, size, limits, "size")
             prepared = image_inputs.prepare(image, mask, (width, height))
             if mask is None:
                 for name in ("mask_blur", "padding_mask_crop"):
@@ -105,14 +138,9 @@ class ImageServing:
         if n > self._args.limits.max_n:
             raise InvalidRequestError(f"n {n} is above the limit of {self._args.limits.max_n}", param="n", code="invalid_n")
 
-    def _size_for(self, image: Any, requested: tuple[Optional[int], Optional[int]], param: str) -> tuple[int, int]:
-        width, height = image_inputs.target_size(image.size, requested, self._args.limits, param)
-        _check_multiple_of_8(width, height)
-        return width, height
-
     def _requests(
         self,
-        body: SDXLControls,
+        body: Any,
         kind: str,
         width: Optional[int],
         height: Optional[int],
@@ -126,13 +154,6 @@ class ImageServing:
                 param="model",
                 code="model_not_found",
             )
-        if body.output_compression is not None and body.output_format == "png":
-            raise InvalidRequestError(
-                "output_compression applies to jpeg and webp only, not png",
-                param="output_compression",
-                code="unsupported_value",
-            )
-        _check_multiple_of_8(width, height)
         if image is not None:
             kind_fields.update(init_image=image.pixels, mask_image=image.mask)
         first_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -159,8 +180,9 @@ class ImageServing:
         check_limits(requests[0], self._args.limits)
         return requests
 
-    async def generate(self, requests: list[GenerationRequest], user: Optional[str] = None) -> list[GenerationResult]:
-        """Run all requests concurrently on the engine; all succeed or the first error is raised."""
+    async def generate(self, requests: list[GenerationRequest], user: Optional[str] = None) -> Generated:
+        """Run all requests concurrently on their engines; all succeed or the first error is raised
+        (the others are cancelled). Handle and replica failures become 503s with `Retry-After`."""
         logger.info(
             "generating %d image(s) %dx%d, %d steps, user=%r",
             len(requests),
@@ -169,24 +191,30 @@ class ImageServing:
             requests[0].num_inference_steps,
             user,
         )
-        responses = [self._engine.generate.remote(request) for request in requests]
+        sent = time.perf_counter()
+        responses = []
         try:
-            return await asyncio.wait_for(
-                asyncio.gather(*responses), timeout=self._args.ingress.engine_timeout_s
-            )
+            for request in requests:  # a full handle queue may refuse at `.remote()` already
+                responses.append(self.engine_for(request).generate.remote(request))
+            results = await asyncio.wait_for(asyncio.gather(*responses), timeout=self._args.ingress.engine_timeout_s)
         except asyncio.TimeoutError:
             raise DeadlineExceededError(
                 f"the images were not ready within {self._args.ingress.engine_timeout_s}s", code="timeout"
             ) from None
+        except Exception as exc:  # noqa: BLE001 - mapped to the one error type a client sees
+            raise engine_call_error(exc) from None
         finally:
             for response in responses:  # no-op for finished ones; frees the engine for the rest
-                response.cancel()
+                with contextlib.suppress(Exception):  # a refused call's cancel re-raises its refusal
+                    response.cancel()
+        return Generated(results=results, sent_at=sent, engine_s=time.perf_counter() - sent)
 
 
-def _check_multiple_of_8(width: Optional[int], height: Optional[int]) -> None:
-    for name, side in (("width", width), ("height", height)):
+def _checked_size(size: tuple[Optional[int], Optional[int]]) -> tuple[Optional[int], Optional[int]]:
+    for name, side in zip(("width", "height"), size):
         if side is not None and side % 8:
             raise InvalidRequestError(f"{name} {side} must be a multiple of 8", param=name, code="invalid_size")
+    return size
 
 
 def _inpaint_options(body: Any) -> dict[str, Any]:

@@ -68,6 +68,8 @@ def test_with_defaults_fills_only_missing_settings():
         ({"seed": -1}, "seed"),
         ({"scheduler": "nope"}, "scheduler"),
         ({"prompt": ""}, "prompt"),
+        ({"prompt": " \u3000\x85"}, "prompt"),  # only whitespace, also to Python's eye
+        ({"negative_prompt": "bad \ud800"}, "negative_prompt"),  # a lone surrogate
         ({"surprise": 1}, "surprise"),
     ],
 )
@@ -85,7 +87,6 @@ def test_request_validation_names_the_field(fields, param):
         ({"num_inference_steps": 151}, "num_inference_steps"),
         ({"prompt": "x" * 4001}, "prompt"),
         ({"negative_prompt": "x" * 4001}, "negative_prompt"),
-        ({"prompt": "   "}, "prompt"),
     ],
 )
 def test_limits_name_the_field(fields, param):
@@ -142,3 +143,26 @@ def test_init_image_not_multiple_of_8_is_invalid():
     with pytest.raises(InvalidRequestError) as info:
         GenerationRequest(prompt="p", kind="img2img", init_image=_rgb(70, 64)).with_defaults(TinySpec())
     assert info.value.param == "init_image"
+
+
+@pytest.mark.parametrize(
+    "steps, strength, expected",
+    [(10, 0.5, 5), (4, 0.2, 1), (1, 0.75, 1), (3, 1.0, 3), (7, 0.3, 2)],
+)
+def test_denoising_steps_run_at_least_one(steps, strength, expected):
+    image = _rgb()
+    request = GenerationRequest(prompt="p", kind="img2img", init_image=image, num_inference_steps=steps, strength=strength)
+    assert request.with_defaults(TinySpec()).denoising_steps() == expected
+    txt = GenerationRequest(prompt="p", num_inference_steps=steps).with_defaults(TinySpec())
+    assert txt.denoising_steps() == steps
+
+
+def test_not_blank_pattern_agrees_with_python():
+    """The schema's regex class for "not only whitespace" is exactly what `str.strip` keeps."""
+    import re
+
+    from deployments.types import NOT_BLANK_PATTERN
+
+    for code in range(0x3100):
+        char = chr(code)
+        assert bool(re.fullmatch(NOT_BLANK_PATTERN, char)) == bool(char.strip()), hex(code)

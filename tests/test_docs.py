@@ -15,8 +15,8 @@ def _keys() -> list[str]:
     for section, field in AppArgs.model_fields.items():
         if section == "model":
             continue
-        for name in field.annotation.model_fields:
-            keys.append(f"{section}.{name}")
+        nested = getattr(field.annotation, "model_fields", None)
+        keys.extend(f"{section}.{name}" for name in nested) if nested else keys.append(section)
     for spec in ModelSpec.__args__[0].__args__:
         keys.extend(f"model.{name}" for name in spec.model_fields)
     return sorted(set(keys))

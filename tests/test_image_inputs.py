@@ -85,6 +85,8 @@ def test_transparent_area_marks_fully_transparent_pixels():
         ((100, 70), (None, None), (96, 64)),  # rounded down to multiples of 8
         ((4000, 3000), (None, None), (2360, 1768)),  # scaled to fit max_pixels, aspect kept
         ((100, 70), (64, 128), (64, 128)),  # an explicit size wins
+        ((400, 300), (200, None), (200, 152)),  # one side: the other keeps the aspect (150 → 152)
+        ((400, 300), (None, 96), (128, 96)),
     ],
 )
 def test_target_size_rule(image_size, requested, expected):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from configs.model_spec import TinySpec
-from deployments.types import EngineError, GenerationRequest, GenerationResult, InvalidRequestError, ProgressEvent
+from deployments.types import EngineError, GenerationRequest, GenerationResult, InvalidRequestError, OverloadedError, ProgressEvent
 from deployments.types import ConflictError, NotFoundError, TooManyRequestsError
-from serve_app.jobs.manager import JobManager, JobPayload
+from serve_app.jobs.manager import JobManager
+from serve_app.jobs.payload import JobPayload
 from serve_app.jobs.store import JobRecord, SqliteJobStore
 
 
@@ -36,6 +37,10 @@ class _Stream:
         for step in range(1, request.num_inference_steps + 1):
             await asyncio.sleep(0)
             yield ProgressEvent(step, request.num_inference_steps)
+            if engine.fail_at_step and engine.fail_at_step[0] == step:
+                _, error = engine.fail_at_step
+                engine.fail_at_step = None
+                raise error
         image = np.full((request.height, request.width, 3), request.seed % 256, dtype=np.uint8)
         yield GenerationResult(request.request_id, image, request.seed, 1, {"queue_s": 0.0, "run_s": 0.0})
 
@@ -46,6 +51,8 @@ class FakeEngine:
     def __init__(self):
         self.started: list[str] = []
         self.failures: list[BaseException] = []
+        #: (step, error): fail once after reporting that step.
+        self.fail_at_step = None
         self.gate = asyncio.Event()
         self.gate.set()
         self.streams: list[_Stream] = []
@@ -78,7 +85,7 @@ def _config(tmp_path, **overrides) -> dict:
 
 async def _manager(tmp_path, engine, **overrides) -> JobManager:
     manager = JobManager.__new__(JobManager)
-    await manager.__init__(engine, _config(tmp_path, **overrides))
+    await manager.__init__({"base": engine}, _config(tmp_path, **overrides))
     return manager
 
 
@@ -299,3 +306,119 @@ def test_store_claims_each_job_once_and_expires_results(tmp_path):
     assert store.read_result("a") is None
     assert store.update("a", only_if=("queued",), status="failed") is None
     assert store.get("a").status == "running"
+
+
+def test_a_retried_job_never_shows_less_progress(tmp_path, monkeypatch):
+    """The first attempt dies at step 6 of 10; the second starts from 0, but what the job shows
+    is held until the new attempt passes it (the README's promise)."""
+    from serve_app.jobs import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "_PROGRESS_WRITE_S", 0.0)  # write every step
+    written = []
+
+    async def scenario():
+        engine = FakeEngine()
+        engine.fail_at_step = (6, RuntimeError("replica died"))
+        manager = await _manager(tmp_path, engine, max_attempts=2)
+        original = manager._store.update
+
+        def record(job_id, only_if=None, **fields):
+            if "progress_percent" in fields:
+                written.append(fields["progress_percent"])
+            return original(job_id, only_if=only_if, **fields)
+
+        manager._store.update = record
+        view = await manager.submit(_payload(steps=10), "txt2img")
+        job = await _wait_done(manager, view["id"])
+        _stop(manager)
+        return job
+
+    job = asyncio.run(scenario())
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert written[:6] == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    assert written == sorted(written) and written[-1] == 100.0
+
+
+def test_a_full_engine_is_waited_out_without_spending_an_attempt(tmp_path):
+    from ray.serve.exceptions import BackPressureError
+
+    async def scenario():
+        engine = FakeEngine()
+        engine.failures = [BackPressureError(num_queued_requests=8, max_queued_requests=8), OverloadedError("full", code="overloaded")]
+        manager = await _manager(tmp_path, engine, max_attempts=1)
+        view = await manager.submit(_payload(), "txt2img")
+        job = await _wait_done(manager, view["id"])
+        _stop(manager)
+        return engine, job
+
+    engine, job = asyncio.run(scenario())
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert len(engine.started) == 3  # refused twice, then run
+
+
+def test_a_lost_replica_is_retried_as_a_new_attempt(tmp_path):
+    async def scenario():
+        engine = FakeEngine()
+        engine.failures = [OverloadedError("the engine replica was lost", code="engine_unavailable")]
+        manager = await _manager(tmp_path, engine, max_attempts=2)
+        view = await manager.submit(_payload(), "txt2img")
+        job = await _wait_done(manager, view["id"])
+        _stop(manager)
+        return job
+
+    assert asyncio.run(scenario())["attempts"] == 2
+
+
+def test_jobs_are_stored_as_versioned_json_in_private_files(tmp_path):
+    import sqlite3
+    import stat
+
+    image = np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)
+    request = GenerationRequest(prompt="p", kind="img2img", init_image=image, seed=4, num_inference_steps=4)
+
+    async def scenario():
+        manager = await _manager(tmp_path, FakeEngine())
+        view = await manager.submit(JobPayload([request.with_defaults(TinySpec())], "webp", 80), "img2img")
+        await _wait_done(manager, view["id"])
+        _stop(manager)
+        return view["id"]
+
+    job_id = asyncio.run(scenario())
+    (raw,) = sqlite3.connect(tmp_path / "jobs.sqlite3").execute("SELECT payload FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    stored = json.loads(raw)
+    assert stored["version"] == 1 and stored["output_format"] == "webp"
+    restored = JobPayload.from_json(stored).requests[0]
+    assert np.array_equal(restored.init_image, image) and restored.seed == 4 and restored.strength == 0.75
+    for path in [tmp_path / "jobs.sqlite3", *(tmp_path / "results").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE((tmp_path / "results").stat().st_mode) == 0o700
+    with pytest.raises(ValueError, match="version"):
+        JobPayload.from_json({**stored, "version": 99})
+
+
+def test_jobs_pickled_by_an_older_version_fail_instead_of_loading(tmp_path):
+    import pickle
+    import sqlite3
+
+    store = SqliteJobStore(str(tmp_path / "jobs.sqlite3"), str(tmp_path / "results"))
+    store.create(JobRecord(id="old-queued"))
+    store.create(JobRecord(id="old-done", status="succeeded"))
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+    db.execute("UPDATE jobs SET payload = ?", (pickle.dumps({"evil": True}),))
+    db.execute("PRAGMA user_version = 0")
+    db.close()
+    reopened = SqliteJobStore(str(tmp_path / "jobs.sqlite3"), str(tmp_path / "results"))
+    queued, done = reopened.get("old-queued"), reopened.get("old-done")
+    assert queued.status == "failed" and queued.error["code"] == "stale_job" and queued.payload is None
+    assert done.status == "succeeded" and done.payload is None
+
+
+def test_webhook_urls_are_logged_without_secrets(caplog):
+    from serve_app.jobs import webhooks
+
+    url = "http://127.0.0.1:9/hook?token=s3cret&user=me"
+    assert webhooks.redact_url("https://user:pw@example.com:8443/cb?token=abc") == "https://example.com:8443/cb?token=***"
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        delivered = asyncio.run(webhooks.deliver(url, {"id": "job-1"}, attempts=1, backoff_s=0.01, timeout_s=1))
+    assert delivered is False and caplog.records
+    assert "s3cret" not in caplog.text and "token=***" in caplog.text

@@ -7,46 +7,43 @@ streaming handle (`generate_stream`), so progress comes from the denoising loop 
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from configs.app_args import JobsConfig
-from configs.paths import default_cache_dir
+from deployments.logs import quiet_client_errors
 from deployments.types import (
     ConflictError,
+    DeadlineExceededError,
     GenerationRequest,
     GenerationResult,
     GoneError,
     NotFoundError,
+    OverloadedError,
     ProgressEvent,
     ServiceError,
     TooManyRequestsError,
+    engine_role,
     unwrap_error,
 )
 from serve_app.jobs import webhooks
 from serve_app.jobs.archive import build_result
+from serve_app.jobs.payload import JobPayload
 from serve_app.jobs.store import JobRecord, SqliteJobStore
 
 logger = logging.getLogger("ray.serve")
 
 #: Write progress to the store at most this often per job (plus the first and last step).
 _PROGRESS_WRITE_S = 0.25
-
-
-@dataclass
-class JobPayload:
-    """What a job runs: engine requests (one per image) and how to encode the result."""
-
-    requests: list[GenerationRequest]
-    output_format: str = "png"
-    output_compression: Optional[int] = None
-    #: Always answer a ZIP with a manifest (the batch endpoint), even for one image.
-    archive: bool = False
+#: First wait before asking a full engine again (doubles up to the last value): a job waits for
+#: capacity instead of failing, and without spending an attempt.
+_BUSY_RETRY_S = (0.5, 10.0)
 
 
 def job_view(job: JobRecord) -> dict[str, Any]:
@@ -83,13 +80,15 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class JobManager:
-    async def __init__(self, engine: Any, jobs: dict[str, Any]):
+    async def __init__(self, engines: dict[str, Any], jobs: dict[str, Any]):
+        """`engines`: the engine handles by role; `jobs`: a `JobsConfig` whose paths are resolved
+        (`AppArgs.with_state_paths`)."""
+        quiet_client_errors()
         self._config = JobsConfig.model_validate(jobs)
-        root = default_cache_dir() / "jobs"
-        self._store = SqliteJobStore(
-            self._config.db_path or str(root / "jobs.sqlite3"), self._config.results_dir or str(root / "results")
-        )
-        self._engine = engine
+        if self._config.db_path is None or self._config.results_dir is None:
+            raise ValueError("jobs.db_path and jobs.results_dir must be resolved (AppArgs.with_state_paths)")
+        self._store = SqliteJobStore(self._config.db_path, self._config.results_dir)
+        self._engines = engines
         self._running: dict[str, asyncio.Task] = {}
         # Webhook deliveries in flight: the event loop only keeps weak references to tasks.
         self._deliveries: set[asyncio.Task] = set()
@@ -114,9 +113,9 @@ class JobManager:
             owner=owner,
             max_attempts=self._config.max_attempts,
             images=len(payload.requests),
-            progress_total=sum(_expected_steps(r) for r in payload.requests),
+            progress_total=sum(r.denoising_steps() for r in payload.requests),
             webhook_url=webhook_url,
-            payload=payload,
+            payload=payload.to_json(),
         )
         await self._db(self._store.create, job)
         self._wake.set()
@@ -199,7 +198,7 @@ class JobManager:
             await self._fail_or_retry(job, unwrap_error(error))
 
     async def _attempt(self, job: JobRecord) -> None:
-        payload: JobPayload = job.payload
+        payload = JobPayload.from_json(job.payload)
         deadline = time.time() + self._config.run_timeout_s
         requests = [
             request.model_copy(update={"request_id": f"{job.id}-{index}-{job.attempts}", "deadline": deadline})
@@ -212,7 +211,9 @@ class JobManager:
                 progress_percent=percent,
             )
 
-        progress = _Progress(write_progress, [_expected_steps(r) for r in requests])
+        # A retried job starts again from step 0: what the store shows is held until this attempt
+        # passes it, so progress never goes down.
+        progress = _Progress(write_progress, [r.denoising_steps() for r in requests], floor=job.progress_percent)
         async with asyncio.TaskGroup() as group:  # one image failing cancels the others
             tasks = [group.create_task(self._run_one(r, index, progress)) for index, r in enumerate(requests)]
         results = [task.result() for task in tasks]
@@ -230,16 +231,30 @@ class JobManager:
             self._notify(done)
 
     async def _run_one(self, request: GenerationRequest, index: int, progress: "_Progress") -> GenerationResult:
-        stream = self._engine.options(stream=True).generate_stream.remote(request)
-        try:
-            async for event in stream:
-                if isinstance(event, ProgressEvent):
-                    await progress.report(index, event.step, event.total)
-                else:
-                    return event
-        finally:
-            stream.cancel()  # no-op once finished; on cancel/failure it stops the engine's work
-        raise RuntimeError("the engine stream ended without a result")
+        wait_s = _BUSY_RETRY_S[0]
+        engine = self._engines[engine_role(request)]
+        while True:
+            stream = None
+            try:
+                stream = engine.options(stream=True).generate_stream.remote(request)
+                async for event in stream:
+                    if isinstance(event, ProgressEvent):
+                        await progress.report(index, event.step, event.total)
+                    else:
+                        return event
+                raise RuntimeError("the engine stream ended without a result")
+            except Exception as exc:  # noqa: BLE001 - only a full engine is waited out here
+                if not _engine_busy(exc):
+                    raise
+                if request.deadline is not None and time.time() + wait_s > request.deadline:
+                    raise DeadlineExceededError("the engines stayed full until the job's deadline", code="timeout") from None
+                logger.info("engine full; job request %s waits %.1fs", request.request_id, wait_s)
+            finally:
+                if stream is not None:  # no-op once finished; on cancel/failure it stops the engine's work
+                    with contextlib.suppress(Exception):  # a refused call's cancel re-raises its refusal
+                        stream.cancel()
+            await asyncio.sleep(wait_s)
+            wait_s = min(2 * wait_s, _BUSY_RETRY_S[1])
 
     async def _fail_or_retry(self, job: JobRecord, error: BaseException) -> None:
         if _retryable(error) and job.attempts < job.max_attempts:
@@ -291,11 +306,12 @@ class JobManager:
 class _Progress:
     """Per-job progress summed over its images, written to the store monotonically and throttled."""
 
-    def __init__(self, write: Callable[[int, int, float], Awaitable], totals: list[int]):
+    def __init__(self, write: Callable[[int, int, float], Awaitable], totals: list[int], floor: float = 0.0):
+        """`floor`: the percent already shown (an earlier attempt's); nothing lower is written."""
         self._write = write
         self._steps = [0] * len(totals)
         self._totals = totals
-        self._percent = 0.0
+        self._percent = floor
         self._written_at = 0.0
 
     @property
@@ -312,13 +328,10 @@ class _Progress:
         await self._write(sum(self._steps), self.total, percent)
 
 
-def _expected_steps(request: GenerationRequest) -> int:
-    """Steps a request will report before it runs (img2img/inpaint run `strength` of them)."""
-    steps = request.num_inference_steps or 1
-    if request.kind != "txt2img" and request.strength is not None:
-        steps = max(1, min(steps, int(steps * request.strength)))
-    return steps
-
+def _engine_busy(exc: BaseException) -> bool:
+    """The engine refused for capacity (its handle's queue or its own): worth waiting for."""
+    exc = unwrap_error(exc)
+    return isinstance(exc, BackPressureError) or (isinstance(exc, OverloadedError) and exc.code == "overloaded")
 
 
 #: One replica: it owns the SQLite file. Ray restarts it if it dies; queued work survives.

@@ -15,11 +15,12 @@ PostgreSQL + an object store) that keeps the same contract:
   expires; `put_file`/`get_file` keep standalone files (OpenAI `url` responses) until they expire.
 - `delete_expired` removes expired results and files and returns how many.
 All methods are synchronous and thread-safe; callers run them off their event loop.
+
+Everything the store writes is private (folders 0700, files 0600) and plain data: records are
+columns and JSON, the payload is the job's versioned JSON (`serve_app/jobs/payload.py`).
 """
 
 import json
-import os
-import pickle
 import sqlite3
 import threading
 import time
@@ -28,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+from configs.paths import private_dir, touch_private, write_private
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass
 class JobRecord:
-    """One job: what to run (`payload`, opaque to the store) and how it went."""
+    """One job: what to run (`payload`, JSON-able and opaque to the store) and how it went."""
 
     id: str
     status: str = "queued"  # queued | running | succeeded | failed | cancelled
@@ -54,7 +57,7 @@ class JobRecord:
     result_media_type: Optional[str] = None
     result_name: Optional[str] = None
     expires_at: Optional[float] = None
-    payload: Any = None
+    payload: Optional[dict[str, Any]] = None
 
     @property
     def done(self) -> bool:
@@ -76,29 +79,52 @@ class JobStore(Protocol):
     def delete_expired(self, now: float) -> int: ...
 
 
-#: Columns stored as JSON text; `payload` is pickled (it holds numpy images).
-_JSON_FIELDS = ("error", "seeds")
+#: Columns stored as JSON text.
+_JSON_FIELDS = ("error", "seeds", "payload")
 _COLUMNS = [name for name in JobRecord.__dataclass_fields__]
+
+#: `PRAGMA user_version` of the layout this code writes. 0: payloads were pickles (before
+#: 2026-12-01); such rows are not read back (see `_migrate`).
+_SCHEMA_VERSION = 1
 
 
 class SqliteJobStore:
     """SQLite records + a results folder. One process owns it (the job manager replica)."""
 
     def __init__(self, db_path: str, results_dir: str):
-        self._results = Path(results_dir)
-        self._results.mkdir(parents=True, exist_ok=True)
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._results = private_dir(Path(results_dir))
+        private_dir(Path(db_path).parent)
+        touch_private(Path(db_path))
         self._lock = threading.Lock()
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        types = {"id": "TEXT PRIMARY KEY", "payload": "BLOB"}
+        types = {"id": "TEXT PRIMARY KEY"}
         columns = ", ".join(f"{name} {types.get(name, '')}".strip() for name in _COLUMNS)
         self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({columns})")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, media_type TEXT, expires_at REAL)"
         )
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older version to `_SCHEMA_VERSION`. Version 0 stored
+        payloads as pickles, which this code never loads: their unfinished jobs fail with a
+        message asking to submit them again; finished ones keep their records and results."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            error = json.dumps(
+                {"message": "the job was stored by an older version of the server; submit it again",
+                 "type": "server_error", "code": "stale_job"}
+            )
+            self._db.execute(
+                "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? "
+                "WHERE typeof(payload) = 'blob' AND status IN ('queued', 'running')",
+                (time.time(), error),
+            )
+            self._db.execute("UPDATE jobs SET payload = NULL WHERE typeof(payload) = 'blob'")
+        self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     # -- records -------------------------------------------------------------------------------
 
@@ -178,7 +204,7 @@ class SqliteJobStore:
     # -- results and files ---------------------------------------------------------------------
 
     def save_result(self, job_id: str, data: bytes, media_type: str, name: str, expires_at: float) -> None:
-        self._write_atomic(self._results / f"job-{job_id}", data)
+        write_private(self._results / f"job-{job_id}", data)
         self.update(job_id, result_media_type=media_type, result_name=name, expires_at=expires_at)
 
     def read_result(self, job_id: str) -> Optional[tuple[bytes, str, str]]:
@@ -190,7 +216,7 @@ class SqliteJobStore:
 
     def put_file(self, data: bytes, media_type: str, expires_at: float) -> str:
         file_id = "file-" + uuid.uuid4().hex
-        self._write_atomic(self._results / file_id, data)
+        write_private(self._results / file_id, data)
         with self._lock:
             self._db.execute("INSERT INTO files VALUES (?, ?, ?)", (file_id, media_type, expires_at))
         return file_id
@@ -223,19 +249,11 @@ class SqliteJobStore:
     # -- helpers -------------------------------------------------------------------------------
 
     @staticmethod
-    def _write_atomic(path: Path, data: bytes) -> None:
-        staging = path.with_name(path.name + ".tmp")
-        staging.write_bytes(data)
-        os.replace(staging, path)
-
-    @staticmethod
     def _to_row(values: dict[str, Any]) -> dict[str, Any]:
         row = dict(values)
         for name in _JSON_FIELDS:
             if name in row:
                 row[name] = None if row[name] is None else json.dumps(row[name])
-        if "payload" in row:
-            row["payload"] = None if row["payload"] is None else pickle.dumps(row["payload"])
         return row
 
     @staticmethod
@@ -245,6 +263,4 @@ class SqliteJobStore:
             if values[name] is not None:
                 values[name] = json.loads(values[name])
         values["seeds"] = values["seeds"] or []
-        if values["payload"] is not None:
-            values["payload"] = pickle.loads(values["payload"])
         return JobRecord(**values)

@@ -249,7 +249,7 @@ def test_batch_of_mixed_requests_async(http):
         ("/v1/jobs", {"kind": "txt2img", "params": {"prompt": "x"}, "n": 11}, 400, "n"),
         ("/v1/images/batch", {"prompts": ["a"], "requests": [{"params": {"prompt": "b"}}]}, 400, "prompts"),
         ("/v1/images/batch", {"prompts": ["a"] * 65}, 400, "prompts"),
-        ("/v1/images/batch", {"prompts": ["a"], "params": {"output_format": "jpeg"}}, 400, "prompts.0.output_format"),
+        ("/v1/images/batch", {"prompts": ["a"], "params": {"output_format": "jpeg"}}, 400, "params.output_format"),
         ("/v1/images/batch", {"requests": [{"params": {"prompt": "a", "steps": 3}}]}, 400, "requests.0.params.steps"),
         ("/v1/images/batch", {"prompts": ["a"], "webhook_url": "http://127.0.0.1:1/x"}, 400, "webhook_url"),
     ],

@@ -2,6 +2,7 @@
 
 import time
 
+import httpx
 import pytest
 import ray
 
@@ -63,4 +64,27 @@ def test_killing_the_gpu_replica_mid_job_never_leaves_it_running(http):
         assert job["attempts"] == 2  # the first attempt died with the replica
     else:
         assert job["error"]["message"]
+    assert _until_ok(http, "/healthz").json()["status"] == "ok"
+
+
+def test_a_sync_request_whose_replica_dies_gets_503_with_retry_after(served, http):
+    """The replica running a synchronous request is killed: the client gets a 503 it can retry
+    (was: 500 `internal_error` from `ActorDiedError`)."""
+    import threading
+
+    answer = {}
+
+    def post():
+        body = {"prompt": "slow", "width": 128, "height": 128, "num_inference_steps": 150, "seed": 1}
+        answer["response"] = httpx.post(f"{served.base_url}/v1/txt2img", json=body, timeout=120)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    time.sleep(1.5)  # the request is on the engine (150 steps at 128² take several seconds)
+    _kill("SDXLBase")
+    thread.join(120)
+    response = answer["response"]
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"].isdigit()
+    assert response.json()["error"]["code"] == "engine_unavailable"
     assert _until_ok(http, "/healthz").json()["status"] == "ok"

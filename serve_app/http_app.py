@@ -1,0 +1,271 @@
+"""The HTTP app: `create_app(engines, jobs, args)` builds the FastAPI routes over injected handles.
+
+The Ray ingress deployment (`serve_app/ingress.py`) serves what this returns; tests build the same
+app in-process over fake or local handles and call it through `httpx.ASGITransport`, with no
+cluster. Each route reads as decode (schema) → serving logic → encode; image decoding and encoding
+run in worker threads, off the event loop that all of the replica's requests share. No `from
+__future__ import annotations` in this module: FastAPI would then read body models as query
+parameters.
+"""
+
+import asyncio
+import time
+from typing import Annotated, Any, Mapping, Optional, Union
+
+from fastapi import Body, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
+
+from configs.app_args import AppArgs
+from deployments.types import BASE_ROLE
+from serve_app.encoding import MEDIA_TYPES, encode_image, to_base64
+from serve_app.errors import engine_call_error, error_response, install_error_handlers
+from serve_app.job_events import job_event_stream
+from serve_app.openapi import body_schema, install_openapi
+from serve_app.protocol import (
+    BatchRequest,
+    ErrorResponse,
+    ImageData,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    Img2ImgJob,
+    Img2ImgRequest,
+    InpaintJob,
+    InpaintRequest,
+    ModelCard,
+    ModelList,
+    Txt2ImgJob,
+    Txt2ImgRequest,
+)
+from serve_app.request_body import BodyLimit, body_limit, parse_body
+from serve_app.serving_images import Generated, ImageServing
+from serve_app.serving_jobs import JobServing, links
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 410, 413, 415, 429, 500, 503, 504)}
+_IMAGES_JSON = {"schema": {"$ref": "#/components/schemas/ImagesResponse"}}
+_NATIVE_RESPONSES = {
+    200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "application/json": _IMAGES_JSON}},
+    **_ERRORS,
+}
+_FILE_RESPONSES = {200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "application/zip": {}}}, **_ERRORS}
+
+
+def _encode_all(results: list, output_format: str, quality: Optional[int]) -> list[bytes]:
+    # Runs in a worker thread: encoding a 1024² PNG takes ~0.1 s, which would otherwise stall
+    # every other request on this replica's event loop.
+    return [encode_image(result.image, output_format, quality) for result in results]
+
+
+def server_timing(arrived: float, generated: Generated, encode_s: float) -> str:
+    """A W3C `Server-Timing` value (ms) whose parts add up to the time the request spent in the
+    ingress (`total`): `decode` (body and images, until the engine calls went out), `queue`
+    (waiting to run: the handle's queue, the engine replica's, admission, transfers), `run` (the
+    engine running the slowest image) and `encode`. A client's latency beyond `total` is the
+    proxy and the network."""
+    decode_s = generated.sent_at - arrived
+    total_s = time.perf_counter() - arrived
+    parts = {
+        "decode": decode_s,
+        "queue": generated.queue_s,
+        "run": generated.run_s,
+        "encode": encode_s,
+        "total": total_s,
+    }
+    return ", ".join(f"{name};dur={seconds * 1e3:.1f}" for name, seconds in parts.items())
+
+
+class _StampArrival:
+    """ASGI middleware: the time a request reached this replica, before its body is read."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["arrived"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
+async def _call(method: Any, *args: Any) -> Any:
+    """`await method.remote(*args)` on a handle; Ray's own failures (also a refusal at `.remote()`)
+    become the envelope's 503s (see `engine_call_error`)."""
+    try:
+        return await method.remote(*args)
+    except Exception as exc:  # noqa: BLE001 - mapped, then raised for the app's handlers
+        raise engine_call_error(exc) from None
+
+
+def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
+    """The FastAPI app of the ingress over a registry of engine handles (`{"base": handle}`) and
+    the job manager's handle. Handles are Ray `DeploymentHandle`s in a deployment, or anything
+    with the same `.method.remote(...)` shape in tests."""
+    images = ImageServing(engines, args)
+    job_serving = JobServing(images, jobs, args)
+    created = int(time.time())
+    # Swagger UI and ReDoc from files shipped in the `fastapi-offline` wheel: GPU hosts are often
+    # offline, and the stock pages load from a CDN.
+    app = FastAPIOffline(
+        title="sdxl-serve",
+        summary="SDXL image generation on Ray Serve, with an OpenAI-compatible images API.",
+        version="0.1.0",
+    )
+    app.add_middleware(BodyLimit, limit=body_limit(args.limits))
+    app.add_middleware(_StampArrival)
+    install_error_handlers(app)
+    install_openapi(app, args)
+
+    async def images_response(body: Any, requests: list, results: list, request: Request) -> ImagesResponse:
+        encoded = await asyncio.to_thread(_encode_all, results, body.output_format, body.output_compression)
+        if getattr(body, "response_format", None) == "url":
+            media_type = MEDIA_TYPES[body.output_format]
+            file_ids = await _call(jobs.put_files, [(data, media_type) for data in encoded])
+            base = args.ingress.public_base_url or str(request.base_url).rstrip("/")
+            data = [ImageData(url=f"{base}/v1/files/{fid}", seed=r.seed) for fid, r in zip(file_ids, results)]
+        else:
+            data = [ImageData(b64_json=to_base64(image), seed=r.seed) for image, r in zip(encoded, results)]
+        return ImagesResponse(
+            created=int(time.time()),
+            data=data,
+            output_format=body.output_format,
+            size=f"{requests[0].width}x{requests[0].height}",
+            model=images.model_id,
+        )
+
+    async def native_response(body: Any, requests: list, generated: Generated, request: Request) -> Response:
+        started = time.perf_counter()
+        arrived = request.state.arrived
+        if body.response_format == "b64_json":
+            response = await images_response(body, requests, generated.results, request)
+            timing = server_timing(arrived, generated, time.perf_counter() - started)
+            return JSONResponse(response.model_dump(mode="json"), headers={"Server-Timing": timing})
+        (result,) = generated.results
+        (content,) = await asyncio.to_thread(_encode_all, generated.results, body.output_format, body.output_compression)
+        return Response(
+            content=content,
+            media_type=MEDIA_TYPES[body.output_format],
+            # X-Batch-Size: how many requests shared this image's forward passes (load tuning).
+            headers={
+                "X-Seed": str(result.seed),
+                "X-Batch-Size": str(result.batch_size),
+                "Server-Timing": server_timing(arrived, generated, time.perf_counter() - started),
+            },
+        )
+
+    # -- images ----------------------------------------------------------------------------------
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
+    async def images_generations(body: ImageGenerationRequest, request: Request) -> Any:
+        """OpenAI-compatible text-to-image; images come back base64-encoded (or as stored
+        `url`s) with their seeds."""
+        requests = images.requests_for_generations(body)
+        generated = await images.generate(requests, user=body.user)
+        return await images_response(body, requests, generated.results, request)
+
+    @app.post(
+        "/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS, openapi_extra=body_schema(ImageEditRequest)
+    )
+    async def images_edits(request: Request) -> Any:
+        """OpenAI-compatible edits (multipart): inpaint the mask's transparent area, or img2img."""
+        body = await parse_body(request, ImageEditRequest, args.limits)
+        requests = await asyncio.to_thread(images.requests_for_edit, body)
+        generated = await images.generate(requests, user=body.user)
+        return await images_response(body, requests, generated.results, request)
+
+    @app.post("/v1/txt2img", response_class=Response, responses=_NATIVE_RESPONSES)
+    async def txt2img(body: Txt2ImgRequest, request: Request) -> Response:
+        """Text-to-image answering the image bytes (seed in `X-Seed`), or JSON with `b64_json`."""
+        requests = images.requests_for_txt2img(body)
+        return await native_response(body, requests, await images.generate(requests), request)
+
+    @app.post(
+        "/v1/img2img", response_class=Response, responses=_NATIVE_RESPONSES, openapi_extra=body_schema(Img2ImgRequest)
+    )
+    async def img2img(request: Request) -> Response:
+        """Image-to-image from JSON (base64 `image`) or multipart/form-data."""
+        body = await parse_body(request, Img2ImgRequest, args.limits)
+        requests = await asyncio.to_thread(images.requests_for_img2img, body)
+        return await native_response(body, requests, await images.generate(requests), request)
+
+    @app.post(
+        "/v1/inpaint", response_class=Response, responses=_NATIVE_RESPONSES, openapi_extra=body_schema(InpaintRequest)
+    )
+    async def inpaint(request: Request) -> Response:
+        """Inpainting (white mask = repaint) from JSON (base64 `image`/`mask`) or multipart/form-data."""
+        body = await parse_body(request, InpaintRequest, args.limits)
+        requests = await asyncio.to_thread(images.requests_for_inpaint, body)
+        return await native_response(body, requests, await images.generate(requests), request)
+
+    # -- async jobs, batches, stored files -------------------------------------------------------
+
+    @app.post("/v1/jobs", status_code=202, responses=_ERRORS)
+    async def submit_job(
+        body: Annotated[Union[Txt2ImgJob, Img2ImgJob, InpaintJob], Body(discriminator="kind")],
+    ) -> Any:
+        """Queue any native request (`kind` says which; `params` is its body, images as base64);
+        answers 202 with the job and its links."""
+        return JSONResponse(await job_serving.submit(body), status_code=202)
+
+    @app.get("/v1/jobs", responses=_ERRORS)
+    async def list_jobs(limit: int = Query(20, ge=1, le=100)) -> Any:
+        """Recent jobs, newest first."""
+        found = await _call(jobs.list_jobs, limit)
+        return {"object": "list", "data": [{**job, "links": links(job["id"])} for job in found]}
+
+    @app.get("/v1/jobs/{job_id}", responses=_ERRORS)
+    async def get_job(job_id: str) -> Any:
+        """Status, per-job progress (step/total/percent), timestamps, error, seeds."""
+        return {**await _call(jobs.get, job_id), "links": links(job_id)}
+
+    @app.delete("/v1/jobs/{job_id}", responses=_ERRORS)
+    async def cancel_job(job_id: str) -> Any:
+        """Cancel: a queued job never runs; a running one stops at its next denoising step."""
+        return {**await _call(jobs.cancel, job_id), "links": links(job_id)}
+
+    @app.get("/v1/jobs/{job_id}/result", response_class=Response, responses=_FILE_RESPONSES)
+    async def job_result(job_id: str) -> Response:
+        """The image, or a ZIP (images + manifest.json) when the job made several."""
+        data, media_type, name = await _call(jobs.result, job_id)
+        return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse, responses=_ERRORS)
+    async def job_events(job_id: str) -> Any:
+        """Server-sent events: `progress` while the job changes, then one `done` with the final state."""
+        first = await _call(jobs.get, job_id)
+        return StreamingResponse(job_event_stream(jobs, first), media_type="text/event-stream")
+
+    @app.post(
+        "/v1/images/batch",
+        response_class=Response,
+        responses={200: {"content": {"application/zip": {}}}, 202: {"description": "With `async: true`: the job."}, **_ERRORS},
+    )
+    async def images_batch(body: BatchRequest) -> Response:
+        """Many requests, one ZIP (images + manifest.json); with `async: true`, a job making it."""
+        payload = await asyncio.to_thread(job_serving.batch_payload, body)
+        if body.run_async:
+            return JSONResponse(await job_serving.submit_batch(payload, body.webhook_url), status_code=202)
+        data, media_type, name = await job_serving.run_batch(payload)
+        return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @app.get("/v1/files/{file_id}", response_class=Response, responses=_FILE_RESPONSES)
+    async def get_file(file_id: str) -> Response:
+        """A stored image (OpenAI `response_format: "url"`), until it expires."""
+        data, media_type = await _call(jobs.get_file, file_id)
+        return Response(data, media_type=media_type)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=images.model_id, created=created)])
+
+    @app.get("/healthz", responses={503: {"model": ErrorResponse}})
+    async def healthz() -> Any:
+        """Ready when every engine answers: its model is loaded and a replica is serving."""
+        infos = {}
+        for role, engine in images.engines.items():
+            try:
+                infos[role] = await asyncio.wait_for(engine.model_info.remote(), timeout=5.0)
+            except Exception:
+                return error_response(503, f"the {role} engine is not ready", "overloaded_error", code="not_ready")
+        return JSONResponse({"status": "ok", "model": infos[BASE_ROLE], "engines": sorted(infos)})
+
+    return app

@@ -1,0 +1,75 @@
+"""What a job runs, and its durable form: versioned JSON (images as lossless PNG), never a pickle.
+
+A pickle in the job database would run code on load for anyone who can write the file, and would
+break on any change to the classes it names; JSON with a version number does neither.
+"""
+
+import base64
+import io
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from deployments.types import GenerationRequest
+
+#: Bump when the layout below changes; `from_json` refuses versions it does not know.
+PAYLOAD_VERSION = 1
+
+_IMAGE_FIELDS = ("init_image", "mask_image")
+
+
+@dataclass
+class JobPayload:
+    """What a job runs: engine requests (one per image) and how to encode the result."""
+
+    requests: list[GenerationRequest]
+    output_format: str = "png"
+    output_compression: Optional[int] = None
+    #: Always answer a ZIP with a manifest (the batch endpoint), even for one image.
+    archive: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": PAYLOAD_VERSION,
+            "requests": [_request_to_json(request) for request in self.requests],
+            "output_format": self.output_format,
+            "output_compression": self.output_compression,
+            "archive": self.archive,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "JobPayload":
+        if data.get("version") != PAYLOAD_VERSION:
+            raise ValueError(f"job payload version {data.get('version')!r} is not {PAYLOAD_VERSION}")
+        return cls(
+            requests=[_request_from_json(item) for item in data["requests"]],
+            output_format=data["output_format"],
+            output_compression=data["output_compression"],
+            archive=data["archive"],
+        )
+
+
+def _request_to_json(request: GenerationRequest) -> dict[str, Any]:
+    data = request.model_dump(mode="json", exclude=set(_IMAGE_FIELDS))
+    for name in _IMAGE_FIELDS:
+        pixels = getattr(request, name)
+        data[name] = None if pixels is None else _png_base64(pixels)
+    return data
+
+
+def _request_from_json(data: dict[str, Any]) -> GenerationRequest:
+    images = {name: None if data.get(name) is None else _pixels(data[name]) for name in _IMAGE_FIELDS}
+    return GenerationRequest.model_validate({**data, **images})
+
+
+def _png_base64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _pixels(text: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(text))) as image:
+        return np.asarray(image).copy()

@@ -1,0 +1,152 @@
+"""The served OpenAPI schema, made to say exactly what this deployment accepts.
+
+FastAPI derives the schema from the pydantic models; what it cannot know is added here:
+- the deployment's settings: `limits` (steps, n, prompt length, image sides, batch size), which
+  the models leave to `check_limits` because they are configuration, not API facts, and the
+  served model's name and the scheduler names the server knows;
+- multipart bodies, which have no `null` (an absent part is the default) and carry images as file
+  parts: their schema is the JSON one without the null branches, with `format: binary` images;
+- the 422 responses FastAPI lists for every route: this server answers validation errors 400.
+Schemathesis checks the result against the running app in `tests/test_openapi_conformance.py`.
+"""
+
+import copy
+import math
+from typing import Any
+
+from fastapi import FastAPI
+
+from configs.app_args import AppArgs, LimitsConfig
+from configs.schedulers import SCHEDULERS
+
+
+def body_schema(model: type) -> dict:
+    """`openapi_extra` for routes that read JSON or multipart themselves (FastAPI cannot declare
+    both): the model's schema for JSON, and the same without nulls for multipart."""
+    schema = model.model_json_schema()
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema},
+                "multipart/form-data": {"schema": _as_form(copy.deepcopy(schema))},
+            },
+        }
+    }
+
+
+def install_openapi(app: FastAPI, args: AppArgs) -> None:
+    """Serve the schema with the deployment's settings written in and the 422s removed (built
+    once, cached)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            _drop_422(schema)
+            _constrain_properties(schema, _deployment_constraints(args))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def side_bounds(limits: LimitsConfig) -> tuple[int, int]:
+    """The smallest and largest side (multiples of 8) the schema states. Any two sides in this
+    range are accepted; the server also accepts a longer side when width × height still fits
+    `limits.max_pixels`, which a JSON schema cannot express."""
+    smallest = math.ceil(limits.min_side / 8) * 8
+    largest = math.isqrt(limits.max_pixels) // 8 * 8
+    return smallest, largest
+
+
+def _deployment_constraints(args: AppArgs) -> dict[str, dict[str, Any]]:
+    """JSON Schema keywords per property name, from the deployment's settings."""
+    limits = args.limits
+    smallest, largest = side_bounds(limits)
+    sides = "|".join(str(side) for side in range(largest, smallest - 1, -8))
+    side = {
+        "minimum": smallest,
+        "maximum": largest,
+        "multipleOf": 8,
+        "description": (
+            f"Pixels, a multiple of 8, {smallest} to {largest}; width × height at most "
+            f"{limits.max_pixels}. Absent: the model's default."
+        ),
+    }
+    text = {"maxLength": limits.max_prompt_chars}
+    items = {"maxItems": args.jobs.max_batch_items}
+    return {
+        "num_inference_steps": {"maximum": limits.max_steps},
+        "n": {"maximum": limits.max_n},
+        "prompt": text,
+        "negative_prompt": text,
+        "prompts": {"items": text, **items},
+        "requests": items,
+        "width": side,
+        "height": side,
+        "size": {"pattern": f"^(auto|({sides})x({sides}))$"},
+        "model": {"enum": [args.model.name]},
+        # ids and names as listed; the server also takes other letter cases
+        "scheduler": {"enum": sorted(set(SCHEDULERS) | set(SCHEDULERS.values()))},
+    }
+
+
+def _constrain_properties(node: Any, constraints: dict[str, dict[str, Any]]) -> None:
+    if isinstance(node, dict):
+        for name, prop in (node.get("properties") or {}).items():
+            if name in constraints:
+                _constrain(prop, constraints[name])
+        for value in node.values():
+            _constrain_properties(value, constraints)
+    elif isinstance(node, list):
+        for value in node:
+            _constrain_properties(value, constraints)
+
+
+def _constrain(prop: dict, keywords: dict[str, Any]) -> None:
+    """Add keywords to a property's non-null schema (inside `anyOf` when it is nullable)."""
+    description = keywords.get("description")
+    keywords = {k: v for k, v in keywords.items() if k != "description"}
+    targets = [branch for branch in prop.get("anyOf", []) if branch.get("type") != "null"] or [prop]
+    for target in targets:
+        for key, value in keywords.items():
+            if isinstance(value, dict):
+                target.setdefault(key, {}).update(value)
+            else:
+                target[key] = value
+    if description:
+        prop["description"] = description
+
+
+def _drop_422(schema: dict) -> None:
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+
+
+def _as_form(node: Any) -> Any:
+    """The multipart form of a JSON body schema: `anyOf: [X, null]` is X, no default is null,
+    and base64 images (`format: byte`) are file parts (`format: binary`)."""
+    if isinstance(node, dict):
+        if node.get("format") == "byte":
+            node["format"] = "binary"
+        branches = node.get("anyOf")
+        if branches and any(branch.get("type") == "null" for branch in branches):
+            rest = [branch for branch in branches if branch.get("type") != "null"]
+            node.pop("anyOf")
+            if len(rest) == 1:
+                node.update(rest[0])
+            else:
+                node["anyOf"] = rest
+        if node.get("default", 0) is None:
+            node.pop("default")
+        for value in node.values():
+            _as_form(value)
+    elif isinstance(node, list):
+        for value in node:
+            _as_form(value)
+    return node

@@ -1,0 +1,143 @@
+"""In-process stand-ins for Ray handles and the engine deployment, so the HTTP app, the serving
+logic and the job manager are tested without a cluster (as Ray Serve's LLM layer tests its
+ingress against a mock engine).
+
+`LocalHandle(obj)` gives any object the `DeploymentHandle` call shape: `handle.method.remote(...)`
+returns an awaitable response with `cancel()`, and `handle.options(stream=True).method.remote(...)`
+an async iterator with `cancel()`. `FakeEngine` has the engine deployment's public methods (a test
+checks they exist on the real class) and draws a flat image whose colour is its seed.
+"""
+
+import asyncio
+import contextlib
+import inspect
+import time
+from typing import Any, AsyncIterator, Optional
+
+import httpx
+import numpy as np
+
+from configs.app_args import AppArgs
+from deployments.types import GenerationRequest, GenerationResult, ProgressEvent
+from serve_app.http_app import create_app
+from serve_app.jobs.manager import JobManager
+
+
+class _Response:
+    """Like `DeploymentResponse`: awaitable once, `cancel()` any time (a no-op when done)."""
+
+    def __init__(self, call: Any):
+        self._task = asyncio.ensure_future(call) if inspect.isawaitable(call) else None
+        self._value = call
+
+    def __await__(self):
+        if self._task is None:
+            async def value():
+                return self._value
+
+            return value().__await__()
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class _Stream:
+    """Like a streaming `DeploymentResponseGenerator`."""
+
+    def __init__(self, generator: Any):
+        self._generator = generator
+
+    def __aiter__(self):
+        return self._generator
+
+    def cancel(self) -> None:
+        asyncio.ensure_future(self._generator.aclose())
+
+
+class _Method:
+    def __init__(self, function: Any, stream: bool):
+        self._function, self._stream = function, stream
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._function(*args, **kwargs)
+        return _Stream(result) if self._stream else _Response(result)
+
+
+class LocalHandle:
+    def __init__(self, target: Any, stream: bool = False):
+        self._target, self._stream = target, stream
+
+    def options(self, stream: bool = False, **_: Any) -> "LocalHandle":
+        return LocalHandle(self._target, stream)
+
+    def __getattr__(self, name: str) -> _Method:
+        return _Method(getattr(self._target, name), self._stream)
+
+
+class FakeEngine:
+    """The engine deployment's API with no model: a flat image per request (colour = seed % 256),
+    after `delay_s`, at most `capacity` at once; `failures` are raised by the next calls."""
+
+    def __init__(self, delay_s: float = 0.0, capacity: int = 64):
+        self.delay_s = delay_s
+        self.failures: list[BaseException] = []
+        self.requests: list[GenerationRequest] = []
+        self._slots = asyncio.Semaphore(capacity)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        async for event in self.generate_stream(request):
+            if isinstance(event, GenerationResult):
+                return event
+        raise AssertionError("no result")
+
+    async def generate_stream(self, request: GenerationRequest):
+        self.requests.append(request)
+        if self.failures:
+            raise self.failures.pop(0)
+        arrived = time.perf_counter()
+        async with self._slots:
+            started = time.perf_counter()
+            steps = request.denoising_steps()
+            for step in range(1, steps + 1):
+                await asyncio.sleep(self.delay_s / steps)
+                yield ProgressEvent(step, steps)
+            image = np.full((request.height, request.width, 3), (request.seed or 0) % 256, dtype=np.uint8)
+            yield GenerationResult(
+                request.request_id,
+                image,
+                request.seed or 0,
+                1,
+                {"queue_s": started - arrived, "run_s": time.perf_counter() - started},
+            )
+
+    def cancel(self, request_id: str) -> bool:
+        return False
+
+    def progress(self, request_id: str) -> Optional[dict[str, int]]:
+        return None
+
+    def model_info(self) -> dict[str, Any]:
+        return {"id": "sdxl-tiny", "source": "fake", "device": "cpu", "dtype": "float32"}
+
+    def stats(self) -> dict[str, Any]:
+        return {"requests": len(self.requests)}
+
+
+@contextlib.asynccontextmanager
+async def local_app(engine: Any, state_dir: Any, **args: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The ingress app in-process over `engine` (any object with the engine API) and a real job
+    manager in `state_dir`; yields an `httpx.AsyncClient` talking ASGI to it."""
+    config = AppArgs.model_validate({"state_dir": str(state_dir), **args}).with_state_paths()
+    engines = {"base": LocalHandle(engine)}
+    manager = JobManager.__new__(JobManager)  # its constructor is async, as in a replica
+    await manager.__init__(engines, config.jobs.model_dump())
+    app = create_app(engines, LocalHandle(manager), config)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
+            yield client
+    finally:
+        for loop in manager._loops:
+            loop.cancel()

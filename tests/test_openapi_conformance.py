@@ -1,0 +1,109 @@
+"""Schemathesis against the served OpenAPI schema: every request the schema calls valid is
+accepted, no request gets a 5xx, and every answer's status and body are the ones the schema lists.
+
+The app runs in-process (uvicorn in a thread) over the fake engine, with small limits so images
+stay tiny; uploads are drawn as real PNGs (64x64, with a transparent square, so they also serve as
+OpenAI edit masks) since the schema can say "an image" but not "a decodable one".
+"""
+
+import asyncio
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+import schemathesis
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from schemathesis.checks import (
+    not_a_server_error,
+    positive_data_acceptance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from configs.app_args import AppArgs
+from serve_app.http_app import create_app
+from serve_app.jobs.manager import JobManager
+from tests.fakes import FakeEngine, LocalHandle
+from tests.integration.conftest import free_port
+
+LIMITS = {"max_pixels": 128 * 128, "max_steps": 6, "max_n": 2, "max_prompt_chars": 200}
+JOBS = {"max_batch_items": 3, "webhook_attempts": 1, "webhook_timeout_s": 0.5}
+EXAMPLES = 100  # per operation and method: 14 operations in about 10 s
+
+
+def _upload(seed: int) -> bytes:
+    rgba = np.random.default_rng(seed).integers(0, 256, size=(64, 64, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[16:48, 16:48, 3] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(rgba).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_UPLOADS = [_upload(seed) for seed in range(3)]
+schemathesis.openapi.format("binary", st.sampled_from(_UPLOADS))
+schemathesis.openapi.format("byte", st.sampled_from([base64.b64encode(data).decode() for data in _UPLOADS]))
+
+
+def _config(state_dir) -> AppArgs:
+    model = {"source": "tiny", "default_steps": 4, "default_size": [64, 64]}
+    return AppArgs.model_validate(
+        {"state_dir": str(state_dir), "model": model, "limits": LIMITS, "jobs": JOBS}
+    ).with_state_paths()
+
+
+@pytest.fixture(scope="module")
+def api_url(tmp_path_factory):
+    """The app on a real socket in its own event loop thread (the job manager's loops live there)."""
+    config = _config(tmp_path_factory.mktemp("state"))
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    server: dict = {}
+    ready = threading.Event()
+
+    async def main():
+        engines = {"base": LocalHandle(FakeEngine())}
+        manager = JobManager.__new__(JobManager)
+        await manager.__init__(engines, config.jobs.model_dump())
+        app = create_app(engines, LocalHandle(manager), config)
+        server["uvicorn"] = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        ready.set()
+        await server["uvicorn"].serve()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    ready.wait(30)
+    while not server["uvicorn"].started:
+        threading.Event().wait(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server["uvicorn"].should_exit = True
+    thread.join(10)
+
+
+def _schema() -> dict:
+    """The schema the server serves, built the same way without starting it (no handle is called
+    to build it): its operations parametrize the test."""
+    app = create_app({"base": LocalHandle(FakeEngine())}, LocalHandle(None), _config("/nonexistent"))
+    return app.openapi()
+
+
+SCHEMA = schemathesis.openapi.from_dict(_schema())
+OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
+
+
+@pytest.mark.parametrize("operation", OPERATIONS, ids=[operation.label for operation in OPERATIONS])
+def test_the_server_does_what_its_schema_says(api_url, operation):
+    @given(case=operation.as_strategy())
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    def run(case):
+        case.call_and_validate(
+            base_url=api_url,
+            checks=[not_a_server_error, status_code_conformance, response_schema_conformance, positive_data_acceptance],
+        )
+
+    run()
