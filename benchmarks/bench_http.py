@@ -11,8 +11,9 @@ First the plain pipeline is called in this process, one request at a time (unles
 then, for each --model (in order, in the same run), the Ray Serve app is started and driven over
 HTTP by closed-loop clients at each concurrency. A --model is `label=JSON`: a model spec
 (configs/model_spec.py), or `{"model": spec, ...}` with any of `replicas` (engine replicas, each
-with --engine-gpus), `max_batch_size`, `batch_wait_s` and `concurrency` overriding the flags for
-that run. Batch sizes come from each response's `X-Batch-Size` header, so they count every replica.
+with --engine-gpus), `max_batch_size`, `batch_wait_s`, `scheduling` and `concurrency` overriding
+the flags for that run. Batch sizes come from each response's `X-Batch-Size` header (the most
+requests that shared a UNet forward with it), so they count every replica.
 Prints a table and writes `bench_http.json` into --out.
 """
 
@@ -26,25 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+from load import closed_loop, server_timing, summary
+
 os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def _summary(latencies: list[float], wall_s: float) -> dict:
-    return {
-        "requests": len(latencies),
-        "req_per_s": round(len(latencies) / wall_s, 3),
-        "p50_s": round(_percentile(latencies, 50), 4),
-        "p95_s": round(_percentile(latencies, 95), 4),
-        "p99_s": round(_percentile(latencies, 99), 4),
-        "mean_s": round(statistics.fmean(latencies), 4),
-    }
 
 
 def bench_direct(spec_raw: dict, size: int, steps: int, requests: int) -> dict:
@@ -65,7 +52,7 @@ def bench_direct(spec_raw: dict, size: int, steps: int, requests: int) -> dict:
         t0 = time.perf_counter()
         pipe(generator=torch.Generator().manual_seed(i), **args)
         latencies.append(time.perf_counter() - t0)
-    result = _summary(latencies, time.perf_counter() - started)
+    result = summary(latencies, time.perf_counter() - started)
     del pipe
     return result
 
@@ -74,49 +61,18 @@ def bench_direct(spec_raw: dict, size: int, steps: int, requests: int) -> dict:
 SPLIT_COLUMNS = (("decode_s", 10), ("queue_s", 9), ("run_s", 8), ("encode_s", 10), ("rest_s", 8))
 
 
-def _server_timing(header: str) -> dict[str, float]:
-    """`queue;dur=1.0, run;dur=2.0, ...` -> {"queue": 0.001, "run": 0.002, ...} in seconds."""
-    return {name.strip(): float(ms) / 1e3 for name, ms in (part.split(";dur=") for part in header.split(","))}
-
-
-async def _closed_loop(
-    base_url: str, concurrency: int, total: int, body: dict
-) -> tuple[list[float], list[int], list[dict[str, float]], float]:
-    """`concurrency` clients, each sending its next request when the last one answered."""
-    import httpx
-
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    timings: list[dict[str, float]] = []
-    remaining = iter(range(total))
-
-    async def client(http: "httpx.AsyncClient") -> None:
-        for i in remaining:
-            t0 = time.perf_counter()
-            response = await http.post("/v1/txt2img", json={**body, "seed": i})
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - t0)
-            batch_sizes.append(int(response.headers["x-batch-size"]))
-            timings.append(_server_timing(response.headers["server-timing"]))
-
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        return latencies, batch_sizes, timings, time.perf_counter() - started
-
-
 def _run_settings(args, raw: dict) -> tuple[dict, dict]:
     """Split a --model JSON into the model spec and this run's serving settings."""
     if "model" not in raw:
         raw = {"model": raw}
-    unknown = set(raw) - {"model", "replicas", "max_batch_size", "batch_wait_s", "concurrency"}
+    unknown = set(raw) - {"model", "replicas", "max_batch_size", "batch_wait_s", "scheduling", "concurrency"}
     if unknown:
         raise SystemExit(f"--model: unknown keys {sorted(unknown)}")
     settings = {
         "replicas": raw.get("replicas", 1),
         "max_batch_size": raw.get("max_batch_size", args.max_batch_size),
         "batch_wait_s": raw.get("batch_wait_s", args.batch_wait_s),
+        "scheduling": raw.get("scheduling", args.scheduling),
         "concurrency": raw.get("concurrency", args.concurrency),
     }
     return raw["model"], settings
@@ -129,7 +85,11 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
 
     app_args = {
         "model": spec_raw,
-        "batching": {"max_batch_size": settings["max_batch_size"], "batch_wait_timeout_s": settings["batch_wait_s"]},
+        "batching": {
+            "max_batch_size": settings["max_batch_size"],
+            "batch_wait_timeout_s": settings["batch_wait_s"],
+            "scheduling": settings["scheduling"],
+        },
         "engine": {"num_replicas": settings["replicas"], "num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
         "ingress": {"num_replicas": 1, "num_cpus": 0.5},
     }
@@ -144,11 +104,17 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     rows = []
     try:
         warm = 2 * settings["replicas"]
-        asyncio.run(_closed_loop(base_url, warm, 2 * warm, body))  # warm-up, every replica
+        asyncio.run(closed_loop(base_url, "/v1/txt2img", warm, [{**body, "seed": i} for i in range(2 * warm)]))
         for concurrency in settings["concurrency"]:
             total = max(args.requests, concurrency * args.rounds)
-            latencies, batch_sizes, timings, wall_s = asyncio.run(_closed_loop(base_url, concurrency, total, body))
-            summary = _summary(latencies, wall_s)
+            bodies = [{**body, "seed": i} for i in range(total)]
+            answers, wall_s = asyncio.run(closed_loop(base_url, "/v1/txt2img", concurrency, bodies))
+            for _, _, response in answers:
+                response.raise_for_status()
+            latencies = [latency for _, latency, _ in answers]
+            batch_sizes = [int(response.headers["x-batch-size"]) for _, _, response in answers]
+            timings = [server_timing(response.headers["server-timing"]) for _, _, response in answers]
+            run_summary = summary(latencies, wall_s)
             # Where a request's time went (Server-Timing means): reading the body, waiting to run,
             # the engine running its image, encoding; they add up to the ingress `total`, and the
             # rest of the client's latency is the proxy and transfer.
@@ -162,12 +128,12 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
                     "replicas": settings["replicas"],
                     "max_batch_size": settings["max_batch_size"],
                     "batch_wait_s": settings["batch_wait_s"],
+                    "scheduling": settings["scheduling"],
                     "concurrency": concurrency,
-                    **summary,
-                    "req_per_s_per_replica": round(summary["req_per_s"] / settings["replicas"], 3),
-                    # A call of b requests answers b of them: calls = sum(1/b), so this is the
-                    # mean per pipeline call (exact when no call straddles the measurement's edges).
-                    "mean_batch": round(len(batch_sizes) / sum(1 / b for b in batch_sizes), 2),
+                    **run_summary,
+                    "req_per_s_per_replica": round(run_summary["req_per_s"] / settings["replicas"], 3),
+                    # X-Batch-Size: the most requests that shared one UNet forward with a request.
+                    "mean_batch": round(statistics.fmean(batch_sizes), 2),
                     "max_batch": max(batch_sizes),
                     "mean_split": split,
                 }
@@ -183,7 +149,7 @@ def main() -> None:
     parser.add_argument(
         "--model",
         action="append",
-        help="label=JSON: a model spec, or {model, replicas, max_batch_size, batch_wait_s, concurrency}; "
+        help="label=JSON: a model spec, or {model, replicas, max_batch_size, batch_wait_s, scheduling, concurrency}; "
         "repeat to compare in one run. Default: http={tiny}",
     )
     parser.add_argument("--skip-direct", action="store_true", help="no in-process baseline (saves GPU time)")
@@ -193,7 +159,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="requests each client sends, at least")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-wait-s", type=float, default=0.05)
+    parser.add_argument("--batch-wait-s", type=float, default=0.05, help="the request scheduling's batch window")
+    parser.add_argument("--scheduling", choices=["step", "request"], default="step")
     parser.add_argument("--engine-cpus", type=float, default=2, help="CPUs of the engine replica (torch threads)")
     parser.add_argument("--engine-gpus", type=float, default=0, help="GPUs of each engine replica")
     parser.add_argument("--ray-cpus", type=int, default=3, help="logical CPUs given to the local Ray cluster")
@@ -242,7 +209,7 @@ def main() -> None:
     header = (
         f"{'mode':<14}{'repl':>5}{'mbs':>5}{'wait s':>8}{'conc':>5}{'reqs':>6}{'req/s':>9}{'/replica':>9}"
         f"{'p50 s':>9}{'p95 s':>9}{'p99 s':>9}{'mean batch':>12}{'max batch':>11}"
-        f"{'queue s':>9}{'run s':>8}{'encode s':>10}{'rest s':>8}"
+        + "".join(f"{key.replace('_s', ' s'):>{width}}" for key, width in SPLIT_COLUMNS)
     )
     print(header)
     for row in rows:

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.model_spec import SdxlArchSpec, TinySpec  # noqa: E402
-from deployments.batching import BatchRunner  # noqa: E402
+from deployments.engine.loop import StepEngine  # noqa: E402
 from deployments.pipelines import load_pipeline  # noqa: E402
 from deployments.types import GenerationRequest  # noqa: E402
 
@@ -158,7 +158,7 @@ def bench_variant(name: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     pipe = load_pipeline(spec)
-    runner = BatchRunner(pipe, buckets=spec.optimize.buckets())
+    engine = StepEngine(pipe, max_rows=max(args.batches), buckets=spec.optimize.buckets())
     load_s = time.perf_counter() - started
     row: dict = {
         "variant": name,
@@ -169,16 +169,16 @@ def bench_variant(name: str, args) -> dict:
     }
 
     first = time.perf_counter()
-    (probe,) = runner.run([_request(args.size, args.steps, seed=0)])
+    (probe,) = engine.generate([_request(args.size, args.steps, seed=0)])
     row["first_image_s"] = round(time.perf_counter() - first, 2)  # includes compile when on
     row["batches"], row["stages"] = {}, {}
     for batch in args.batches:
         requests = [_request(args.size, args.steps, seed=i) for i in range(batch)]
         warm_up = time.perf_counter()
-        runner.run(requests)  # warm-up (compiles this bucket)
+        engine.generate(requests)  # warm-up (compiles this bucket)
         first_call_s = time.perf_counter() - warm_up
         repeats = 3 if batch <= 4 else 2
-        latency = _cuda_time(lambda: runner.run(requests), repeats)
+        latency = _cuda_time(lambda: engine.generate(requests), repeats)
         row["batches"][batch] = {
             "latency_s": round(latency, 3),
             "img_per_s": round(batch / latency, 3),

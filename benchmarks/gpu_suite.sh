@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_suite.sh scaling    # over HTTP: unoptimized, then the compiled app on 1, 2, 4... replicas
 #   bash benchmarks/gpu_suite.sh restart    # over HTTP: the compiled app started cold, then restarted on every GPU
 #   bash benchmarks/gpu_suite.sh wait       # over HTTP: batch wait 0.1 vs 0.02 s (1 and 16 clients), then every GPU
+#   bash benchmarks/gpu_suite.sh scheduling # over HTTP: step vs request scheduling (closed, open 50/90%, mixed 8/40 steps)
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
@@ -19,7 +20,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart or wait}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait or scheduling}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 mkdir -p "$OUT" "$site"
@@ -151,5 +152,17 @@ wait)
     --model "wait0.02={\"model\": $base, \"batch_wait_s\": 0.02}" \
     --model "wait0.02_x$gpus={\"model\": $base, \"batch_wait_s\": 0.02, \"replicas\": $gpus, \"concurrency\": [$((16 * gpus))]}" \
     --out "$OUT/wait"
+  ;;
+scheduling)
+  # Step-level vs request-level scheduling of the compiled app (as configs/serve_config.gpu.yaml),
+  # full-size SDXL, 1024², 30 steps: a closed loop at 16 clients, Poisson arrivals at 50% and 90%
+  # of the request policy's capacity, a half 8-step / half 40-step mix. A cold compile (~5 min)
+  # and both policies do not fit one 10-minute call: run it twice on a warm machine, the first
+  # with POLICIES=request (compiles, measures the capacity), the second with POLICIES=step
+  # CAPACITY=<the first's closed-loop req/s> (the cache is warm: ~70 s to start).
+  fast=${FAST_SPEC:-$(compiled "$CACHE")}
+  python3 benchmarks/bench_scheduling.py --engine-gpus 1 --engine-cpus 4 --ray-cpus 8 --size 1024 --steps 30 \
+    --clients 16 --rounds ${ROUNDS:-2} --open-requests ${OPEN_REQUESTS:-32} --policies ${POLICIES:-request,step} \
+    ${CAPACITY:+--capacity $CAPACITY} --model "$fast" --out "$OUT/scheduling"
   ;;
 esac

@@ -4,7 +4,7 @@ Every field is described and bounded; unknown keys are rejected (`extra="forbid"
 config file fails `serve run`/`serve deploy` instead of being silently ignored.
 """
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,14 +17,30 @@ class _Strict(BaseModel):
 
 
 class BatchingConfig(_Strict):
+    """How an engine replica batches: requests are rows of one running denoising loop."""
+
     max_batch_size: int = Field(
-        8, ge=1, le=64, description="Most requests one `@serve.batch` call gathers on a replica."
+        8,
+        ge=1,
+        le=64,
+        description=(
+            "Most requests denoising at once on a replica (rows of its running batch; a guided image "
+            "is two UNet rows). The replica accepts twice this: a batch running, one waiting."
+        ),
+    )
+    scheduling: Literal["step", "request"] = Field(
+        "step",
+        description=(
+            "`step`: waiting requests join the running batch between denoising steps. `request`: "
+            "they are admitted only into an empty engine (whole batches, as with request-level "
+            "batching), kept for comparison."
+        ),
     )
     batch_wait_timeout_s: float = Field(
         0.05,
         ge=0.0,
         le=10.0,
-        description="How long the first request of a batch waits for others before the batch runs.",
+        description="`request` scheduling: how long an idle engine waits for a batch to form. `step` admits at once.",
     )
 
 

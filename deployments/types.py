@@ -9,6 +9,7 @@ HTTP schemas in `serve_app/protocol.py` reuse them, so the two doors cannot drif
 deployment's configured limits (`LimitsConfig`) narrow them further in `check_limits`.
 """
 
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional, Protocol
@@ -20,6 +21,11 @@ from configs.app_args import LimitsConfig
 from configs.schedulers import SCHEDULERS, canonical_scheduler
 
 MAX_SEED = 2**32 - 1
+
+
+def draw_seed() -> int:
+    """A random seed for a request that gave none (it is returned with the image)."""
+    return secrets.randbelow(MAX_SEED + 1)
 
 Kind = Literal["txt2img", "img2img", "inpaint"]
 
@@ -201,8 +207,8 @@ class GenerationRequest(BaseModel):
 
     def with_defaults(self, spec: "_SpecDefaults") -> "GenerationRequest":
         """This request with every `None` generation setting replaced by its default: the init
-        image's size for img2img/inpaint, the model's defaults for the rest. The one place
-        defaults are resolved."""
+        image's size for img2img/inpaint, the model's defaults for the rest, a random seed. The
+        one place defaults are resolved."""
         width, height = spec.default_size
         if self.init_image is not None:
             height, width = self.init_image.shape[:2]
@@ -222,6 +228,7 @@ class GenerationRequest(BaseModel):
                     self.guidance_scale if self.guidance_scale is not None else spec.default_guidance_scale
                 ),
                 "scheduler": self.scheduler or spec.default_scheduler,
+                "seed": self.seed if self.seed is not None else draw_seed(),
             }
         )
 
@@ -244,11 +251,10 @@ class GenerationResult:
     request_id: str
     image: np.ndarray
     seed: int
-    #: How many requests shared this image's forward passes.
+    #: The most requests that shared one UNet forward with this one.
     batch_size: int
-    #: Seconds: `queue_s` waiting for a batch slot, `run_s` inside its pipeline call, `batch_s` the
-    #: whole batch it was in (its call and any other calls of that batch: other groups, or a group
-    #: split into bucket-sized calls), which the request waits for.
+    #: Seconds: `queue_s` from reaching the engine to joining its running batch, `run_s` from
+    #: joining to the finished image (its steps and its decode).
     timings: dict[str, float] = field(default_factory=dict)
 
 

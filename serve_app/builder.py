@@ -21,13 +21,14 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from configs.app_args import AppArgs
-from deployments.base import SDXLBaseDeployment
+from deployments.engine.factory import EngineFactory
+from deployments.replica import EngineDeployment
 from deployments.types import BASE_ROLE
 from serve_app.errors import RETRY_AFTER_S
 from serve_app.ingress import ImageIngress
 from serve_app.jobs.manager import JobManagerDeployment
 
-#: Requests a GPU replica accepts beyond the running batch, in batches: one running, one forming.
+#: Requests an engine replica accepts, in batches: one running, one waiting to join it.
 _BATCHES_IN_FLIGHT = 2
 
 
@@ -35,10 +36,12 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     """Validate `args` and bind the deployment graph."""
     config = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     config = config.with_state_paths()
+    in_flight = config.batching.max_batch_size * _BATCHES_IN_FLIGHT
     engine_options: dict[str, Any] = {
+        "name": "SDXLBase",
         "ray_actor_options": {"num_gpus": config.engine.num_gpus, "num_cpus": config.engine.num_cpus},
-        # `@serve.batch` can only gather what the replica has been sent.
-        "max_ongoing_requests": config.batching.max_batch_size * _BATCHES_IN_FLIGHT,
+        # The engine admits from what the replica has been sent: a running batch and the next.
+        "max_ongoing_requests": in_flight,
         "max_queued_requests": config.engine.max_queued_requests,
     }
     if config.engine.autoscaling is not None:
@@ -52,12 +55,10 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         }
     else:
         engine_options["num_replicas"] = config.engine.num_replicas
+    model = config.model.model_dump(mode="json")
+    factory = EngineFactory(model, config.batching.model_dump(mode="json"), max_waiting=in_flight)
     engines = {
-        BASE_ROLE: SDXLBaseDeployment.options(**engine_options).bind(
-            config.model.model_dump(mode="json"),
-            config.batching.model_dump(mode="json"),
-            config.limits.model_dump(mode="json"),
-        )
+        BASE_ROLE: EngineDeployment.options(**engine_options).bind(model, config.limits.model_dump(mode="json"), factory)
     }
     jobs = JobManagerDeployment.options(ray_actor_options={"num_cpus": config.jobs.num_cpus}).bind(
         engines, config.jobs.model_dump(mode="json")

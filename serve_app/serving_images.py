@@ -9,7 +9,6 @@ configured timeout.
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -26,6 +25,7 @@ from deployments.types import (
     InvalidRequestError,
     ModelNotFoundError,
     check_limits,
+    draw_seed,
     engine_role,
 )
 from serve_app import image_inputs
@@ -156,7 +156,7 @@ class ImageServing:
             )
         if image is not None:
             kind_fields.update(init_image=image.pixels, mask_image=image.mask)
-        first_seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        first_seed = body.seed if body.seed is not None else draw_seed()
         deadline = time.time() + self._args.ingress.engine_timeout_s
         try:
             requests = [

@@ -14,6 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 
+from tests.app_config import app_args_for  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_spec():
@@ -40,3 +42,45 @@ def pytest_collection_modifyitems(config, items):
     """Run the `ray start` / `serve deploy` CLI test before the in-process cluster exists: two local
     clusters collide on fixed ports, and `ray stop` ends every Ray process on the machine."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("cli") else 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_replica(tmp_path_factory):
+    """The engine deployment's class around a real step engine on the tiny model, in this process
+    (its loop on its own thread), as a Ray replica would run it."""
+    from configs.app_args import AppArgs
+    from deployments.engine.factory import EngineFactory
+    from deployments.replica import EngineReplica
+
+    config = AppArgs.model_validate(app_args_for(tmp_path_factory.mktemp("unused")))
+    model = config.model.model_dump(mode="json")
+    replica = EngineReplica(
+        model, config.limits.model_dump(mode="json"), EngineFactory(model, config.batching.model_dump(mode="json"))
+    )
+    yield replica
+    replica.close()
+
+
+@pytest.fixture(scope="session")
+def local_server(tiny_replica, tmp_path_factory):
+    """The whole app without Ray: the HTTP routes over the in-process engine replica and a real
+    job manager, behind Starlette's `TestClient` (a sync `httpx.Client`; the app, the job
+    manager's loops and the handles' calls share its event loop)."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+
+    from configs.app_args import AppArgs
+    from serve_app.http_app import create_app
+    from serve_app.jobs.manager import JobManager
+    from tests.fakes import LocalHandle
+
+    config = AppArgs.model_validate(app_args_for(tmp_path_factory.mktemp("state"))).with_state_paths()
+    engines = {"base": LocalHandle(tiny_replica)}
+    manager = JobManager.__new__(JobManager)  # initialised below, on the client's event loop
+    app = create_app(engines, LocalHandle(manager), config)
+    with TestClient(app, base_url="http://testserver") as client:
+        client.portal.call(manager.__init__, engines, config.jobs.model_dump())
+        yield SimpleNamespace(client=client, app=app, replica=tiny_replica, manager=manager)
+        for loop in manager._loops:
+            client.portal.call(loop.cancel)

@@ -141,3 +141,14 @@ async def local_app(engine: Any, state_dir: Any, **args: Any) -> AsyncIterator[h
     finally:
         for loop in manager._loops:
             loop.cancel()
+
+
+def post_concurrently(server: Any, path: str, bodies: list[dict]) -> list[httpx.Response]:
+    """POST every body at once to the `local_server` app, on its event loop; the responses in order."""
+
+    async def post_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=server.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=120) as client:
+            return list(await asyncio.gather(*(client.post(path, json=body) for body in bodies)))
+
+    return server.client.portal.call(post_all)

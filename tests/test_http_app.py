@@ -241,3 +241,11 @@ async def test_body_over_the_limit_is_413_on_json_routes(tmp_path):
             response = await client.post(path, content=chunks(), headers={"content-type": "application/json"})
             assert response.status_code == 413, (path, response.text)
             assert _error(response)["type"] == "invalid_request_error"
+
+
+def test_the_fake_engine_has_the_replica_api():
+    """Routes tested against `FakeEngine` call what the real engine deployment has."""
+    from deployments.replica import EngineReplica
+
+    fake = {name for name in dir(FakeEngine) if not name.startswith("_")} - {"delay_s", "failures", "requests"}
+    assert fake <= {name for name in dir(EngineReplica) if not name.startswith("_")}

@@ -29,7 +29,7 @@ from configs.app_args import AppArgs
 from serve_app.http_app import create_app
 from serve_app.jobs.manager import JobManager
 from tests.fakes import FakeEngine, LocalHandle
-from tests.integration.conftest import free_port
+from tests.app_config import free_port
 
 LIMITS = {"max_pixels": 128 * 128, "max_steps": 6, "max_n": 2, "max_prompt_chars": 200}
 JOBS = {"max_batch_items": 3, "webhook_attempts": 1, "webhook_timeout_s": 0.5}

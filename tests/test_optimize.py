@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs.model_spec import OptimizeConfig, TinySpec
-from deployments.batching import BatchRunner
+from deployments.engine.loop import StepEngine
 from deployments.pipelines import load_pipeline
 from deployments.types import GenerationRequest
 
@@ -16,7 +16,7 @@ REQUEST = GenerationRequest(prompt="a red circle", negative_prompt="blur", seed=
 
 
 def _image(spec: TinySpec) -> np.ndarray:
-    (outcome,) = BatchRunner(load_pipeline(spec), buckets=spec.optimize.buckets()).run([REQUEST])
+    (outcome,) = StepEngine(load_pipeline(spec), buckets=spec.optimize.buckets()).generate([REQUEST])
     return outcome.image
 
 
@@ -43,7 +43,7 @@ def test_compile_path_with_cache_dir(tiny_spec, baseline, tmp_path, monkeypatch)
     pipe = load_pipeline(spec)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc")
     assert pipe.unet._compiled_call_impl is not None and pipe.vae.decoder._compiled_call_impl is not None
-    (outcome,) = BatchRunner(pipe, buckets=spec.optimize.buckets()).run([REQUEST])
+    (outcome,) = StepEngine(pipe, buckets=spec.optimize.buckets()).generate([REQUEST])
     assert np.abs(outcome.image - baseline).max() <= 1e-4
     assert spec.optimize.buckets() == [1, 2, 4, 8]
     assert _with(tiny_spec, compile="unet", compile_dynamic=True).optimize.buckets() is None

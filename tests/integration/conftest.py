@@ -1,43 +1,16 @@
 """The real Ray Serve app, started once per session on a local 2-CPU cluster."""
 
-import socket
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
-#: Long enough that a burst of concurrent test requests lands in one batch window.
-BATCH_WAIT_S = 0.3
-MAX_BATCH = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.app_config import app_args_for, free_port
 
 
 @pytest.fixture(scope="session")
-def jobs_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("jobs")
-
-
-@pytest.fixture(scope="session")
-def app_args(jobs_dir) -> dict:
-    return {
-        "model": {"source": "tiny", "name": "sdxl-tiny", "device": "cpu"},
-        "batching": {"max_batch_size": MAX_BATCH, "batch_wait_timeout_s": BATCH_WAIT_S},
-        "engine": {"num_replicas": 1, "num_cpus": 1},
-        "ingress": {"num_replicas": 1, "num_cpus": 0.5, "engine_timeout_s": 120},
-        "limits": {"max_n": 10},
-        "jobs": {
-            "db_path": str(jobs_dir / "jobs.sqlite3"),
-            "results_dir": str(jobs_dir / "results"),
-            "max_attempts": 2,
-            "webhook_backoff_s": 0.1,
-            "cleanup_interval_s": 1.0,
-        },
-    }
+def app_args(tmp_path_factory) -> dict:
+    return app_args_for(tmp_path_factory.mktemp("state"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import free_port
+from tests.app_config import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.cli]
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from ray import serve
 
-from deployments.base import SDXLBaseDeployment
+from deployments.engine.factory import EngineFactory
+from deployments.replica import EngineDeployment
 from deployments.types import GenerationRequest
 
 pytestmark = pytest.mark.integration
@@ -15,12 +16,12 @@ def _deploy(cache_dir) -> serve.handle.DeploymentHandle:
     spec = {
         "source": "tiny",
         "device": "cpu",
-        "default_size": [64, 64],
-        "default_steps": 2,  # the warm-up runs the defaults once per bucket
+        "default_size": [64, 64],  # the warm-up runs the default size once per bucket
         "optimize": {"compile": "unet", "batch_buckets": [1], "compile_cache_dir": str(cache_dir)},
     }
     # No CPUs reserved: the session's app holds the test cluster's two.
-    engine = SDXLBaseDeployment.options(ray_actor_options={"num_cpus": 0}).bind(spec, {"max_batch_size": 1}, {})
+    factory = EngineFactory(spec, {"max_batch_size": 1})
+    engine = EngineDeployment.options(name="Compiled", ray_actor_options={"num_cpus": 0}).bind(spec, {}, factory)
     return serve.run(engine, name="compiled", route_prefix=None)
 
 
@@ -38,6 +39,7 @@ def test_a_restarted_compiled_replica_starts_warm_and_draws_the_same(served, eng
     assert any(tmp_path.iterdir())  # the cache went where the spec said
     assert cold["fxgraph_cache_miss"] >= 1 and cold["fxgraph_cache_hit"] == 0
     assert warm["fxgraph_cache_miss"] == 0 and warm["fxgraph_cache_hit"] >= 1
-    assert list(info["bucket_call_s"]) == [1] and info["bucket_call_s"][1] > 0  # timed at warm-up
+    assert list(info["unet_call_s"]) == [2] and info["unet_call_s"][2] > 0  # timed at warm-up
+    assert list(info["decode_call_s"]) == [1] and info["decode_call_s"][1] > 0
     eager_image = engine.generate.remote(request).result().image
     assert np.abs(compiled_image.astype(int) - eager_image.astype(int)).max() <= 2

@@ -16,8 +16,8 @@ def test_generate_through_a_handle(engine):
     assert isinstance(result, GenerationResult)
     assert result.image.shape == (64, 64, 3) and result.image.dtype == np.uint8
     assert result.seed == 3 and result.batch_size >= 1
-    assert set(result.timings) == {"queue_s", "run_s", "batch_s"}
-    assert 0 < result.timings["run_s"] <= result.timings["batch_s"]
+    assert set(result.timings) == {"queue_s", "run_s"}
+    assert result.timings["run_s"] > 0 and result.timings["queue_s"] >= 0
 
 
 def test_handle_request_uses_model_defaults(engine):
@@ -46,7 +46,7 @@ def _wait_for_progress(engine, request_id: str) -> dict:
 
 
 def test_cancel_by_request_id_stops_denoising(engine):
-    before = engine.stats.remote().result()["interrupted_calls"]
+    before = engine.stats.remote().result()["cancelled"]
     request = GenerationRequest(prompt="slow", seed=1, width=128, height=128, num_inference_steps=150, request_id="cancel-me")
     response = engine.generate.remote(request)
     progress = _wait_for_progress(engine, "cancel-me")
@@ -55,23 +55,23 @@ def test_cancel_by_request_id_stops_denoising(engine):
     with pytest.raises(RequestCancelledError) as info:
         response.result()
     assert info.value.status_code == 409
-    assert engine.stats.remote().result()["interrupted_calls"] == before + 1
+    assert engine.stats.remote().result()["cancelled"] == before + 1
     assert engine.cancel.remote("cancel-me").result() is False  # no longer in flight
 
 
 def test_cancelling_the_handle_response_stops_denoising(engine):
-    before = engine.stats.remote().result()["interrupted_calls"]
+    before = engine.stats.remote().result()["cancelled"]
     request = GenerationRequest(prompt="slow", seed=2, width=128, height=128, num_inference_steps=150, request_id="drop-me")
     response = engine.generate.remote(request)
     _wait_for_progress(engine, "drop-me")
     response.cancel()
     with pytest.raises(ServeRequestCancelledError):
         response.result()
-    for _ in range(200):  # the replica notices at its next denoising step
-        if engine.stats.remote().result()["interrupted_calls"] == before + 1:
+    for _ in range(200):  # the engine drops the row at its next denoising step
+        if engine.stats.remote().result()["cancelled"] == before + 1:
             break
         time.sleep(0.05)
-    assert engine.stats.remote().result()["interrupted_calls"] == before + 1
+    assert engine.stats.remote().result()["cancelled"] == before + 1
 
 
 def test_duplicate_request_id_in_flight_is_rejected(engine):

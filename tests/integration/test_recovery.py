@@ -6,7 +6,7 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.test_jobs_http import submit, wait
+from tests.test_http_jobs import submit, wait
 
 pytestmark = pytest.mark.integration
 

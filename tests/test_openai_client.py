@@ -1,4 +1,5 @@
-"""The real `openai` Python client against the OpenAI-compatible endpoints."""
+"""The real `openai` Python client against the OpenAI-compatible endpoints, in-process over the
+real engine on the tiny model (`tests/integration/test_cluster.py` runs it over a real server)."""
 
 import base64
 import io
@@ -8,12 +9,11 @@ import openai
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.integration
-
-
 @pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+def client(local_server):
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key="not-needed", max_retries=0, timeout=120, http_client=local_server.client
+    )
 
 
 def test_images_generate_returns_decodable_images_of_the_requested_size(client):

@@ -1,6 +1,6 @@
-"""Async jobs over HTTP: submit, poll, progress, events, cancel, webhooks, batches, stored files."""
+"""Async jobs over HTTP, in-process over the real engine on the tiny model and a real job manager
+(no Ray): submit, poll, progress, events, cancel, webhooks, batches, stored files."""
 
-import asyncio
 import base64
 import io
 import json
@@ -9,14 +9,17 @@ import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import free_port
+from tests.fakes import post_concurrently
+from tests.app_config import free_port
 
-pytestmark = pytest.mark.integration
+
+@pytest.fixture(scope="module")
+def http(local_server):
+    return local_server.client
 
 
 def _png(image: Image.Image) -> str:
@@ -92,10 +95,10 @@ def test_progress_rises_monotonically_to_100(http):
     assert any(0 < p < 100 for p in seen)  # it was seen mid-way, not only at the ends
 
 
-def test_events_stream_progress_then_done(served, http):
+def test_events_stream_progress_then_done(http):
     view = submit(http, num_inference_steps=30, width=128, height=128)
     events = []
-    with httpx.stream("GET", f"{served.base_url}/v1/jobs/{view['id']}/events", timeout=120) as response:
+    with http.stream("GET", f"/v1/jobs/{view['id']}/events") as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         name = None
         for line in response.iter_lines():
@@ -119,16 +122,11 @@ def test_n_images_give_a_zip_with_manifest(http):
     assert all(Image.open(io.BytesIO(archive.read(name))).format == "JPEG" for name in archive.namelist()[:3])
 
 
-def test_cancel_running_job_leaves_its_batch_neighbour_unchanged(served, http, engine):
+def test_cancel_running_job_leaves_its_batch_neighbour_unchanged(local_server, http):
     params = {"num_inference_steps": 80, "width": 128, "height": 128}
-
-    async def submit_both():
-        async with httpx.AsyncClient(base_url=served.base_url, timeout=60) as client:
-            bodies = [{"kind": "txt2img", "params": {"prompt": p, "seed": s, **params}} for p, s in (("keep", 1), ("drop", 2))]
-            return [r.json() for r in await asyncio.gather(*(client.post("/v1/jobs", json=b) for b in bodies))]
-
-    before = engine.stats.remote().result()
-    keep, drop = asyncio.run(submit_both())
+    bodies = [{"kind": "txt2img", "params": {"prompt": p, "seed": s, **params}} for p, s in (("keep", 1), ("drop", 2))]
+    before = local_server.replica.stats()
+    keep, drop = (response.json() for response in post_concurrently(local_server, "/v1/jobs", bodies))
     while http.get(f"/v1/jobs/{drop['id']}").json()["progress"]["percent"] == 0:
         time.sleep(0.05)
     cancelled = http.delete(f"/v1/jobs/{drop['id']}")
@@ -136,8 +134,9 @@ def test_cancel_running_job_leaves_its_batch_neighbour_unchanged(served, http, e
     assert http.delete(f"/v1/jobs/{drop['id']}").status_code == 409
     kept = wait(http, keep["id"])
     assert kept["status"] == "succeeded"
-    groups = engine.stats.remote().result()["group_sizes"][len(before["group_sizes"]) :]
-    assert 2 in groups  # they really shared a forward pass
+    after = local_server.replica.stats()
+    assert 2 in after["rows_per_forward"][len(before["rows_per_forward"]) :]  # they really shared forwards
+    assert after["cancelled"] - before["cancelled"] == 1  # the engine dropped the cancelled row
     assert http.get(f"/v1/jobs/{drop['id']}/result").status_code == 409
     alone = http.post("/v1/txt2img", json={"prompt": "keep", "seed": 1, **params})
     stored = http.get(f"/v1/jobs/{keep['id']}/result")
@@ -192,18 +191,18 @@ def test_url_response_format_downloads(http):
     items = response.json()["data"]
     assert all(item["b64_json"] is None for item in items)
     for item in items:
-        image = httpx.get(item["url"], timeout=30)
+        image = http.get(item["url"])
         assert image.status_code == 200 and image.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(image.content)).size == (64, 64)
     assert http.get("/v1/files/file-unknown").status_code == 404
 
 
-def test_openai_client_url_format(served):
+def test_openai_client_url_format(http):
     import openai
 
-    client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="x", max_retries=0)
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", max_retries=0, http_client=http)
     result = client.images.generate(prompt="x", size="64x64", response_format="url", extra_body={"num_inference_steps": 2})
-    assert httpx.get(result.data[0].url).status_code == 200
+    assert http.get(result.data[0].url).status_code == 200
 
 
 def test_batch_of_prompts_answers_a_zip(http):

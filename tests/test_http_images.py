@@ -1,18 +1,21 @@
-"""The HTTP API of the real Serve app: images, validation envelope, fusion of concurrent requests."""
+"""The HTTP API in-process over the real engine on the tiny model (no Ray): images, the validation
+envelope, concurrent requests sharing forwards."""
 
-import asyncio
 import base64
 import io
 import time
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import MAX_BATCH
+from tests.app_config import MAX_BATCH
+from tests.fakes import post_concurrently
 
-pytestmark = pytest.mark.integration
+
+@pytest.fixture(scope="module")
+def http(local_server):
+    return local_server.client
 
 SMALL = {"size": "64x64", "num_inference_steps": 2}
 
@@ -159,46 +162,32 @@ def _mixed_bodies() -> list[dict]:
     ]
 
 
-async def _post_all(base_url: str, bodies: list[dict]) -> list[dict]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-        responses = await asyncio.gather(*(client.post("/v1/images/generations", json=b) for b in bodies))
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-    return [r.json() for r in responses]
-
-
-def test_concurrent_requests_fuse_and_match_sequential_images(served, http, engine):
+def test_concurrent_requests_share_forwards_and_match_sequential_images(local_server, http):
     bodies = _mixed_bodies()
     sequential = [_decode_b64(_generate(http, **body)["data"][0]) for body in bodies]
 
-    before = engine.stats.remote().result()
-    concurrent = asyncio.run(_post_all(served.base_url, bodies))
-    after = engine.stats.remote().result()
+    before = local_server.replica.stats()
+    responses = post_concurrently(local_server, "/v1/images/generations", bodies)
+    after = local_server.replica.stats()
 
-    new_groups = after["group_sizes"][len(before["group_sizes"]) :]
-    assert sum(new_groups) == len(bodies)
-    assert max(new_groups) > 1 and max(new_groups) <= MAX_BATCH
-    assert after["pipeline_calls"] - before["pipeline_calls"] < len(bodies)
-    for body, alone, together in zip(bodies, sequential, concurrent):
-        assert together["data"][0]["seed"] == body["seed"]
-        fused = _decode_b64(together["data"][0])
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert after["admitted"] - before["admitted"] == len(bodies)
+    shared = after["rows_per_forward"][len(before["rows_per_forward"]) :]
+    assert max(shared) > 1 and max(shared) <= MAX_BATCH
+    for body, alone, together in zip(bodies, sequential, responses):
+        assert together.json()["data"][0]["seed"] == body["seed"]
+        fused = _decode_b64(together.json()["data"][0])
         # fp32 sums in another order differ by ~1e-6; rounding to uint8 can move a pixel by one.
         assert np.abs(fused.astype(int) - alone.astype(int)).max() <= 1
         assert np.mean(fused != alone) < 0.01
 
 
-def test_txt2img_tells_how_many_requests_shared_its_batch(served, engine):
-    async def post_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=served.base_url, timeout=120) as client:
-            body = {"prompt": "a blue star", "width": 64, "height": 64, "num_inference_steps": 2}
-            return await asyncio.gather(*(client.post("/v1/txt2img", json={**body, "seed": i}) for i in range(4)))
-
-    before = engine.stats.remote().result()["group_sizes"]
-    responses = asyncio.run(post_all())
-    groups = engine.stats.remote().result()["group_sizes"][len(before) :]
+def test_txt2img_tells_how_many_requests_shared_its_forwards(local_server):
+    body = {"prompt": "a blue star", "width": 64, "height": 64, "num_inference_steps": 2}
+    responses = post_concurrently(local_server, "/v1/txt2img", [{**body, "seed": i} for i in range(4)])
     assert all(r.status_code == 200 for r in responses)
-    # Each request of a fused group of b reports b.
-    assert sorted(int(r.headers["x-batch-size"]) for r in responses) == sorted(b for b in groups for _ in range(b))
-    assert max(groups) > 1
+    sizes = [int(r.headers["x-batch-size"]) for r in responses]
+    assert all(1 <= size <= 4 for size in sizes) and max(sizes) > 1
 
 
 @pytest.mark.parametrize("response_format", [None, "b64_json"])
@@ -218,11 +207,12 @@ def test_txt2img_server_timing_splits_the_latency(http, response_format):
     assert abs(parts - durations["total"]) < 5 and durations["total"] < latency_ms
 
 
-def test_n_images_fuse_into_one_pipeline_call(http, engine):
-    before = engine.stats.remote().result()
+def test_n_images_share_their_forwards(local_server, http):
+    before = local_server.replica.stats()
     _generate(http, n=4, seed=1)
-    after = engine.stats.remote().result()
-    assert after["group_sizes"][len(before["group_sizes"]) :] == [4]
+    after = local_server.replica.stats()
+    assert after["admitted"] - before["admitted"] == 4
+    assert max(after["rows_per_forward"][len(before["rows_per_forward"]) :]) == 4
 
 
 def test_default_model_draws_the_requested_colours_and_shapes(http):

@@ -1,4 +1,5 @@
-"""img2img, inpainting and OpenAI edits over HTTP: JSON and multipart, the openai client, bad input."""
+"""img2img, inpainting and OpenAI edits over HTTP, in-process over the real engine on the tiny
+model (no Ray): JSON and multipart, the openai client, bad input."""
 
 import base64
 import io
@@ -8,7 +9,12 @@ import openai
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.integration
+from tests.fakes import post_concurrently
+
+
+@pytest.fixture(scope="module")
+def http(local_server):
+    return local_server.client
 
 FAST = {"num_inference_steps": 4}
 
@@ -112,25 +118,17 @@ def test_inpaint_multipart_with_blur(http):
     assert response.status_code == 200, response.text
 
 
-def test_concurrent_inpaints_fuse(served, engine):
-    import asyncio
-
-    import httpx
-
+def test_concurrent_inpaints_share_forwards(local_server):
     bodies = [
         {"prompt": f"p{i}", "image": _b64(_png(_picture(seed=i))), "mask": _b64(_png(_mask())), "seed": i, **FAST}
         for i in range(4)
     ]
-
-    async def post_all():
-        async with httpx.AsyncClient(base_url=served.base_url, timeout=120) as client:
-            return await asyncio.gather(*(client.post("/v1/inpaint", json=b) for b in bodies))
-
-    before = engine.stats.remote().result()
-    responses = asyncio.run(post_all())
+    before = local_server.replica.stats()
+    responses = post_concurrently(local_server, "/v1/inpaint", bodies)
+    after = local_server.replica.stats()
     assert all(r.status_code == 200 for r in responses)
-    groups = engine.stats.remote().result()["group_sizes"][len(before["group_sizes"]) :]
-    assert sum(groups) == 4 and max(groups) > 1
+    assert after["admitted"] - before["admitted"] == 4
+    assert max(after["rows_per_forward"][len(before["rows_per_forward"]) :]) > 1
 
 
 @pytest.mark.parametrize(
@@ -170,8 +168,10 @@ def test_upload_over_the_limit_is_413(http):
 
 
 @pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+def client(local_server):
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key="not-needed", max_retries=0, timeout=120, http_client=local_server.client
+    )
 
 
 def _transparent_mask(width=64, height=64) -> bytes:

@@ -1,0 +1,87 @@
+"""Load generators and summaries the HTTP benchmarks share (a helper of the scripts beside it).
+
+- `closed_loop`: N clients, each sending its next request when its last one answered;
+- `open_loop`: requests sent at given times whatever the answers (Poisson arrivals), as real
+  traffic does: the latency it measures includes waiting for a server that has fallen behind.
+"""
+
+import asyncio
+import statistics
+import time
+from typing import Any, Callable, Iterable
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(latencies: list[float], wall_s: float) -> dict[str, Any]:
+    return {
+        "requests": len(latencies),
+        "req_per_s": round(len(latencies) / wall_s, 3),
+        "p50_s": round(percentile(latencies, 50), 4),
+        "p95_s": round(percentile(latencies, 95), 4),
+        "p99_s": round(percentile(latencies, 99), 4),
+        "mean_s": round(statistics.fmean(latencies), 4),
+    }
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """`queue;dur=1.0, run;dur=2.0, ...` -> {"queue": 0.001, "run": 0.002, ...} in seconds."""
+    return {name.strip(): float(ms) / 1e3 for name, ms in (part.split(";dur=") for part in header.split(","))}
+
+
+#: One answered request: its body, its latency, and the response.
+Answer = tuple[dict, float, Any]
+
+
+async def closed_loop(base_url: str, path: str, concurrency: int, bodies: Iterable[dict]) -> tuple[list[Answer], float]:
+    """`concurrency` clients share `bodies`, each posting the next when its last one answered."""
+    import httpx
+
+    answers: list[Answer] = []
+    remaining = iter(bodies)
+
+    async def client(http: "httpx.AsyncClient") -> None:
+        for body in remaining:
+            started = time.perf_counter()
+            response = await http.post(path, json=body)
+            answers.append((body, time.perf_counter() - started, response))
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        return answers, time.perf_counter() - started
+
+
+async def open_loop(base_url: str, path: str, schedule: list[tuple[float, dict]]) -> tuple[list[Answer], float]:
+    """Post each body at its time (seconds from the start), whatever came back before."""
+    import httpx
+
+    answers: list[Answer] = []
+
+    async def send(http: "httpx.AsyncClient", at: float, body: dict, start: float) -> None:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        sent = time.perf_counter()
+        response = await http.post(path, json=body)
+        answers.append((body, time.perf_counter() - sent, response))
+
+    limits = httpx.Limits(max_connections=None)
+    async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(send(http, at, body, start) for at, body in schedule))
+        return answers, time.perf_counter() - start
+
+
+def poisson_schedule(rate_per_s: float, count: int, make_body: Callable[[int], dict], seed: int = 0) -> list[tuple[float, dict]]:
+    """`count` arrivals of a Poisson process at `rate_per_s` (exponential gaps, seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    at, schedule = 0.0, []
+    for index in range(count):
+        at += rng.expovariate(rate_per_s)
+        schedule.append((at, make_body(index)))
+    return schedule

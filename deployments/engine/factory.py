@@ -1,0 +1,63 @@
+"""Building a served engine from a model spec: load the pipeline (the injected pipeline factory,
+`load_pipeline` by default), wrap it in a `StepEngine`, compile every batch bucket before serving.
+
+`EngineFactory` is plain data plus a callable, so the app builder binds it into a deployment and
+the replica calls it in its constructor. torch and diffusers are imported when it is called, not
+when this module is: the builder imports it to bind the graph and stays light.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from pydantic import TypeAdapter
+
+from configs.app_args import BatchingConfig
+from configs.model_spec import ModelSpec
+from deployments.types import GenerationRequest
+
+
+@dataclass(frozen=True)
+class EngineFactory:
+    """`factory(observer)` → a warmed-up `StepEngine` with a `startup` report."""
+
+    model_spec: dict[str, Any]
+    batching: dict[str, Any]
+    #: Most requests that may wait inside the engine (beyond it `submit` answers 503).
+    max_waiting: Optional[int] = None
+    #: spec → `StableDiffusionXLPipeline`; None: `deployments.pipelines.load_pipeline`.
+    pipeline_factory: Optional[Callable[[Any], Any]] = None
+
+    def __call__(self, observer: Any = None) -> Any:
+        from deployments.engine.loop import StepEngine
+        from deployments.optimize import compile_cache_counts
+        from deployments.pipelines import load_pipeline
+
+        spec = TypeAdapter(ModelSpec).validate_python(self.model_spec)
+        batching = BatchingConfig.model_validate(self.batching)
+        started = time.perf_counter()
+        pipeline = (self.pipeline_factory or load_pipeline)(spec)
+        load_s = time.perf_counter() - started
+        engine = StepEngine(
+            pipeline,
+            max_rows=batching.max_batch_size,
+            scheduling=batching.scheduling,
+            batch_wait_s=batching.batch_wait_timeout_s,
+            max_waiting=self.max_waiting,
+            buckets=spec.optimize.buckets(),
+            observer=observer,
+        )
+        compile_cache = None
+        if spec.optimize.compile != "off":
+            # Compile every bucket now (or load it from the compile cache), not on user requests;
+            # two steps compile the same graphs as thirty.
+            before = compile_cache_counts()
+            warmup = GenerationRequest(prompt="warm-up", seed=0, num_inference_steps=2).with_defaults(spec)
+            engine.warmup(warmup)
+            compile_cache = {name: count - before[name] for name, count in compile_cache_counts().items()}
+        engine.startup = {
+            "load_s": round(load_s, 3),
+            "warmup_s": round(time.perf_counter() - started - load_s, 3),
+            "compile_cache": compile_cache,
+        }
+        return engine

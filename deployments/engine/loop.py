@@ -1,0 +1,429 @@
+"""`StepEngine`: the denoising loop the server owns, one step at a time.
+
+Each `step()`:
+1. drops the rows (and waiting requests) whose caller cancelled or whose deadline passed, and
+   answers them at once;
+2. admits waiting requests while there is room (FIFO, at most `max_rows` active, so a stream of
+   arrivals can add at most one text-encoder pass per step): their prompts in one pass, their
+   latents from their own generators;
+3. runs one UNet forward per group of rows that may share it (`sharing.forward_key`), every row
+   with its own timestep, embeddings and `add_time_ids`, split into calls of the compiled batch
+   sizes;
+4. advances every row with its own scheduler (guidance and inpainting's blend per row) and
+   reports its progress;
+5. retires the rows that finished: one VAE pass per shape, then each caller is answered.
+
+Two admission policies share this loop: `step` (the default) admits between any two steps;
+`request` admits only into an empty engine, after waiting up to `batch_wait_s` for a batch to form
+(the request-level batching this engine replaced, kept to compare the two in one run).
+
+Thread model: `submit` and `RequestControl.cancel` may be called from any thread; `step` runs on
+one thread (`run` is that thread's loop). Knows torch and diffusers, never Ray or HTTP.
+"""
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Protocol, Sequence
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from deployments.engine.calls import CallPlanner
+from deployments.engine.control import RequestControl, RunOutput
+from deployments.engine.rows import Row, RowFactory, decode, to_pixels
+from deployments.engine.sharing import forward_key
+from deployments.types import EngineError, GenerationRequest, OverloadedError
+
+logger = logging.getLogger(__name__)
+
+Scheduling = Literal["step", "request"]
+
+#: How many recent values `stats()` keeps per series (a benchmark run's worth, bounded).
+_RECENT = 10_000
+#: Row-steps per second are measured over this many recent seconds.
+_RATE_WINDOW_S = 10.0
+
+
+class EngineObserver(Protocol):
+    """What the engine tells its host as it runs (the Ray replica exports these as metrics)."""
+
+    def on_admit(self, queue_wait_s: float, into_running: bool) -> None: ...
+
+    def on_forward(self, rows: int, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def on_admit(self, queue_wait_s: float, into_running: bool) -> None:
+        pass
+
+    def on_forward(self, rows: int, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class _Waiting:
+    request: GenerationRequest
+    control: RequestControl
+    submitted_at: float
+
+
+class StepEngine:
+    """Runs many requests as rows of one denoising loop over one pipeline's weights."""
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionXLPipeline,
+        *,
+        max_rows: int = 8,
+        scheduling: Scheduling = "step",
+        batch_wait_s: float = 0.0,
+        max_waiting: Optional[int] = None,
+        buckets: Optional[Sequence[int]] = None,
+        observer: Optional[EngineObserver] = None,
+    ):
+        """`max_rows`: most requests denoising at once. `max_waiting`: most requests waiting to be
+        admitted (beyond it `submit` raises a 503); None is unbounded. `buckets`: the image batch
+        sizes compiled graphs exist for; a forward of guided rows runs at twice these (each image
+        is an unconditional and a conditional UNet row), a decode at these."""
+        if scheduling not in ("step", "request"):
+            raise ValueError(f"scheduling {scheduling!r} must be 'step' or 'request'")
+        self._pipe = pipeline
+        self._rows = RowFactory(pipeline)
+        self.max_rows = max_rows
+        self.scheduling = scheduling
+        self.batch_wait_s = batch_wait_s
+        self.max_waiting = max_waiting
+        self.forward_calls = CallPlanner([2 * size for size in buckets] if buckets else None)
+        self.decode_calls = CallPlanner(buckets)
+        self._observer = observer or _NoObserver()
+        self._lock = threading.Condition()
+        self._waiting: deque[_Waiting] = deque()
+        self._active: list[Row] = []
+        self._stats = _Stats()
+        #: How the engine started (load and warm-up seconds, compile-cache lookups): set by its factory.
+        self.startup: dict[str, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self._rows.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._rows.dtype
+
+    # -- the callers' side (any thread) ----------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, control: Optional[RequestControl] = None) -> RequestControl:
+        """Queue a (defaults-resolved) request; returns its control, which `finish`es with the
+        outcome. Raises `OverloadedError` (503) when `max_waiting` requests already wait."""
+        if not _is_resolved(request):
+            raise ValueError(f"request {request.request_id} has unresolved settings; call with_defaults(spec) first")
+        control = control or RequestControl(deadline=request.deadline)
+        with self._lock:
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise OverloadedError(
+                    f"the engine has {len(self._waiting)} requests waiting; retry later", code="overloaded"
+                )
+            self._waiting.append(_Waiting(request, control, time.perf_counter()))
+            self._lock.notify_all()
+        return control
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._stats.snapshot(), "waiting": len(self._waiting), "active": len(self._active)}
+
+    # -- the loop (one thread) -------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Step while there is work, sleep while there is none, until `stop` is set."""
+        while not stop.is_set():
+            with self._lock:
+                delay = self._idle_delay(time.perf_counter())
+                if delay != 0.0:
+                    self._lock.wait(timeout=0.5 if delay is None else min(delay, 0.5))
+                    continue
+            self.step()
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list:
+        """Submit (resolved) requests together and step until all are done, on this thread:
+        their outcomes, in order (scripts, tests and benchmarks; a server runs `run`)."""
+        controls = [self.submit(request) for request in requests]
+        self.run_until_idle()
+        return [control.outcome for control in controls]
+
+    def run_until_idle(self) -> None:
+        """Step until no request is active or waiting (tests and benchmarks)."""
+        while True:
+            with self._lock:
+                delay = self._idle_delay(time.perf_counter())
+            if delay is None:
+                return
+            if delay > 0:
+                time.sleep(delay)
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._drop_stopped()
+        self._admit()
+        for rows in _sharing_groups(self._active):
+            self._forward(rows)
+        self._retire()
+
+    # -- the steps ---------------------------------------------------------------------------
+
+    def _idle_delay(self, now: float) -> Optional[float]:
+        """0 when a step has work now; seconds until it will (a forming batch); None when idle."""
+        if self._active or self._admissible(now):
+            return 0.0
+        if self._waiting and self.scheduling == "request":
+            return max(0.0, self._waiting[0].submitted_at + self.batch_wait_s - now)
+        return None if not self._waiting else 0.0
+
+    def _admissible(self, now: float) -> int:
+        free = self.max_rows - len(self._active)
+        if free <= 0 or not self._waiting:
+            return 0
+        if self.scheduling == "request":
+            if self._active:
+                return 0
+            window_open = now - self._waiting[0].submitted_at < self.batch_wait_s
+            if window_open and len(self._waiting) < self.max_rows:
+                return 0
+        return min(free, len(self._waiting))
+
+    def _drop_stopped(self) -> None:
+        now = time.time()
+        stopped = [row for row in self._active if row.control.should_stop(now)]
+        with self._lock:
+            waiting = [item for item in self._waiting if item.control.should_stop(now)]
+            for item in waiting:
+                self._waiting.remove(item)
+        for row in stopped:
+            self._active.remove(row)
+        for control in [row.control for row in stopped] + [item.control for item in waiting]:
+            with self._lock:
+                self._stats.count("cancelled" if control.cancelled else "expired")
+            control.finish(control.stop_error())
+
+    def _admit(self) -> None:
+        with self._lock:
+            admitted = [self._waiting.popleft() for _ in range(self._admissible(time.perf_counter()))]
+        if not admitted:
+            return
+        into_running = bool(self._active)
+        try:
+            embeds = self._rows.encode([item.request for item in admitted])
+        except Exception:  # one bad batch of prompts must not stop the loop
+            logger.exception("encoding the prompts of %d request(s) failed", len(admitted))
+            for item in admitted:
+                self._fail(item.control)
+            return
+        now = time.perf_counter()
+        for item, embed in zip(admitted, embeds):
+            try:
+                row = self._rows.prepare(item.request, item.control, embed, item.submitted_at)
+            except Exception:
+                logger.exception("preparing request %s failed", item.request.request_id)
+                self._fail(item.control)
+                continue
+            self._active.append(row)
+            wait_s = now - item.submitted_at
+            with self._lock:
+                self._stats.admitted(wait_s, into_running)
+            self._observer.on_admit(wait_s, into_running)
+
+    def _forward(self, rows: list[Row]) -> None:
+        started = time.perf_counter()
+        try:
+            noise_preds = self._unet(rows)
+        except Exception:
+            logger.exception("a UNet forward of %d row(s) failed", len(rows))
+            for row in rows:
+                self._active.remove(row)
+                self._fail(row.control)
+            return
+        for row, noise_pred in zip(rows, noise_preds):
+            row.advance(noise_pred)
+            row.shared_with = max(row.shared_with, len(rows))
+            row.control.report(row.index, len(row.timesteps))
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self._stats.forwarded(len(rows), seconds)
+        self._observer.on_forward(len(rows), seconds)
+
+    def _unet(self, rows: list[Row]) -> list[torch.Tensor]:
+        """One forward over every row (two UNet rows per guided image), run as the planned calls
+        of compiled sizes; returns each row's noise prediction rows."""
+        unet = self._pipe.unet
+        inputs = torch.cat([row.model_input() for row in rows])
+        timesteps = torch.cat(
+            [row.timestep.to(torch.float32).reshape(1).repeat(row.unet_rows()) for row in rows]
+        ).to(inputs.device)
+        prompt = torch.cat([row.embeds.prompt for row in rows])
+        pooled = torch.cat([row.embeds.pooled for row in rows])
+        time_ids = torch.cat([row.time_ids for row in rows])
+        outputs, start = [], 0
+        for size in self.forward_calls.split(inputs.shape[0]):
+            end, padded = start + size, self.forward_calls.padded(size)
+            output = unet(
+                _pad(inputs[start:end], padded),
+                _pad(timesteps[start:end], padded),
+                encoder_hidden_states=_pad(prompt[start:end], padded),
+                added_cond_kwargs={"text_embeds": _pad(pooled[start:end], padded), "time_ids": _pad(time_ids[start:end], padded)},
+                return_dict=False,
+            )[0]
+            outputs.append(output[:size])
+            with self._lock:
+                self._stats.unet_call(size, padded)
+            start = end
+        return list(torch.cat(outputs).split([row.unet_rows() for row in rows]))
+
+    def _retire(self) -> None:
+        finished = [row for row in self._active if row.done]
+        if not finished:
+            return
+        self._active = [row for row in self._active if not row.done]
+        for rows in _sharing_groups(finished):  # one decode per shape
+            try:
+                images = self._decode(torch.cat([row.latents for row in rows]))
+                pixels = [to_pixels(self._pipe, row, image) for row, image in zip(rows, images)]
+            except Exception:
+                logger.exception("decoding %d image(s) failed", len(rows))
+                for row in rows:
+                    self._fail(row.control)
+                continue
+            done_at = time.perf_counter()
+            for row, image in zip(rows, pixels):
+                outcome = RunOutput(
+                    image=image,
+                    seed=row.request.seed,
+                    batch_size=row.shared_with,
+                    queue_s=row.admitted_at - row.submitted_at,
+                    run_s=done_at - row.admitted_at,
+                )
+                with self._lock:
+                    self._stats.count("completed")
+                row.control.finish(outcome)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images, start = [], 0
+        for size in self.decode_calls.split(latents.shape[0]):
+            end = start + size
+            images.append(decode(self._pipe, _pad(latents[start:end], self.decode_calls.padded(size)))[:size])
+            start = end
+        return torch.cat(images)
+
+    def _fail(self, control: RequestControl) -> None:
+        with self._lock:
+            self._stats.count("failed")
+        control.finish(EngineError("image generation failed on the engine", code="engine_error"))
+
+    # -- warm-up --------------------------------------------------------------------------------
+
+    def warmup(self, request: GenerationRequest) -> None:
+        """Compile (or load from the compile cache) every bucket before serving: run `request`
+        at each image bucket size to completion, then time one UNet call and one decode per
+        bucket, the costs forwards and decodes are split by."""
+        sizes = self.decode_calls.buckets or [1]
+        for size in sizes:
+            for index in range(size):
+                self.submit(request.model_copy(update={"request_id": f"warmup-{size}-{index}"}))
+            self.run_until_idle()
+        if self.decode_calls.buckets:
+            self._time_buckets(request)
+            logger.info(
+                "seconds per call by bucket: UNet %s, decode %s",
+                {k: round(v, 4) for k, v in self.forward_calls.costs.items()},
+                {k: round(v, 4) for k, v in self.decode_calls.costs.items()},
+            )
+        with self._lock:
+            self._stats = _Stats()
+
+    @torch.inference_mode()
+    def _time_buckets(self, request: GenerationRequest) -> None:
+        (embeds,) = self._rows.encode([request])
+        row = self._rows.prepare(request, RequestControl(), embeds, time.perf_counter())
+        for size in self.forward_calls.buckets:
+            rows = [row] * (size // row.unet_rows())
+            started = time.perf_counter()
+            self._unet(rows)
+            _synchronize(row.latents.device)
+            self.forward_calls.costs[size] = time.perf_counter() - started
+        for size in self.decode_calls.buckets:
+            started = time.perf_counter()
+            decode(self._pipe, row.latents.repeat(size, 1, 1, 1))
+            _synchronize(row.latents.device)
+            self.decode_calls.costs[size] = time.perf_counter() - started
+
+
+class _Stats:
+    """Counters and recent series behind `StepEngine.stats()` (updated under the engine's lock)."""
+
+    def __init__(self):
+        self.counts = {
+            "admitted": 0, "admitted_into_running": 0, "completed": 0, "cancelled": 0, "expired": 0,
+            "failed": 0, "forwards": 0, "row_steps": 0, "unet_calls": 0, "unet_rows": 0, "padded_unet_rows": 0,
+        }
+        self.rows_per_forward: deque[int] = deque(maxlen=_RECENT)
+        self.queue_wait_s: deque[float] = deque(maxlen=_RECENT)
+        self._steps: deque[tuple[float, int]] = deque(maxlen=_RECENT)
+
+    def count(self, name: str) -> None:
+        self.counts[name] += 1
+
+    def admitted(self, wait_s: float, into_running: bool) -> None:
+        self.counts["admitted"] += 1
+        self.counts["admitted_into_running"] += into_running
+        self.queue_wait_s.append(round(wait_s, 4))
+
+    def forwarded(self, rows: int, seconds: float) -> None:
+        self.counts["forwards"] += 1
+        self.counts["row_steps"] += rows
+        self.rows_per_forward.append(rows)
+        self._steps.append((time.perf_counter(), rows))
+
+    def unet_call(self, rows: int, padded: int) -> None:
+        self.counts["unet_calls"] += 1
+        self.counts["unet_rows"] += rows
+        self.counts["padded_unet_rows"] += padded - rows
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        recent = [rows for at, rows in self._steps if now - at <= _RATE_WINDOW_S]
+        return {
+            **self.counts,
+            "rows_per_forward": list(self.rows_per_forward),
+            "queue_wait_s": list(self.queue_wait_s),
+            "row_steps_per_s": round(sum(recent) / _RATE_WINDOW_S, 3),
+        }
+
+
+def _sharing_groups(rows: list[Row]) -> list[list[Row]]:
+    """`rows` split by what may share a forward (`sharing.forward_key`), in order of first row."""
+    groups: dict[Any, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(forward_key(tuple(row.latents.shape)), []).append(row)
+    return list(groups.values())
+
+
+def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """`tensor` with copies of its last row appended up to `size` rows (outputs are dropped)."""
+    missing = size - tensor.shape[0]
+    return tensor if missing <= 0 else torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_resolved(request: GenerationRequest) -> bool:
+    settings = (
+        request.width, request.height, request.num_inference_steps, request.scheduler, request.guidance_scale,
+        request.seed,
+    )
+    return None not in settings and (request.kind == "txt2img" or request.strength is not None)

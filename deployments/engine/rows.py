@@ -1,0 +1,321 @@
+"""One request's denoising state (a row), prepared and finished with diffusers' own helpers.
+
+A row owns everything that differs between requests: its scheduler instance (Euler, DPM++ and
+friends keep per-instance state), its timesteps (img2img and inpaint start part-way), its
+`torch.Generator`, its latents, text embeddings and `add_time_ids`, its guidance scale, and for
+inpainting its mask, the noised init latents it is blended with at each step, and the crop it is
+pasted back into. Preparation calls the kind's diffusers pipeline (`prepare_latents`,
+`prepare_mask_latents`, `_get_add_time_ids`, the image and mask processors) built over the
+engine's one set of components with the row's own scheduler, in the order the pipeline itself
+calls them: a row consumes its generator exactly as a lone diffusers call would, which is what
+makes a row's image equal that call's.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from PIL import Image
+
+from deployments.engine.control import RequestControl
+from deployments.pipelines import make_scheduler
+from deployments.types import GenerationRequest
+
+#: The diffusers pipeline class of each kind; all are built over the same loaded components.
+PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
+    "txt2img": StableDiffusionXLPipeline,
+    "img2img": StableDiffusionXLImg2ImgPipeline,
+    "inpaint": StableDiffusionXLInpaintPipeline,
+}
+
+
+@dataclass
+class TextEmbeds:
+    """One row's text conditioning: [uncond, cond] rows with guidance, [cond] without."""
+
+    prompt: torch.Tensor  # (1 or 2, tokens, dim)
+    pooled: torch.Tensor  # (1 or 2, dim)
+
+
+@dataclass
+class Overlay:
+    """What a `padding_mask_crop` row is pasted back into once decoded."""
+
+    mask: Image.Image
+    original: Image.Image
+    crop: tuple[int, int, int, int]
+
+
+@dataclass
+class Row:
+    request: GenerationRequest
+    control: RequestControl
+    submitted_at: float
+    pipe: DiffusionPipeline  # the kind's pipeline, with this row's scheduler
+    generator: torch.Generator
+    timesteps: torch.Tensor
+    step_kwargs: dict[str, Any]
+    latents: torch.Tensor  # (1, C, h, w)
+    embeds: TextEmbeds
+    time_ids: torch.Tensor  # (1 or 2, 6)
+    #: Inpainting: the latent-size mask, the masked image's latents (9-channel UNets), and for
+    #: 4-channel UNets the clean init latents and the noise they are re-noised with each step.
+    mask: Optional[torch.Tensor] = None
+    masked_image_latents: Optional[torch.Tensor] = None
+    image_latents: Optional[torch.Tensor] = None
+    noise: Optional[torch.Tensor] = None
+    overlay: Optional[Overlay] = None
+    index: int = 0
+    admitted_at: float = field(default_factory=time.perf_counter)
+    #: The most rows (requests) that shared one forward with this row so far.
+    shared_with: int = 1
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance: an unconditional UNet row beside the conditional one."""
+        return self.request.guidance_scale > 1.0
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.timesteps[self.index]
+
+    def unet_rows(self) -> int:
+        return 2 if self.guided else 1
+
+    def model_input(self) -> torch.Tensor:
+        """This step's UNet input rows: the scaled latents (twice with guidance), plus the mask
+        and masked image latents for a 9-channel inpainting UNet."""
+        sample = self.pipe.scheduler.scale_model_input(self.latents, self.timestep)
+        if self.masked_image_latents is not None:
+            sample = torch.cat([sample, self.mask, self.masked_image_latents], dim=1)
+        return torch.cat([sample] * self.unet_rows())
+
+    def advance(self, noise_pred: torch.Tensor) -> None:
+        """Apply guidance and this row's scheduler step (and inpainting's blend) for one step."""
+        if self.guided:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + self.request.guidance_scale * (cond - uncond)
+        t = self.timestep
+        self.latents = self.pipe.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        if self.image_latents is not None:  # 4-channel inpainting: keep the unmasked area
+            init = self.image_latents
+            if self.index < len(self.timesteps) - 1:
+                init = self.pipe.scheduler.add_noise(init, self.noise, torch.tensor([self.timesteps[self.index + 1]]))
+            self.latents = (1 - self.mask) * init + self.mask * self.latents
+        self.index += 1
+
+
+class RowFactory:
+    """Prepares rows over one pipeline's components: text encoding for a batch of admitted
+    requests in one pass, then each row's latents and timesteps."""
+
+    def __init__(self, pipeline: StableDiffusionXLPipeline):
+        self._base = pipeline
+        self._components = dict(pipeline.components)
+        self.device = pipeline._execution_device
+        self.dtype = pipeline.unet.dtype
+
+    def pipeline_for(self, request: GenerationRequest) -> DiffusionPipeline:
+        """A light pipeline of the request's kind over the shared weights (as `from_pipe` makes,
+        ~0.2 ms) owning the request's own scheduler."""
+        base = self._base
+        components = {**self._components, "scheduler": make_scheduler(request.scheduler, base.scheduler.config)}
+        pipe = PIPELINE_CLASSES[request.kind](
+            **components,
+            force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
+            add_watermarker=getattr(base, "watermark", None) is not None,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def encode(self, requests: list[GenerationRequest]) -> list[TextEmbeds]:
+        """Every request's prompts in one text-encoder pass. A request without a negative prompt
+        gets what the plain pipeline gives it alone: zeros when the model sets
+        `force_zeros_for_empty_prompt`, else the empty prompt's embedding."""
+        guided = [request.guidance_scale > 1.0 for request in requests]
+        prompt, negative, pooled, negative_pooled = self._base.encode_prompt(
+            prompt=[request.prompt for request in requests],
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=any(guided),
+            negative_prompt=[request.negative_prompt or "" for request in requests],
+        )
+        embeds = []
+        for row, (request, with_guidance) in enumerate(zip(requests, guided)):
+            if not with_guidance:
+                embeds.append(TextEmbeds(prompt[row : row + 1], pooled[row : row + 1]))
+                continue
+            uncond, uncond_pooled = negative[row : row + 1], negative_pooled[row : row + 1]
+            if request.negative_prompt is None and self._base.config.force_zeros_for_empty_prompt:
+                uncond, uncond_pooled = torch.zeros_like(uncond), torch.zeros_like(uncond_pooled)
+            embeds.append(
+                TextEmbeds(torch.cat([uncond, prompt[row : row + 1]]), torch.cat([uncond_pooled, pooled[row : row + 1]]))
+            )
+        return embeds
+
+    def prepare(self, request: GenerationRequest, control: RequestControl, embeds: TextEmbeds, submitted_at: float) -> Row:
+        """The row of a (defaults-resolved) request, in the steps its diffusers pipeline takes."""
+        pipe = self.pipeline_for(request)
+        # CPU generators: the same seed gives the same noise on any device.
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        prepared = _PREPARE[request.kind](self, pipe, request, generator)
+        time_ids = prepared.pop("time_ids")
+        if request.guidance_scale > 1.0:
+            negative_time_ids = prepared.pop("negative_time_ids", time_ids)
+            time_ids = torch.cat([negative_time_ids, time_ids])
+        else:
+            prepared.pop("negative_time_ids", None)
+        return Row(
+            request=request,
+            control=control,
+            submitted_at=submitted_at,
+            pipe=pipe,
+            generator=generator,
+            step_kwargs=pipe.prepare_extra_step_kwargs(generator, 0.0),
+            embeds=TextEmbeds(embeds.prompt.to(self.device), embeds.pooled.to(self.device)),
+            time_ids=time_ids.to(self.device),
+            **prepared,
+        )
+
+    # -- the kinds, each in the order of its diffusers pipeline ---------------------------------
+
+    def _txt2img(self, pipe: StableDiffusionXLPipeline, request: GenerationRequest, generator: torch.Generator) -> dict:
+        height, width = request.height, request.width
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, request.num_inference_steps, self.device)
+        latents = pipe.prepare_latents(
+            1, pipe.unet.config.in_channels, height, width, self.dtype, self.device, generator
+        )
+        time_ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=self.dtype, text_encoder_projection_dim=self._projection_dim()
+        )
+        if hasattr(pipe.scheduler, "set_begin_index"):
+            pipe.scheduler.set_begin_index(0)
+        return {"timesteps": timesteps, "latents": latents, "time_ids": time_ids}
+
+    def _img2img(self, pipe: StableDiffusionXLImg2ImgPipeline, request: GenerationRequest, generator: torch.Generator) -> dict:
+        image = pipe.image_processor.preprocess(Image.fromarray(request.init_image))
+        timesteps = self._partial_timesteps(pipe, request)
+        latents = pipe.prepare_latents(image, timesteps[:1], 1, 1, self.dtype, self.device, generator)
+        return {"timesteps": timesteps, "latents": latents, **self._partial_time_ids(pipe, request)}
+
+    def _inpaint(self, pipe: StableDiffusionXLInpaintPipeline, request: GenerationRequest, generator: torch.Generator) -> dict:
+        height, width = request.height, request.width
+        original = Image.fromarray(request.init_image)
+        mask_image = Image.fromarray(request.mask_image)
+        if request.mask_blur:
+            mask_image = VaeImageProcessor.blur(mask_image, blur_factor=request.mask_blur)
+        crop, resize_mode = None, "default"
+        if request.padding_mask_crop is not None:
+            crop = pipe.mask_processor.get_crop_region(mask_image, width, height, pad=request.padding_mask_crop)
+            resize_mode = "fill"
+        init_image = pipe.image_processor.preprocess(
+            original, height=height, width=width, crops_coords=crop, resize_mode=resize_mode
+        ).to(dtype=torch.float32)
+        mask = pipe.mask_processor.preprocess(
+            mask_image, height=height, width=width, resize_mode=resize_mode, crops_coords=crop
+        )
+        masked_image = init_image * (mask < 0.5)
+        timesteps = self._partial_timesteps(pipe, request)
+        four_channels = pipe.unet.config.in_channels == 4
+        outputs = pipe.prepare_latents(
+            1,
+            pipe.vae.config.latent_channels,
+            height,
+            width,
+            self.dtype,
+            self.device,
+            generator,
+            image=init_image,
+            timestep=timesteps[:1],
+            is_strength_max=request.strength == 1.0,
+            return_noise=True,
+            return_image_latents=four_channels,
+        )
+        latents, noise = outputs[:2]
+        # Encodes the masked image even for a 4-channel UNet, which ignores it: the pipeline does,
+        # and it draws from the generator.
+        latent_mask, masked_latents = pipe.prepare_mask_latents(
+            mask, masked_image, 1, height, width, self.dtype, self.device, generator, False
+        )
+        return {
+            "timesteps": timesteps,
+            "latents": latents,
+            "mask": latent_mask,
+            "masked_image_latents": None if four_channels else masked_latents,
+            "image_latents": outputs[2] if four_channels else None,
+            "noise": noise if four_channels else None,
+            "overlay": None if crop is None else Overlay(mask_image, original, crop),
+            **self._partial_time_ids(pipe, request),
+        }
+
+    def _partial_timesteps(self, pipe: DiffusionPipeline, request: GenerationRequest) -> torch.Tensor:
+        """img2img/inpaint: the last `denoising_steps()` of the schedule, as `get_timesteps`
+        takes them (at least one step, where diffusers would take none)."""
+        steps = request.num_inference_steps
+        retrieve_timesteps(pipe.scheduler, steps, self.device)
+        start = (steps - request.denoising_steps()) * pipe.scheduler.order
+        if hasattr(pipe.scheduler, "set_begin_index"):
+            pipe.scheduler.set_begin_index(start)
+        return pipe.scheduler.timesteps[start:]
+
+    def _partial_time_ids(self, pipe: DiffusionPipeline, request: GenerationRequest) -> dict:
+        size = (request.height, request.width)
+        time_ids, negative_time_ids = pipe._get_add_time_ids(
+            size, (0, 0), size, 6.0, 2.5, size, (0, 0), size, dtype=self.dtype,
+            text_encoder_projection_dim=self._projection_dim(),
+        )
+        return {"time_ids": time_ids, "negative_time_ids": negative_time_ids}
+
+    def _projection_dim(self) -> int:
+        return self._base.text_encoder_2.config.projection_dim
+
+
+_PREPARE = {"txt2img": RowFactory._txt2img, "img2img": RowFactory._img2img, "inpaint": RowFactory._inpaint}
+
+
+def decode(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images in [-1, 1] as the SDXL pipelines decode them (an fp16 VAE that asks for it
+    is upcast for the call)."""
+    vae = pipe.vae
+    needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
+    if needs_upcasting:
+        vae.to(dtype=torch.float32)
+        latents = latents.to(torch.float32)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    images = vae.decode(latents, return_dict=False)[0]
+    if needs_upcasting:
+        vae.to(dtype=torch.float16)
+    if pipe.watermark is not None:
+        images = pipe.watermark.apply_watermark(images)
+    return images
+
+
+def to_pixels(pipe: StableDiffusionXLPipeline, row: Row, image: torch.Tensor) -> np.ndarray:
+    """One decoded image (3, H, W) → float pixels in [0, 1], (H, W, 3); a cropped inpaint is
+    pasted back into its original here (`apply_overlay`, as diffusers does, through PIL)."""
+    if row.overlay is None:
+        return pipe.image_processor.postprocess(image[None], output_type="np")[0]
+    (pil,) = pipe.image_processor.postprocess(image[None], output_type="pil")
+    overlay = row.overlay
+    pasted = pipe.image_processor.apply_overlay(overlay.mask, overlay.original, pil, overlay.crop)
+    return np.asarray(pasted, dtype=np.float32) / 255.0

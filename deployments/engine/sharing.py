@@ -1,0 +1,17 @@
+"""What may share a UNet forward: the one rule, in one place.
+
+Rows share a forward when they run on the same weights with inputs of the same shape: the latent
+height and width, and the UNet input channels (a 9-channel inpainting UNet takes mask and masked
+image latents with every row). Everything else is per row: kind, steps, the step a row is at,
+scheduler, guidance (with or without its unconditional row), strength, seed, prompts, init image,
+mask, crop. Later features add a field here (the LoRA adapter set, the ControlNet), not a branch
+elsewhere.
+"""
+
+from typing import Hashable
+
+
+def forward_key(latent_shape: tuple[int, ...]) -> Hashable:
+    """The sharing key of a row from its latents' shape `(1, channels, height, width)`."""
+    _, _, height, width = latent_shape
+    return (height, width)

@@ -1,0 +1,217 @@
+"""The engine deployment: a Ray Serve replica around an injected step engine.
+
+The replica builds its engine with the factory it is given (`EngineFactory` in the app; a fake in
+tests) and runs the engine's loop on a thread of its own, so the replica's event loop stays free
+for `generate`, `cancel`, `progress` and health checks. `generate` and `generate_stream` resolve
+defaults, check limits, submit the request and await its outcome, which the engine thread hands
+back with `call_soon_threadsafe`. The same class serves every engine role (base today; ControlNet
+variants and the refiner later), under the deployment name the builder gives it.
+"""
+
+import asyncio
+import logging
+import threading
+from typing import Any, AsyncIterator, Callable, Optional
+
+import numpy as np
+from pydantic import TypeAdapter
+from ray import serve
+from ray.serve.metrics import Counter as MetricCounter
+from ray.serve.metrics import Histogram
+
+from configs.app_args import LimitsConfig
+from configs.model_spec import ModelSpec
+from deployments.engine.control import RequestControl, RunOutput
+from deployments.logs import quiet_client_errors
+from deployments.types import (
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequestError,
+    ProgressEvent,
+    ServiceError,
+    check_limits,
+)
+
+logger = logging.getLogger("ray.serve")
+
+
+class EngineReplica:
+    """Generation on one engine; `generate` is the handle API other Ray apps call."""
+
+    def __init__(self, model_spec: dict[str, Any], limits: dict[str, Any], engine_factory: Callable[[Any], Any]):
+        """`engine_factory(observer)` returns the engine (`StepEngine`'s `submit`, `stats`, `run`,
+        `startup`, `max_rows`, `scheduling` and call planners)."""
+        quiet_client_errors()
+        self._spec = TypeAdapter(ModelSpec).validate_python(model_spec)
+        self._limits = LimitsConfig.model_validate(limits)
+        self._engine = engine_factory(_RayMetrics())
+        self._controls: dict[str, RequestControl] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._engine.run, args=(self._stop,), name="step-engine", daemon=True)
+        self._thread.start()
+        logger.info("engine for %r ready: %s", self._spec.name, self._engine.startup)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Generate one image. Raises a `ServiceError` subclass (with `status_code`) on failure."""
+        return await self._generate(request, on_progress=None)
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Any]:
+        """Generate one image, streaming progress: `ProgressEvent`s, then the `GenerationResult`.
+
+        Call with `handle.options(stream=True)`. Cancelling the stream cancels the request.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_progress(step: int, total: int) -> None:  # called from the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, ProgressEvent(step=step, total=total))
+
+        task = asyncio.ensure_future(self._generate(request, on_progress=on_progress))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield task.result()
+        finally:
+            task.cancel()
+
+    async def _generate(
+        self, request: GenerationRequest, on_progress: Optional[Callable[[int, int], None]]
+    ) -> GenerationResult:
+        if not isinstance(request, GenerationRequest):
+            raise InvalidRequestError(
+                f"expected a GenerationRequest, got {type(request).__name__}", param="request"
+            )
+        request = request.with_defaults(self._spec)
+        check_limits(request, self._limits)
+        if request.request_id in self._controls:
+            raise InvalidRequestError(
+                f"request_id {request.request_id!r} is already in flight", param="request_id", code="duplicate_id"
+            )
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        control = RequestControl(
+            deadline=request.deadline,
+            on_progress=on_progress,
+            on_done=lambda outcome: loop.call_soon_threadsafe(_resolve, done, outcome),
+        )
+        self._controls[request.request_id] = control
+        try:
+            self._engine.submit(request, control)
+            outcome = await done
+        except asyncio.CancelledError:
+            # The caller went away (client disconnect, handle `cancel()`): its row is dropped at
+            # the engine's next step, and its neighbours go on unchanged.
+            control.cancel()
+            raise
+        finally:
+            self._controls.pop(request.request_id, None)
+        if isinstance(outcome, ServiceError):
+            raise outcome
+        return _to_result(request, outcome)
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel an in-flight request on this replica; False when it is not here (or done)."""
+        control = self._controls.get(request_id)
+        if control is None:
+            return False
+        control.cancel()
+        return True
+
+    def progress(self, request_id: str) -> Optional[dict[str, int]]:
+        """Denoising progress of an in-flight request on this replica, or None."""
+        control = self._controls.get(request_id)
+        return None if control is None else {"step": control.step, "total": control.total}
+
+    def model_info(self) -> dict[str, Any]:
+        """The served model's id and defaults, how the engine runs and how it started."""
+        engine = self._engine
+        return {
+            "id": self._spec.name,
+            "source": self._spec.source,
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "default_size": list(self._spec.default_size),
+            "optimize": self._spec.optimize.model_dump(),
+            "scheduling": engine.scheduling,
+            "max_batch_size": engine.max_rows,
+            **engine.startup,
+            # Seconds of one call per compiled batch size, timed at warm-up: what forwards (UNet
+            # rows) and decodes (images) are split by.
+            "unet_call_s": {size: round(s, 4) for size, s in engine.forward_calls.costs.items()},
+            "decode_call_s": {size: round(s, 4) for size, s in engine.decode_calls.costs.items()},
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters (admitted, admitted into a running batch, completed, cancelled,
+        forwards, UNet calls and padding) and recent series (requests per forward, queue waits),
+        with row-steps per second over the last 10 s."""
+        return self._engine.stats()
+
+    def check_health(self) -> None:
+        if not self._thread.is_alive():  # Ray restarts the replica
+            raise RuntimeError("the engine loop thread stopped")
+
+    def close(self) -> None:
+        """Stop the engine's loop (Ray calls `__del__` when the replica shuts down)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _resolve(future: asyncio.Future, outcome: Any) -> None:
+    if not future.done():
+        future.set_result(outcome)
+
+
+def _to_result(request: GenerationRequest, outcome: RunOutput) -> GenerationResult:
+    """Float pixels become uint8 as diffusers' PIL path rounds them."""
+    pixels = np.clip(np.round(outcome.image * 255.0), 0, 255).astype(np.uint8)
+    return GenerationResult(
+        request_id=request.request_id,
+        image=pixels,
+        seed=outcome.seed,
+        batch_size=outcome.batch_size,
+        timings={"queue_s": round(outcome.queue_s, 4), "run_s": round(outcome.run_s, 4)},
+    )
+
+
+class _RayMetrics:
+    """The engine's observer: Ray metrics, exported with Ray's others."""
+
+    def __init__(self):
+        self._rows = Histogram(
+            "sdxl_rows_per_forward",
+            description="Requests sharing one UNet forward (one denoising step of each).",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+        )
+        self._row_steps = MetricCounter("sdxl_row_steps", description="Denoising steps run, summed over requests.")
+        self._queue_wait = Histogram(
+            "sdxl_queue_wait_s",
+            description="Seconds from reaching the engine to joining its running batch.",
+            boundaries=[0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60],
+        )
+        self._into_running = MetricCounter(
+            "sdxl_admitted_into_running", description="Requests admitted while others were mid-denoising."
+        )
+
+    def on_admit(self, queue_wait_s: float, into_running: bool) -> None:
+        self._queue_wait.observe(queue_wait_s)
+        if into_running:
+            self._into_running.inc()
+
+    def on_forward(self, rows: int, seconds: float) -> None:
+        self._rows.observe(rows)
+        self._row_steps.inc(rows)
+
+
+#: The Ray Serve deployment; `serve_app.builder` names it per role and sets replicas and resources.
+EngineDeployment = serve.deployment(EngineReplica)

@@ -1,0 +1,439 @@
+"""The step engine on the tiny model (fp32 CPU, no Ray): fidelity against plain diffusers, rows
+joining and leaving a running batch, cancel, deadline, the two admission policies, buckets."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from configs.model_spec import TinySpec
+from configs.schedulers import SCHEDULERS
+from deployments.engine.calls import plan_calls
+from deployments.engine.control import RequestControl, RunOutput
+from deployments.engine.loop import StepEngine
+from deployments.engine.sharing import forward_key
+from deployments.pipelines import make_scheduler
+from deployments.types import (
+    DeadlineExceededError,
+    EngineError,
+    GenerationRequest,
+    OverloadedError,
+    RequestCancelledError,
+)
+
+FIDELITY_ATOL = 1e-4
+SPEC = TinySpec(device="cpu")
+SMALL = dict(width=64, height=64, num_inference_steps=3, guidance_scale=5.0, scheduler="euler")
+EDIT = dict(num_inference_steps=4, guidance_scale=5.0, scheduler="euler_a", width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def reference_pipe(tiny_dir):
+    """A plain diffusers pipeline loaded independently from the same folder: the ground truth."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = pipe.scheduler.config  # each test swaps the scheduler
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pipe):
+    return StepEngine(tiny_pipe, max_rows=16)
+
+
+def _resolved(request: GenerationRequest) -> GenerationRequest:
+    return request.with_defaults(SPEC)
+
+
+def _run(engine: StepEngine, requests: list[GenerationRequest]) -> list:
+    return engine.generate([_resolved(request) for request in requests])
+
+
+def _alone(engine: StepEngine, request: GenerationRequest) -> np.ndarray:
+    (outcome,) = _run(engine, [request])
+    assert isinstance(outcome, RunOutput), outcome
+    return outcome.image
+
+
+def _reference_image(pipe, request: GenerationRequest) -> np.ndarray:
+    pipe.scheduler = make_scheduler(request.scheduler, pipe.original_scheduler_config)
+    return pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        output_type="np",
+    ).images[0]
+
+
+def _picture(seed: int, size=(64, 64)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+
+
+def _square_mask(size=(64, 64)) -> np.ndarray:
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    return mask
+
+
+# --- fidelity: every request equals plain diffusers run alone ----------------------------------
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_each_scheduler_matches_plain_diffusers(engine, reference_pipe, scheduler):
+    request = GenerationRequest(prompt="a red circle", negative_prompt="blurry", seed=7, **{**SMALL, "scheduler": scheduler})
+    (ours,) = _run(engine, [request])
+    assert isinstance(ours, RunOutput) and ours.image.shape == (64, 64, 3)
+    assert np.abs(ours.image - _reference_image(reference_pipe, request)).max() <= FIDELITY_ATOL
+
+
+def test_missing_negative_prompt_matches_plain_pipeline_default(engine, reference_pipe):
+    """No negative prompt = diffusers' `negative_prompt=None` (zeroed embeddings), not ''."""
+    none_request = GenerationRequest(prompt="a blue square", seed=3, **SMALL)
+    empty_request = none_request.model_copy(update={"negative_prompt": ""})
+    none_image, empty_image = (outcome.image for outcome in _run(engine, [none_request, empty_request]))
+    assert np.abs(none_image - _reference_image(reference_pipe, none_request)).max() <= FIDELITY_ATOL
+    assert np.abs(empty_image - _reference_image(reference_pipe, empty_request)).max() <= FIDELITY_ATOL
+    assert np.abs(none_image - empty_image).max() > 1e-3
+
+
+def test_no_guidance_runs_one_unet_row(engine, reference_pipe):
+    request = GenerationRequest(prompt="a lake", seed=5, **{**SMALL, "guidance_scale": 1.0})
+    before = engine.stats()["unet_rows"]
+    (ours,) = _run(engine, [request])
+    assert engine.stats()["unet_rows"] - before == 3  # one row per step, no unconditional row
+    assert np.abs(ours.image - _reference_image(reference_pipe, request)).max() <= FIDELITY_ATOL
+
+
+def _edit_reference(pipe, request: GenerationRequest, strength=None, **extra) -> np.ndarray:
+    pipe.scheduler = make_scheduler(request.scheduler, pipe.original_scheduler_config)
+    return pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        image=Image.fromarray(request.init_image),
+        strength=strength or request.strength,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+        **extra,
+    ).images[0]
+
+
+@pytest.fixture(scope="module")
+def img2img_reference(reference_pipe):
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(reference_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = reference_pipe.original_scheduler_config
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def inpaint_reference(reference_pipe):
+    pipe = StableDiffusionXLInpaintPipeline.from_pipe(reference_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.original_scheduler_config = reference_pipe.original_scheduler_config
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_karras", "ddim", "heun"])
+def test_img2img_matches_plain_diffusers(engine, img2img_reference, scheduler):
+    request = GenerationRequest(
+        prompt="a red circle", negative_prompt="blur", kind="img2img", init_image=_picture(1), strength=0.6, seed=4,
+        **{**EDIT, "scheduler": scheduler},
+    )
+    (ours,) = _run(engine, [request])
+    assert np.abs(ours.image - _edit_reference(img2img_reference, request, output_type="np")).max() <= FIDELITY_ATOL
+
+
+def test_fewer_than_one_step_runs_the_last_step(engine, img2img_reference):
+    """steps 4 × strength 0.2 < 1: diffusers runs nothing (and fails); the engine runs the last
+    step, exactly as diffusers does at strength 0.25."""
+    seen = []
+    request = _resolved(
+        GenerationRequest(prompt="p", kind="img2img", init_image=_picture(2), strength=0.2, seed=8, **EDIT)
+    )
+    control = engine.submit(request, RequestControl(on_progress=lambda step, total: seen.append((step, total))))
+    engine.run_until_idle()
+    assert seen == [(1, 1)]
+    expected = _edit_reference(img2img_reference, request, strength=0.25, output_type="np")
+    assert np.abs(control.outcome.image - expected).max() <= FIDELITY_ATOL
+
+
+@pytest.mark.parametrize("mask_blur, strength", [(0, 0.8), (6, 1.0)])
+def test_inpaint_matches_plain_diffusers(engine, inpaint_reference, mask_blur, strength):
+    request = GenerationRequest(
+        prompt="a blue square", kind="inpaint", init_image=_picture(2), mask_image=_square_mask(),
+        strength=strength, mask_blur=mask_blur, seed=9, **EDIT,
+    )
+    (ours,) = _run(engine, [request])
+    mask = Image.fromarray(request.mask_image)
+    mask = VaeImageProcessor.blur(mask, blur_factor=mask_blur) if mask_blur else mask
+    expected = _edit_reference(inpaint_reference, request, mask_image=mask, height=64, width=64, output_type="np")
+    assert np.abs(ours.image - expected).max() <= FIDELITY_ATOL
+
+
+def test_inpaint_full_resolution_crop_matches_plain_diffusers(engine, inpaint_reference):
+    request = GenerationRequest(
+        prompt="a star", kind="inpaint", init_image=_picture(3), mask_image=_square_mask(),
+        strength=0.9, padding_mask_crop=4, seed=5, **EDIT,
+    )
+    (ours,) = _run(engine, [request])
+    expected = _edit_reference(
+        inpaint_reference, request, mask_image=Image.fromarray(request.mask_image), padding_mask_crop=4,
+        height=64, width=64, output_type="pil",
+    )
+    assert np.abs(ours.image - np.asarray(expected, dtype=np.float32) / 255.0).max() <= FIDELITY_ATOL
+    outside = request.mask_image == 0  # the paste-back keeps the unmasked pixels exactly
+    assert np.array_equal((ours.image[outside] * 255).round().astype(np.uint8), request.init_image[outside])
+
+
+# --- sharing a forward ------------------------------------------------------------------------
+
+
+def _mixed() -> list[GenerationRequest]:
+    """Different steps, guidance (with and without), schedulers, strengths, kinds, crops, sizes."""
+    return [
+        GenerationRequest(prompt="a red circle", seed=1, **{**SMALL, "num_inference_steps": 6}),
+        GenerationRequest(prompt="a blue star", negative_prompt="x", seed=2, **{**SMALL, "scheduler": "dpmpp_2m_karras", "guidance_scale": 1.0}),
+        GenerationRequest(prompt="cat", kind="img2img", init_image=_picture(5), strength=0.5, seed=3, **{**EDIT, "num_inference_steps": 8, "guidance_scale": 7.0}),
+        GenerationRequest(prompt="fill", kind="inpaint", init_image=_picture(6), mask_image=_square_mask(), strength=0.9, mask_blur=2, seed=4, **{**EDIT, "scheduler": "heun"}),
+        GenerationRequest(prompt="crop", kind="inpaint", init_image=_picture(7), mask_image=_square_mask(), strength=0.7, padding_mask_crop=2, seed=5, **{**EDIT, "scheduler": "unipc"}),
+        GenerationRequest(prompt="tall", seed=6, **{**SMALL, "height": 96, "scheduler": "ddim"}),
+    ]
+
+
+def test_a_heterogeneous_batch_gives_each_row_its_solo_image(engine):
+    requests = _mixed()
+    alone = [_alone(engine, request) for request in requests]
+    before = engine.stats()
+    together = _run(engine, requests)
+    after = engine.stats()
+    new_forwards = after["rows_per_forward"][len(before["rows_per_forward"]) :]
+    assert max(new_forwards) == 5  # every 64² row shared a forward; the 64x96 one ran beside them
+    for request, outcome, image in zip(requests, together, alone):
+        assert outcome.batch_size == (1 if request.height == 96 else 5)
+        assert np.abs(outcome.image - image).max() <= FIDELITY_ATOL, request.prompt
+
+
+def test_a_request_that_joins_at_step_k_equals_it_alone(engine):
+    long = _resolved(GenerationRequest(prompt="long", seed=11, **{**SMALL, "num_inference_steps": 20}))
+    joiners = _mixed()
+    alone = [_alone(engine, request) for request in joiners]
+    before = engine.stats()["admitted_into_running"]
+    first = engine.submit(long)
+    for _ in range(3):
+        engine.step()
+    assert first.step == 3
+    late = [engine.submit(_resolved(request)) for request in joiners]
+    engine.run_until_idle()
+    assert engine.stats()["admitted_into_running"] - before == len(joiners)
+    for request, control, image in zip(joiners, late, alone):
+        assert control.outcome.batch_size >= (1 if request.height == 96 else 2)
+        assert np.abs(control.outcome.image - image).max() <= FIDELITY_ATOL
+    assert np.abs(first.outcome.image - _alone(engine, long)).max() <= FIDELITY_ATOL
+
+
+def test_the_sharing_rule_is_the_latent_shape():
+    assert forward_key((1, 4, 8, 8)) == forward_key((1, 4, 8, 8))
+    assert forward_key((1, 4, 8, 8)) != forward_key((1, 4, 8, 12))
+
+
+def test_all_kinds_share_one_set_of_weights(engine, tiny_pipe):
+    pipes = [engine._rows.pipeline_for(_resolved(request)) for request in _mixed()[:4]]
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for pipe in pipes:
+            assert getattr(pipe, part) is getattr(tiny_pipe, part)
+    assert len({id(pipe.scheduler) for pipe in pipes}) == 4  # but each row its own scheduler
+    assert {type(pipe).__name__ for pipe in pipes} == {
+        "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+    }
+
+
+# --- cancel, deadline, progress --------------------------------------------------------------
+
+
+def test_a_cancelled_row_is_dropped_at_once_and_its_neighbours_are_unchanged(engine):
+    keep = _resolved(GenerationRequest(prompt="keep me", seed=11, **{**SMALL, "num_inference_steps": 6}))
+    drop = _resolved(keep.model_copy(update={"prompt": "drop me", "seed": 12, "request_id": "drop"}))
+    alone = _alone(engine, keep)
+    kept, dropped = engine.submit(keep), engine.submit(drop)
+    engine.step()
+    engine.step()
+    dropped.cancel()
+    engine.step()
+    assert isinstance(dropped.outcome, RequestCancelledError) and dropped.step == 2  # at the next step
+    engine.run_until_idle()
+    assert np.abs(kept.outcome.image - alone).max() <= FIDELITY_ATOL
+
+
+def test_cancelled_before_admission_never_runs(engine):
+    before = engine.stats()
+    control = RequestControl()
+    control.cancel()
+    engine.submit(_resolved(GenerationRequest(prompt="p", seed=1, **SMALL)), control)
+    engine.run_until_idle()
+    assert isinstance(control.outcome, RequestCancelledError) and control.outcome.status_code == 409
+    assert engine.stats()["admitted"] == before["admitted"]
+
+
+def test_a_deadline_passing_mid_run_answers_504_at_the_next_step(engine):
+    control = RequestControl(on_progress=lambda step, total: setattr(control, "deadline", time.time() - 1) if step == 2 else None)
+    engine.submit(_resolved(GenerationRequest(prompt="p", seed=1, **{**SMALL, "num_inference_steps": 10})), control)
+    engine.run_until_idle()
+    assert isinstance(control.outcome, DeadlineExceededError) and control.step == 2
+
+
+def test_cancel_from_another_thread(engine):
+    stop = threading.Event()
+    loop = threading.Thread(target=engine.run, args=(stop,))
+    loop.start()
+    try:
+        started = threading.Event()
+        control = RequestControl(on_progress=lambda step, total: started.set())
+        engine.submit(_resolved(GenerationRequest(prompt="p", seed=1, **{**SMALL, "num_inference_steps": 500})), control)
+        assert started.wait(30)
+        control.cancel()
+        assert isinstance(control.wait(30), RequestCancelledError) and control.step < 500
+    finally:
+        stop.set()
+        loop.join(10)
+
+
+def test_progress_counts_the_steps_a_row_runs(engine):
+    seen = []
+    request = GenerationRequest(prompt="p", kind="img2img", init_image=_picture(1), strength=0.5, seed=1, **{**EDIT, "num_inference_steps": 10})
+    engine.submit(_resolved(request), RequestControl(on_progress=lambda step, total: seen.append((step, total))))
+    engine.run_until_idle()
+    assert seen == [(step, 5) for step in range(1, 6)]
+
+
+def test_an_unresolved_request_is_refused(engine):
+    with pytest.raises(ValueError, match="with_defaults"):
+        engine.submit(GenerationRequest(prompt="p"))
+
+
+# --- policies and bounds ----------------------------------------------------------------------
+
+
+def test_step_scheduling_lets_a_short_request_finish_before_a_long_one(tiny_pipe):
+    engine = StepEngine(tiny_pipe, max_rows=4, scheduling="step")
+    long = engine.submit(_resolved(GenerationRequest(prompt="long", seed=1, **{**SMALL, "num_inference_steps": 30})))
+    for _ in range(2):
+        engine.step()
+    short = engine.submit(_resolved(GenerationRequest(prompt="short", seed=2, **{**SMALL, "num_inference_steps": 4})))
+    steps = 0
+    while not short.done:
+        engine.step()
+        steps += 1
+    assert steps == 4 and not long.done and long.step == 6
+    engine.run_until_idle()
+
+
+def test_request_scheduling_admits_only_into_an_empty_engine(tiny_pipe):
+    engine = StepEngine(tiny_pipe, max_rows=4, scheduling="request")
+    long = engine.submit(_resolved(GenerationRequest(prompt="long", seed=1, **{**SMALL, "num_inference_steps": 8})))
+    engine.step()
+    short = engine.submit(_resolved(GenerationRequest(prompt="short", seed=2, **{**SMALL, "num_inference_steps": 2})))
+    while not long.done:
+        engine.step()
+        assert short.step == 0
+    engine.run_until_idle()
+    assert isinstance(short.outcome, RunOutput)
+    assert engine.stats()["admitted_into_running"] == 0
+
+
+def test_request_scheduling_waits_for_a_batch_to_form(tiny_pipe):
+    engine = StepEngine(tiny_pipe, max_rows=3, scheduling="request", batch_wait_s=0.2)
+    first = engine.submit(_resolved(GenerationRequest(prompt="a", seed=1, **SMALL)))
+    engine.step()
+    assert first.step == 0  # the window is open
+    others = [engine.submit(_resolved(GenerationRequest(prompt=p, seed=2, **SMALL))) for p in "bc"]
+    engine.step()  # full: admitted without waiting out the window
+    assert first.step == 1 and all(control.step == 1 for control in others)
+    engine.run_until_idle()
+
+
+def test_at_most_max_rows_denoise_at_once(tiny_pipe):
+    engine = StepEngine(tiny_pipe, max_rows=2)
+    controls = [engine.submit(_resolved(GenerationRequest(prompt="p", seed=i, **SMALL))) for i in range(3)]
+    engine.step()
+    assert [control.step for control in controls] == [1, 1, 0]
+    engine.run_until_idle()
+    assert max(engine.stats()["rows_per_forward"]) == 2 and all(control.done for control in controls)
+
+
+def test_a_full_queue_is_refused_with_503(tiny_pipe):
+    engine = StepEngine(tiny_pipe, max_rows=1, max_waiting=2)
+    for seed in range(2):
+        engine.submit(_resolved(GenerationRequest(prompt="p", seed=seed, **SMALL)))
+    with pytest.raises(OverloadedError) as info:
+        engine.submit(_resolved(GenerationRequest(prompt="p", seed=3, **SMALL)))
+    assert info.value.status_code == 503 and info.value.code == "overloaded"
+    engine.run_until_idle()
+
+
+def test_a_failing_forward_fails_only_its_rows(tiny_dir):
+    from deployments.pipelines import load_pipeline
+
+    def fail_on_wide_latents(module, args):
+        if args[0].shape[-1] == 12:  # 96 pixels
+            raise RuntimeError("boom")
+
+    pipe = load_pipeline(SPEC)  # its own, so the hook stays there
+    pipe.unet.register_forward_pre_hook(fail_on_wide_latents)
+    engine = StepEngine(pipe, max_rows=4)
+    wide, square = _run(engine, [
+        GenerationRequest(prompt="wide", seed=1, **{**SMALL, "width": 96}),
+        GenerationRequest(prompt="square", seed=2, **SMALL),
+    ])
+    assert isinstance(wide, EngineError) and wide.status_code == 500
+    assert isinstance(square, RunOutput)
+    assert engine.stats()["failed"] == 1
+
+
+# --- compiled batch shapes --------------------------------------------------------------------
+
+
+def test_buckets_pad_forwards_without_changing_images(tiny_pipe, engine):
+    bucketed = StepEngine(tiny_pipe, max_rows=8, buckets=[2, 4])
+    requests = [GenerationRequest(prompt=f"p{i}", seed=i, **SMALL) for i in range(3)]
+    outcomes = _run(bucketed, requests)
+    stats = bucketed.stats()
+    # three guided images are 6 UNet rows: with buckets of 4 and 8 rows, one call padded to 8
+    assert stats["unet_calls"] == 3 and stats["padded_unet_rows"] == 3 * 2
+    for request, outcome in zip(requests, outcomes):
+        assert np.abs(outcome.image - _alone(engine, request)).max() <= FIDELITY_ATOL
+
+
+@pytest.mark.parametrize(
+    "count, costs, sizes",
+    [
+        (10, {2: 1.0, 16: 8.0}, [2, 2, 2, 2, 2]),  # five images: padding 10 rows to 16 wastes three
+        (10, {2: 1.0, 16: 2.0}, [10]),  # a call of 16 costs two of 2: pad
+        (16, {2: 1.154, 16: 8.1}, [16]),  # H100, 1024², 30 steps (BENCHMARKS.md)
+        (34, {2: 1.0, 16: 8.0}, [16, 16, 2]),  # more than the largest bucket
+        (3, {2: 2.0, 4: 4.0}, [3]),  # 2 + 1 (padded to 2 + 2) ties with 3 (padded to 4): fewer calls
+        (6, {1: 0.3, 2: 0.35, 4: 0.5, 8: 0.9}, [4, 2]),
+    ],
+)
+def test_plan_calls_takes_the_cheapest_split(count, costs, sizes):
+    assert plan_calls(count, costs) == sizes
+    assert sum(sizes) == count
+
+
+def test_warmup_compiles_every_bucket_then_times_each(tiny_pipe):
+    engine = StepEngine(tiny_pipe, max_rows=4, buckets=[1, 2])
+    assert engine.forward_calls.costs == {2: 2.0, 4: 4.0}  # until measured: the padded size
+    engine.warmup(_resolved(GenerationRequest(prompt="w", seed=0, **{**SMALL, "num_inference_steps": 2})))
+    assert set(engine.forward_calls.costs) == {2, 4} and set(engine.decode_calls.costs) == {1, 2}
+    assert all(0 < seconds < 60 for seconds in engine.forward_calls.costs.values())
+    assert engine.forward_calls.costs != {2: 2.0, 4: 4.0}
+    assert engine.stats()["admitted"] == 0  # the warm-up's requests are not counted
