@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_suite.sh restart    # over HTTP: the compiled app started cold, then restarted on every GPU
 #   bash benchmarks/gpu_suite.sh wait       # over HTTP: batch wait 0.1 vs 0.02 s (1 and 16 clients), then every GPU
 #   bash benchmarks/gpu_suite.sh scheduling # over HTTP: step vs request scheduling (closed, open 50/90%, mixed 8/40 steps)
+#   bash benchmarks/gpu_suite.sh loras      # in-process: LoRA loads, switches, mixed-adapter steps, recompiles (needs no Ray)
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
@@ -20,7 +21,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait or scheduling}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling or loras}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 mkdir -p "$OUT" "$site"
@@ -164,5 +165,17 @@ scheduling)
   python3 benchmarks/bench_scheduling.py --engine-gpus 1 --engine-cpus 4 --ray-cpus 8 --size 1024 --steps 30 \
     --clients 16 --rounds ${ROUNDS:-2} --open-requests ${OPEN_REQUESTS:-32} --policies ${POLICIES:-request,step} \
     ${CAPACITY:+--capacity $CAPACITY} --model "$fast" --out "$OUT/scheduling"
+  ;;
+loras)
+  # LoRA costs in process (needs no Ray): 30 random rank-64 LoRAs on every UNet attention
+  # projection, full-size SDXL, 1024². Eager fp16 first; then (LORAS_COMPILED=1, a second call on
+  # the warm machine: two compiled graphs per bucket, base and adapter, take minutes) the compiled
+  # UNet with fused QKV as configs/serve_config.gpu.yaml serves it, under `error_on_recompile`.
+  if [ -z "${LORAS_COMPILED:-}" ]; then
+    python3 benchmarks/bench_loras.py --model "$base" --size 1024 --rank 64 --adapters 30 --out "$OUT/loras-eager"
+  else
+    python3 benchmarks/bench_loras.py --model "$(compiled "$CACHE" | sed 's/unet+vae/unet/')" --size 1024 --rank 64 \
+      --adapters 30 --out "$OUT/loras-compiled"
+  fi
   ;;
 esac

@@ -4,9 +4,10 @@ Every field is described and bounded; unknown keys are rejected (`extra="forbid"
 config file fails `serve run`/`serve deploy` instead of being silently ignored.
 """
 
+import re
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from configs.model_spec import ModelSpec, TinySpec
 from configs.paths import state_root
@@ -137,6 +138,7 @@ class LimitsConfig(_Strict):
     max_upload_bytes: int = Field(
         20 * 1024 * 1024, ge=1024, le=1024**3, description="Largest uploaded image or mask, in bytes (413 beyond)."
     )
+    max_loras: int = Field(4, ge=0, le=16, description="Most LoRAs one request may blend.")
     max_input_pixels: int = Field(
         4096 * 4096,
         ge=64 * 64,
@@ -146,6 +148,61 @@ class LimitsConfig(_Strict):
             "(413 beyond): a small file can declare a huge picture."
         ),
     )
+
+
+#: What LoRAs for SDXL commonly train (diffusers' and kohya's scripts): the UNet's attention
+#: projections, feed-forwards and transformer in/out projections; both text encoders' attention and
+#: MLPs. Not the ResNet convolutions (LoCon), whose slots cost 9× per rank: add them when served.
+DEFAULT_LORA_TARGETS = (
+    r"unet\..*\.(to_q|to_k|to_v|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)",
+    r"text_encoder(_2)?\..*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+)
+
+
+class LorasConfig(_Strict):
+    """The LoRA registry and each engine replica's adapter cache."""
+
+    dir: Optional[str] = Field(
+        None, description="Folder of uploaded LoRA files (`.safetensors`); default `<state_dir>/loras`."
+    )
+    examples: Optional[bool] = Field(
+        None,
+        description="Also list the example LoRAs shipped with the tiny model (read-only). Default: when serving it.",
+    )
+    cache_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description=(
+            "LoRA sets (a request's LoRAs and weights) each engine replica keeps resident, least recently "
+            "used evicted; at least batching.max_batch_size, so every running row has its set."
+        ),
+    )
+    max_rank: int = Field(
+        64, ge=1, le=1024, description="Largest rank a LoRA (or a request's blend, ranks added) may have; slots are this wide."
+    )
+    max_upload_bytes: int = Field(
+        1024**3, ge=1024, le=16 * 1024**3, description="Largest LoRA file `POST /v1/loras` accepts (413 beyond)."
+    )
+    targets: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+        min_length=1,
+        description=(
+            "Layers (regular expressions matched in full against `component.module`) given LoRA slots at "
+            "replica start. A compiled UNet's graph includes exactly these: a LoRA on another UNet layer is "
+            "refused (400 `lora_layer_not_served`). Uncompiled, other layers get slots when a LoRA first needs them."
+        ),
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _patterns_compile(cls, targets: list[str]) -> list[str]:
+        for pattern in targets:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"target {pattern!r} is not a regular expression: {error}") from None
+        return targets
 
 
 class JobsConfig(_Strict):
@@ -186,6 +243,7 @@ class AppArgs(_Strict):
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The HTTP ingress deployment.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Async jobs and stored results.")
+    loras: LorasConfig = Field(default_factory=LorasConfig, description="LoRA registry and adapter cache.")
     state_dir: Optional[str] = Field(
         None,
         description=(
@@ -208,7 +266,13 @@ class AppArgs(_Strict):
         optimize = self.model.optimize
         cache = optimize.compile_cache_dir or str(root / "compile")
         model = self.model.model_copy(update={"optimize": optimize.model_copy(update={"compile_cache_dir": cache})})
-        return self.model_copy(update={"jobs": jobs, "model": model})
+        loras = self.loras.model_copy(
+            update={
+                "dir": self.loras.dir or str(root / "loras"),
+                "examples": self.model.source == "tiny" if self.loras.examples is None else self.loras.examples,
+            }
+        )
+        return self.model_copy(update={"jobs": jobs, "model": model, "loras": loras})
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "AppArgs":
@@ -216,6 +280,11 @@ class AppArgs(_Strict):
         if width * height > self.limits.max_pixels:
             raise ValueError(
                 f"model.default_size {width}x{height} exceeds limits.max_pixels ({self.limits.max_pixels})"
+            )
+        if self.loras.cache_size < self.batching.max_batch_size:
+            raise ValueError(
+                f"loras.cache_size ({self.loras.cache_size}) must be at least batching.max_batch_size "
+                f"({self.batching.max_batch_size}): every running row may need its own LoRA set"
             )
         if self.model.default_steps > self.limits.max_steps:
             raise ValueError(

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import TypeAdapter
 from ray import serve
 from ray.serve.metrics import Counter as MetricCounter
+from ray.serve.metrics import Gauge
 from ray.serve.metrics import Histogram
 
 from configs.app_args import LimitsConfig
@@ -30,6 +31,7 @@ from deployments.types import (
     ProgressEvent,
     ServiceError,
     check_limits,
+    lora_set_id,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -46,6 +48,7 @@ class EngineReplica:
         self._limits = LimitsConfig.model_validate(limits)
         self._engine = engine_factory(_RayMetrics())
         self._controls: dict[str, RequestControl] = {}
+        self._lora_sets = _lora_routing(self._engine)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._engine.run, args=(self._stop,), name="step-engine", daemon=True)
         self._thread.start()
@@ -90,6 +93,9 @@ class EngineReplica:
             )
         request = request.with_defaults(self._spec)
         check_limits(request, self._limits)
+        set_id = lora_set_id(request.loras)
+        if set_id is not None and self._lora_sets is not None:
+            await self._lora_sets(set_id)  # tells Ray's router this replica holds the set
         if request.request_id in self._controls:
             raise InvalidRequestError(
                 f"request_id {request.request_id!r} is already in flight", param="request_id", code="duplicate_id"
@@ -129,11 +135,26 @@ class EngineReplica:
         control = self._controls.get(request_id)
         return None if control is None else {"step": control.step, "total": control.total}
 
+    async def describe_loras(self) -> list[dict[str, Any]]:
+        """Every registered LoRA: what its header says, and whether it fits the served model
+        (`fits`, and `error` saying why not)."""
+        return await asyncio.to_thread(self._adapters().describe_all)
+
+    async def check_lora(self, path: str, name: str) -> dict[str, Any]:
+        """Describe an uploaded file and check it fits the served model; a 400 naming why not."""
+        return await asyncio.to_thread(self._adapters().describe_file, path, name)
+
+    def _adapters(self) -> Any:
+        if self._engine.adapters is None:
+            raise InvalidRequestError("this deployment serves no LoRAs", param="loras", code="loras_disabled")
+        return self._engine.adapters
+
     def model_info(self) -> dict[str, Any]:
         """The served model's id and defaults, how the engine runs and how it started."""
         engine = self._engine
         return {
             "id": self._spec.name,
+            "replica": _replica_id(),
             "source": self._spec.source,
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
@@ -150,9 +171,10 @@ class EngineReplica:
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters (admitted, admitted into a running batch, completed, cancelled,
-        forwards, UNet calls and padding) and recent series (requests per forward, queue waits),
-        with row-steps per second over the last 10 s."""
-        return self._engine.stats()
+        forwards, UNet calls and padding), recent series (requests per forward, queue waits),
+        row-steps per second over the last 10 s and the LoRA cache's (loads, hits, evictions,
+        load seconds, resident sets); `replica` says which replica answered."""
+        return {**self._engine.stats(), "replica": _replica_id()}
 
     def check_health(self) -> None:
         if not self._thread.is_alive():  # Ray restarts the replica
@@ -165,6 +187,28 @@ class EngineReplica:
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+def _lora_routing(engine: Any) -> Optional[Callable[[str], Any]]:
+    """A `serve.multiplexed` loader for LoRA set ids, sized like the engine's LoRA cache: calling
+    it records the set as held by this replica, which Ray's router then prefers for requests
+    naming that id (`handle.options(multiplexed_model_id=...)`). The engine loads the weights
+    itself, between steps; Ray's record is the routing hint. None without LoRAs, or outside a
+    Ray replica (in-process tests: there is no router to tell)."""
+    if engine.adapters is None or _replica_id() is None:
+        return None
+
+    async def hold(set_id: str) -> str:
+        return set_id
+
+    return serve.multiplexed(max_num_models_per_replica=engine.adapters.size)(hold)
+
+
+def _replica_id() -> Optional[str]:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not in a Ray replica (in-process tests)
+        return None
 
 
 def _resolve(future: asyncio.Future, outcome: Any) -> None:
@@ -202,6 +246,14 @@ class _RayMetrics:
         self._into_running = MetricCounter(
             "sdxl_admitted_into_running", description="Requests admitted while others were mid-denoising."
         )
+        self._lora_loads = Histogram(
+            "sdxl_lora_load_s",
+            description="Seconds to load a LoRA set into a slot (read, check, write); its count is the loads.",
+            boundaries=[0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10],
+        )
+        self._lora_hits = MetricCounter("sdxl_lora_hits", description="Requests whose LoRA set was already resident.")
+        self._lora_evictions = MetricCounter("sdxl_lora_evictions", description="LoRA sets evicted from a replica's slots.")
+        self._lora_resident = Gauge("sdxl_lora_resident", description="LoRA sets resident in a replica's slots.")
 
     def on_admit(self, queue_wait_s: float, into_running: bool) -> None:
         self._queue_wait.observe(queue_wait_s)
@@ -211,6 +263,17 @@ class _RayMetrics:
     def on_forward(self, rows: int, seconds: float) -> None:
         self._rows.observe(rows)
         self._row_steps.inc(rows)
+
+    def on_lora_load(self, seconds: float, resident: int) -> None:
+        self._lora_loads.observe(seconds)
+        self._lora_resident.set(resident)
+
+    def on_lora_hit(self) -> None:
+        self._lora_hits.inc()
+
+    def on_lora_evict(self, resident: int) -> None:
+        self._lora_evictions.inc()
+        self._lora_resident.set(resident)
 
 
 #: The Ray Serve deployment; `serve_app.builder` names it per role and sets replicas and resources.

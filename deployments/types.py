@@ -9,13 +9,14 @@ HTTP schemas in `serve_app/protocol.py` reuse them, so the two doors cannot drif
 deployment's configured limits (`LimitsConfig`) narrow them further in `check_limits`.
 """
 
+import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Optional, Protocol
+from typing import Annotated, Any, Literal, Optional, Protocol
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from configs.app_args import LimitsConfig
 from configs.schedulers import SCHEDULERS, canonical_scheduler
@@ -125,6 +126,52 @@ PaddingMaskCrop = Annotated[
 ]
 
 
+#: A LoRA's name in the registry: no path separators, no `..`, nothing hidden or absolute.
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class LoraRef(BaseModel):
+    """One LoRA of a request and its weight (a request's LoRAs are blended by these weights)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., pattern=LORA_NAME_PATTERN, description="A LoRA from `GET /v1/loras`.")
+    weight: float = Field(
+        1.0, ge=-4.0, le=4.0, description="How strongly it applies: 1 as trained, 0 not at all, negative reverses it."
+    )
+
+
+def _json_text(value: Any) -> Any:
+    # A multipart form carries the list as one JSON text part.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON list of {name, weight} objects") from None
+    return value
+
+
+Loras = Annotated[
+    tuple[LoraRef, ...],
+    BeforeValidator(_json_text),
+    Field(
+        description=(
+            "LoRAs to apply, blended with their weights (as diffusers' `set_adapters`), e.g. "
+            '[{"name": "pastel", "weight": 0.8}]; absent or empty: the base model, bit for bit. At '
+            "most `limits.max_loras`; a name given twice applies twice (its weights add up). In "
+            "multipart forms: the same list as a JSON text part."
+        )
+    ),
+]
+
+
+def lora_set_id(loras: tuple[LoraRef, ...]) -> Optional[str]:
+    """The routing id of a request's LoRAs (None for the base model): the same LoRAs and weights
+    in any order give the same id, so requests for one set prefer the replica holding it."""
+    live = sorted((lora.name, lora.weight) for lora in loras if lora.weight != 0)
+    return None if not live else "loras:" + ",".join(f"{name}={weight:g}" for name, weight in live)
+
+
 class _SpecDefaults(Protocol):
     """The part of a model spec (`configs.model_spec`) that supplies request defaults."""
 
@@ -157,6 +204,7 @@ class GenerationRequest(BaseModel):
     strength: Strength = None
     mask_blur: MaskBlur = 0
     padding_mask_crop: PaddingMaskCrop = None
+    loras: Loras = ()
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     deadline: Optional[float] = Field(
         None,
@@ -356,9 +404,17 @@ BASE_ROLE = "base"
 
 
 def engine_role(request: GenerationRequest) -> str:
-    """Which engine deployment of the graph serves this request: the one rule the ingress and
-    the job manager both route by."""
+    """Which engine deployment of the graph serves this request."""
     return BASE_ROLE
+
+
+def engine_handle(engines: Any, request: GenerationRequest) -> Any:
+    """The handle a request goes through, from a `{role: handle}` registry: its role's engine,
+    asking for a replica that holds its LoRA set when it has one. The one routing rule the
+    ingress and the job manager share."""
+    handle = engines[engine_role(request)]
+    set_id = lora_set_id(request.loras)
+    return handle if set_id is None else handle.options(multiplexed_model_id=set_id)
 
 
 def unwrap_error(exc: BaseException) -> BaseException:
@@ -395,6 +451,10 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig) -> None:
             f"the limit is {limits.max_pixels}",
             param="width",
             code="invalid_size",
+        )
+    if len(request.loras) > limits.max_loras:
+        raise InvalidRequestError(
+            f"{len(request.loras)} LoRAs were asked for; the limit is {limits.max_loras}", param="loras", code="too_many_loras"
         )
     if request.num_inference_steps > limits.max_steps:
         raise InvalidRequestError(

@@ -56,7 +56,9 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     else:
         engine_options["num_replicas"] = config.engine.num_replicas
     model = config.model.model_dump(mode="json")
-    factory = EngineFactory(model, config.batching.model_dump(mode="json"), max_waiting=in_flight)
+    factory = EngineFactory(
+        model, config.batching.model_dump(mode="json"), max_waiting=in_flight, loras=config.loras.model_dump(mode="json")
+    )
     engines = {
         BASE_ROLE: EngineDeployment.options(**engine_options).bind(model, config.limits.model_dump(mode="json"), factory)
     }

@@ -13,11 +13,13 @@ import time
 from typing import Annotated, Any, Mapping, Optional, Union
 
 from fastapi import Body, FastAPI, Query, Request
+from fastapi import Path as FastAPIPath
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
 from fastapi_offline import FastAPIOffline
 
 from configs.app_args import AppArgs
-from deployments.types import BASE_ROLE
+from deployments.types import BASE_ROLE, LORA_NAME_PATTERN, InvalidRequestError
 from serve_app.encoding import MEDIA_TYPES, encode_image, to_base64
 from serve_app.errors import engine_call_error, error_response, install_error_handlers
 from serve_app.job_events import job_event_stream
@@ -33,6 +35,8 @@ from serve_app.protocol import (
     Img2ImgRequest,
     InpaintJob,
     InpaintRequest,
+    LoraInfo,
+    LoraList,
     ModelCard,
     ModelList,
     Txt2ImgJob,
@@ -41,6 +45,7 @@ from serve_app.protocol import (
 from serve_app.request_body import BodyLimit, body_limit, parse_body
 from serve_app.serving_images import Generated, ImageServing
 from serve_app.serving_jobs import JobServing, links
+from serve_app.serving_loras import LoraServing
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 410, 413, 415, 429, 500, 503, 504)}
 _IMAGES_JSON = {"schema": {"$ref": "#/components/schemas/ImagesResponse"}}
@@ -49,6 +54,23 @@ _NATIVE_RESPONSES = {
     **_ERRORS,
 }
 _FILE_RESPONSES = {200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "application/zip": {}}}, **_ERRORS}
+_LORA_UPLOAD = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "A LoRA in .safetensors."},
+                        "name": {"type": "string", "description": "Its name (default: the file's name)."},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 def _encode_all(results: list, output_format: str, quality: Optional[int]) -> list[bytes]:
@@ -100,7 +122,8 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     """The FastAPI app of the ingress over a registry of engine handles (`{"base": handle}`) and
     the job manager's handle. Handles are Ray `DeploymentHandle`s in a deployment, or anything
     with the same `.method.remote(...)` shape in tests."""
-    images = ImageServing(engines, args)
+    loras = LoraServing(args.loras, engines[BASE_ROLE], _call)
+    images = ImageServing(engines, args, loras)
     job_serving = JobServing(images, jobs, args)
     created = int(time.time())
     # Swagger UI and ReDoc from files shipped in the `fastapi-offline` wheel: GPU hosts are often
@@ -110,7 +133,9 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
         summary="SDXL image generation on Ray Serve, with an OpenAI-compatible images API.",
         version="0.1.0",
     )
-    app.add_middleware(BodyLimit, limit=body_limit(args.limits))
+    # LoRA uploads are files of up to `loras.max_upload_bytes`; every other body holds images.
+    lora_body = args.loras.max_upload_bytes + 1024 * 1024
+    app.add_middleware(BodyLimit, limit=body_limit(args.limits), overrides={("POST", "/v1/loras"): lora_body})
     app.add_middleware(_StampArrival)
     install_error_handlers(app)
     install_openapi(app, args)
@@ -252,6 +277,31 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
         """A stored image (OpenAI `response_format: "url"`), until it expires."""
         data, media_type = await _call(jobs.get_file, file_id)
         return Response(data, media_type=media_type)
+
+    # -- LoRA registry --------------------------------------------------------------------------
+
+    @app.get("/v1/loras", response_model=LoraList, responses=_ERRORS)
+    async def list_loras() -> Any:
+        """Registered LoRAs: size, format, rank, the components they target, whether they fit the
+        served model."""
+        return await loras.list()
+
+    @app.post("/v1/loras", status_code=201, response_model=LoraInfo, responses=_ERRORS, openapi_extra=_LORA_UPLOAD)
+    async def upload_lora(request: Request) -> Any:
+        """Upload a LoRA (multipart `file`, `.safetensors` only; optional `name`): checked against
+        the served model, then usable by name at once."""
+        form = await request.form(max_files=1, max_fields=4)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequestError("send the LoRA as a multipart file part named file", param="file", code="missing")
+        name = form.get("name")
+        described = await loras.upload(upload.file, upload.filename, name if isinstance(name, str) and name else None)
+        return JSONResponse(described, status_code=201)
+
+    @app.delete("/v1/loras/{name}", responses=_ERRORS)
+    async def delete_lora(name: Annotated[str, FastAPIPath(pattern=LORA_NAME_PATTERN)]) -> Any:
+        """Remove an uploaded LoRA (the shipped examples stay); new requests can no longer name it."""
+        return await loras.delete(name)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:

@@ -23,7 +23,7 @@ from configs.schedulers import SCHEDULERS
 def body_schema(model: type) -> dict:
     """`openapi_extra` for routes that read JSON or multipart themselves (FastAPI cannot declare
     both): the model's schema for JSON, and the same without nulls for multipart."""
-    schema = model.model_json_schema()
+    schema = _inlined(model.model_json_schema())
     return {
         "requestBody": {
             "required": True,
@@ -33,6 +33,24 @@ def body_schema(model: type) -> dict:
             },
         }
     }
+
+
+def _inlined(schema: dict) -> dict:
+    """The schema with its `$defs` written in place of their `$ref`s: an inline request body's
+    references would point into the OpenAPI document, where those definitions are not."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref", "")
+            if reference.startswith("#/$defs/"):
+                return resolve(copy.deepcopy(definitions[reference.removeprefix("#/$defs/")]))
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
 
 
 def install_openapi(app: FastAPI, args: AppArgs) -> None:
@@ -87,6 +105,7 @@ def _deployment_constraints(args: AppArgs) -> dict[str, dict[str, Any]]:
         "height": side,
         "size": {"pattern": f"^(auto|({sides})x({sides}))$"},
         "model": {"enum": [args.model.name]},
+        "loras": {"maxItems": limits.max_loras},
         # ids and names as listed; the server also takes other letter cases
         "scheduler": {"enum": sorted(set(SCHEDULERS) | set(SCHEDULERS.values()))},
     }

@@ -29,6 +29,7 @@ from pydantic import (
 
 from deployments.types import (
     GuidanceScale,
+    Loras,
     MaskBlur,
     NegativePrompt,
     PaddingMaskCrop,
@@ -68,6 +69,7 @@ class _Settings(_Strict):
     num_inference_steps: Steps = None
     guidance_scale: GuidanceScale = None
     scheduler: Scheduler = None
+    loras: Loras = ()
 
 
 #: The JSON Schema form of "output_compression only with jpeg or webp" (png, also by default, is
@@ -365,3 +367,22 @@ class BatchRequest(_Encoded):
     requests: list[BatchItem] = Field(None, min_length=1, description="Full requests, each with its kind.")
     run_async: bool = Field(False, alias="async", description="Answer 202 with a job whose result is the ZIP.")
     webhook_url: Optional[WebhookUrl] = None
+
+
+class LoraInfo(BaseModel):
+    """A registered LoRA (`GET /v1/loras`)."""
+
+    name: str
+    bytes: Optional[int] = None
+    format: Optional[str] = Field(None, description='"diffusers" (PEFT keys) or "kohya".')
+    rank: Optional[int] = None
+    components: list[str] = Field(default_factory=list, description="unet, text_encoder, text_encoder_2")
+    layers: Optional[int] = None
+    builtin: bool = Field(False, description="Shipped with the server (read-only).")
+    fits: bool = Field(..., description="It applies to the served model.")
+    error: Optional[str] = Field(None, description="Why it does not fit.")
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraInfo]

@@ -6,7 +6,7 @@ field: 400 bad value, 413 too large, 415 wrong content type.
 """
 
 import json
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -31,21 +31,21 @@ def body_limit(limits: LimitsConfig) -> int:
 
 
 class BodyLimit:
-    """ASGI middleware: every request body is at most `limit` bytes, whichever route reads it.
-    A declared length over it is answered 413 unread; a body that grows past it while arriving
-    (no or a false content-length) stops with 413 at that chunk."""
+    """ASGI middleware: every request body is at most `limit` bytes (or its route's entry in
+    `overrides`, by method and path), whichever route reads it. A declared length over it is
+    answered 413 unread; a body that grows past it while arriving (no or a false content-length)
+    stops with 413 at that chunk."""
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, overrides: Optional[dict[tuple[str, str], int]] = None):
+        self.app, self.limit, self.overrides = app, limit, overrides or {}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.overrides.get((scope["method"], scope["path"]), self.limit)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            error = PayloadTooLargeError(
-                f"request body is {int(declared)} bytes; the limit is {self.limit}", code="body_too_large"
-            )
+        if declared.isdigit() and int(declared) > limit:
+            error = PayloadTooLargeError(f"request body is {int(declared)} bytes; the limit is {limit}", code="body_too_large")
             return await service_error_response(error)(scope, receive, send)
         seen = 0
 
@@ -53,10 +53,10 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
+            if seen > limit:
                 # An HTTPException is the one error FastAPI lets through from reading a body; the
                 # app's handler answers it in the envelope.
-                raise HTTPException(413, f"request body exceeds {self.limit} bytes")
+                raise HTTPException(413, f"request body exceeds {limit} bytes")
             return message
 
         await self.app(scope, counted, send)

@@ -26,7 +26,7 @@ from deployments.types import (
     ModelNotFoundError,
     check_limits,
     draw_seed,
-    engine_role,
+    engine_handle,
 )
 from serve_app import image_inputs
 from serve_app.errors import engine_call_error, invalid_request_from, renamed_params
@@ -62,11 +62,13 @@ class Generated:
 class ImageServing:
     """Turns validated HTTP bodies into engine calls; one instance per ingress replica."""
 
-    def __init__(self, engines: Mapping[str, Any], args: AppArgs):
+    def __init__(self, engines: Mapping[str, Any], args: AppArgs, loras: Any):
+        """`loras`: what checks the LoRAs a request names (`LoraServing.check_request`)."""
         if BASE_ROLE not in engines:
             raise ValueError(f"the engine registry needs a {BASE_ROLE!r} engine; it has {sorted(engines)}")
         self._engines = dict(engines)
         self._args = args
+        self._loras = loras
 
     @property
     def model_id(self) -> str:
@@ -78,7 +80,9 @@ class ImageServing:
         return dict(self._engines)
 
     def engine_for(self, request: GenerationRequest) -> Any:
-        return self._engines[engine_role(request)]
+        """The handle that serves `request`: its role's engine, preferring a replica that holds
+        its LoRA set (Ray Serve's multiplexed routing)."""
+        return engine_handle(self._engines, request)
 
     def requests_for_generations(self, body: ImageGenerationRequest) -> list[GenerationRequest]:
         self.check_n(body.n)
@@ -169,6 +173,7 @@ class ImageServing:
                     num_inference_steps=body.num_inference_steps,
                     guidance_scale=body.guidance_scale,
                     scheduler=body.scheduler,
+                    loras=body.loras,
                     seed=(first_seed + i) % (MAX_SEED + 1),
                     deadline=deadline,
                     **kind_fields,
@@ -178,6 +183,7 @@ class ImageServing:
         except ValidationError as exc:  # bounds the HTTP schema leaves to the contract
             raise invalid_request_from(exc.errors()) from None
         check_limits(requests[0], self._args.limits)
+        self._loras.check_request(body.loras)  # after the count limit: a long list is a 400, not 404s
         return requests
 
     async def generate(self, requests: list[GenerationRequest], user: Optional[str] = None) -> Generated:

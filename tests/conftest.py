@@ -45,24 +45,32 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_replica(tmp_path_factory):
+def local_config(tmp_path_factory):
+    """The in-process app's configuration, its state in a folder of its own."""
+    from configs.app_args import AppArgs
+
+    return AppArgs.model_validate(app_args_for(tmp_path_factory.mktemp("state"))).with_state_paths()
+
+
+@pytest.fixture(scope="session")
+def tiny_replica(local_config):
     """The engine deployment's class around a real step engine on the tiny model, in this process
     (its loop on its own thread), as a Ray replica would run it."""
-    from configs.app_args import AppArgs
     from deployments.engine.factory import EngineFactory
     from deployments.replica import EngineReplica
 
-    config = AppArgs.model_validate(app_args_for(tmp_path_factory.mktemp("unused")))
+    config = local_config
     model = config.model.model_dump(mode="json")
-    replica = EngineReplica(
-        model, config.limits.model_dump(mode="json"), EngineFactory(model, config.batching.model_dump(mode="json"))
+    factory = EngineFactory(
+        model, config.batching.model_dump(mode="json"), loras=config.loras.model_dump(mode="json")
     )
+    replica = EngineReplica(model, config.limits.model_dump(mode="json"), factory)
     yield replica
     replica.close()
 
 
 @pytest.fixture(scope="session")
-def local_server(tiny_replica, tmp_path_factory):
+def local_server(tiny_replica, local_config):
     """The whole app without Ray: the HTTP routes over the in-process engine replica and a real
     job manager, behind Starlette's `TestClient` (a sync `httpx.Client`; the app, the job
     manager's loops and the handles' calls share its event loop)."""
@@ -70,12 +78,11 @@ def local_server(tiny_replica, tmp_path_factory):
 
     from starlette.testclient import TestClient
 
-    from configs.app_args import AppArgs
     from serve_app.http_app import create_app
     from serve_app.jobs.manager import JobManager
     from tests.fakes import LocalHandle
 
-    config = AppArgs.model_validate(app_args_for(tmp_path_factory.mktemp("state"))).with_state_paths()
+    config = local_config
     engines = {"base": LocalHandle(tiny_replica)}
     manager = JobManager.__new__(JobManager)  # initialised below, on the client's event loop
     app = create_app(engines, LocalHandle(manager), config)

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import inspect
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 import httpx
 import numpy as np
 
 from configs.app_args import AppArgs
+from deployments.lora_registry import describe
 from deployments.types import GenerationRequest, GenerationResult, ProgressEvent
 from serve_app.http_app import create_app
 from serve_app.jobs.manager import JobManager
@@ -120,6 +122,13 @@ class FakeEngine:
 
     def model_info(self) -> dict[str, Any]:
         return {"id": "sdxl-tiny", "source": "fake", "device": "cpu", "dtype": "float32"}
+
+    async def describe_loras(self) -> list[dict[str, Any]]:
+        return []
+
+    async def check_lora(self, path: str, name: str) -> dict[str, Any]:
+        """The file's header (no model to fit it to)."""
+        return {**describe(Path(path), name, builtin=False).to_json(), "fits": True}
 
     def stats(self) -> dict[str, Any]:
         return {"requests": len(self.requests)}

@@ -96,14 +96,20 @@ SCHEMA = schemathesis.openapi.from_dict(_schema())
 OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 
 
+#: A schema can say "a file" but not "a LoRA for this model": uploads of drawn bytes are
+#: refused (400 naming why), so only the other checks apply there.
+NO_POSITIVE_DATA = {"POST /v1/loras"}
+
+
 @pytest.mark.parametrize("operation", OPERATIONS, ids=[operation.label for operation in OPERATIONS])
 def test_the_server_does_what_its_schema_says(api_url, operation):
+    checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
+    if operation.label not in NO_POSITIVE_DATA:
+        checks.append(positive_data_acceptance)
+
     @given(case=operation.as_strategy())
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     def run(case):
-        case.call_and_validate(
-            base_url=api_url,
-            checks=[not_a_server_error, status_code_conformance, response_schema_conformance, positive_data_acceptance],
-        )
+        case.call_and_validate(base_url=api_url, checks=checks)
 
     run()

@@ -12,8 +12,9 @@ from typing import Any, Callable, Optional
 
 from pydantic import TypeAdapter
 
-from configs.app_args import BatchingConfig
+from configs.app_args import BatchingConfig, LorasConfig
 from configs.model_spec import ModelSpec
+from deployments.lora_registry import lora_registry
 from deployments.types import GenerationRequest
 
 
@@ -25,10 +26,13 @@ class EngineFactory:
     batching: dict[str, Any]
     #: Most requests that may wait inside the engine (beyond it `submit` answers 503).
     max_waiting: Optional[int] = None
+    #: A resolved `LorasConfig` (`AppArgs.with_state_paths`); None: the engine serves no LoRAs.
+    loras: Optional[dict[str, Any]] = None
     #: spec → `StableDiffusionXLPipeline`; None: `deployments.pipelines.load_pipeline`.
     pipeline_factory: Optional[Callable[[Any], Any]] = None
 
     def __call__(self, observer: Any = None) -> Any:
+        from deployments.engine.lora import AdapterCache
         from deployments.engine.loop import StepEngine
         from deployments.optimize import compile_cache_counts
         from deployments.pipelines import load_pipeline
@@ -38,6 +42,19 @@ class EngineFactory:
         started = time.perf_counter()
         pipeline = (self.pipeline_factory or load_pipeline)(spec)
         load_s = time.perf_counter() - started
+        adapters = None
+        if self.loras is not None:
+            loras = LorasConfig.model_validate(self.loras)
+            adapters = AdapterCache(
+                pipeline,
+                lora_registry(loras),
+                size=loras.cache_size,
+                max_rank=loras.max_rank,
+                targets=tuple(loras.targets),
+                # A compiled UNet keeps its modules: new slot layers there would recompile it.
+                frozen=("unet",) if spec.optimize.compile != "off" else (),
+                observer=observer,
+            )
         engine = StepEngine(
             pipeline,
             max_rows=batching.max_batch_size,
@@ -45,6 +62,7 @@ class EngineFactory:
             batch_wait_s=batching.batch_wait_timeout_s,
             max_waiting=self.max_waiting,
             buckets=spec.optimize.buckets(),
+            adapters=adapters,
             observer=observer,
         )
         compile_cache = None

@@ -33,9 +33,10 @@ from diffusers import StableDiffusionXLPipeline
 
 from deployments.engine.calls import CallPlanner
 from deployments.engine.control import RequestControl, RunOutput
+from deployments.engine.lora import AdapterCache, rows_on_slots
 from deployments.engine.rows import Row, RowFactory, decode, to_pixels
 from deployments.engine.sharing import forward_key
-from deployments.types import EngineError, GenerationRequest, OverloadedError
+from deployments.types import EngineError, GenerationRequest, InvalidRequestError, OverloadedError, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +83,14 @@ class StepEngine:
         batch_wait_s: float = 0.0,
         max_waiting: Optional[int] = None,
         buckets: Optional[Sequence[int]] = None,
+        adapters: Optional[AdapterCache] = None,
         observer: Optional[EngineObserver] = None,
     ):
         """`max_rows`: most requests denoising at once. `max_waiting`: most requests waiting to be
         admitted (beyond it `submit` raises a 503); None is unbounded. `buckets`: the image batch
         sizes compiled graphs exist for; a forward of guided rows runs at twice these (each image
-        is an unconditional and a conditional UNet row), a decode at these."""
+        is an unconditional and a conditional UNet row), a decode at these. `adapters`: the LoRA
+        sets rows may use (None: requests with LoRAs are refused)."""
         if scheduling not in ("step", "request"):
             raise ValueError(f"scheduling {scheduling!r} must be 'step' or 'request'")
         self._pipe = pipeline
@@ -98,6 +101,8 @@ class StepEngine:
         self.max_waiting = max_waiting
         self.forward_calls = CallPlanner([2 * size for size in buckets] if buckets else None)
         self.decode_calls = CallPlanner(buckets)
+        self.adapters = adapters
+        self._warm_slot: Optional[int] = None  # the slot every row takes while warming up adapters
         self._observer = observer or _NoObserver()
         self._lock = threading.Condition()
         self._waiting: deque[_Waiting] = deque()
@@ -133,7 +138,10 @@ class StepEngine:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {**self._stats.snapshot(), "waiting": len(self._waiting), "active": len(self._active)}
+            stats = {**self._stats.snapshot(), "waiting": len(self._waiting), "active": len(self._active)}
+        if self.adapters is not None:
+            stats["loras"] = self.adapters.stats()
+        return stats
 
     # -- the loop (one thread) -------------------------------------------------------------------
 
@@ -204,6 +212,7 @@ class StepEngine:
                 self._waiting.remove(item)
         for row in stopped:
             self._active.remove(row)
+            self._release(row)
         for control in [row.control for row in stopped] + [item.control for item in waiting]:
             with self._lock:
                 self._stats.count("cancelled" if control.cancelled else "expired")
@@ -211,23 +220,35 @@ class StepEngine:
 
     def _admit(self) -> None:
         with self._lock:
-            admitted = [self._waiting.popleft() for _ in range(self._admissible(time.perf_counter()))]
+            waiting = [self._waiting.popleft() for _ in range(self._admissible(time.perf_counter()))]
+        admitted, slots = [], []
+        for item in waiting:  # a LoRA that cannot be applied fails its own request only
+            try:
+                slots.append(self._acquire(item.request))
+                admitted.append(item)
+            except ServiceError as error:
+                self._finish_failed(item.control, error)
         if not admitted:
             return
         into_running = bool(self._active)
         try:
-            embeds = self._rows.encode([item.request for item in admitted])
+            embeds = self._rows.encode(
+                [item.request for item in admitted],
+                rows_on_slots(self.adapters, slots, self.device, ("text_encoder", "text_encoder_2")),
+            )
         except Exception:  # one bad batch of prompts must not stop the loop
             logger.exception("encoding the prompts of %d request(s) failed", len(admitted))
-            for item in admitted:
+            for item, slot in zip(admitted, slots):
+                self._release_slot(slot)
                 self._fail(item.control)
             return
         now = time.perf_counter()
-        for item, embed in zip(admitted, embeds):
+        for item, embed, slot in zip(admitted, embeds, slots):
             try:
-                row = self._rows.prepare(item.request, item.control, embed, item.submitted_at)
+                row = self._rows.prepare(item.request, item.control, embed, item.submitted_at, slot)
             except Exception:
                 logger.exception("preparing request %s failed", item.request.request_id)
+                self._release_slot(slot)
                 self._fail(item.control)
                 continue
             self._active.append(row)
@@ -235,6 +256,23 @@ class StepEngine:
             with self._lock:
                 self._stats.admitted(wait_s, into_running)
             self._observer.on_admit(wait_s, into_running)
+
+    def _acquire(self, request: GenerationRequest) -> int:
+        """The LoRA slot of a request (0: none), resident from here until its row ends."""
+        if self._warm_slot is not None:
+            return self._warm_slot
+        if not request.loras:
+            return 0
+        if self.adapters is None:
+            raise InvalidRequestError("this deployment serves no LoRAs", param="loras", code="loras_disabled")
+        return self.adapters.acquire(request.loras)
+
+    def _release(self, row: Row) -> None:
+        self._release_slot(row.slot)
+
+    def _release_slot(self, slot: int) -> None:
+        if self.adapters is not None and slot != self._warm_slot:
+            self.adapters.release(slot)
 
     def _forward(self, rows: list[Row]) -> None:
         started = time.perf_counter()
@@ -244,6 +282,7 @@ class StepEngine:
             logger.exception("a UNet forward of %d row(s) failed", len(rows))
             for row in rows:
                 self._active.remove(row)
+                self._release(row)
                 self._fail(row.control)
             return
         for row, noise_pred in zip(rows, noise_preds):
@@ -266,16 +305,19 @@ class StepEngine:
         prompt = torch.cat([row.embeds.prompt for row in rows])
         pooled = torch.cat([row.embeds.pooled for row in rows])
         time_ids = torch.cat([row.time_ids for row in rows])
+        slots = [row.slot for row in rows for _ in range(row.unet_rows())]
         outputs, start = [], 0
         for size in self.forward_calls.split(inputs.shape[0]):
             end, padded = start + size, self.forward_calls.padded(size)
-            output = unet(
-                _pad(inputs[start:end], padded),
-                _pad(timesteps[start:end], padded),
-                encoder_hidden_states=_pad(prompt[start:end], padded),
-                added_cond_kwargs={"text_embeds": _pad(pooled[start:end], padded), "time_ids": _pad(time_ids[start:end], padded)},
-                return_dict=False,
-            )[0]
+            call_slots = slots[start:end] + slots[end - 1 : end] * (padded - size)
+            with rows_on_slots(self.adapters, call_slots, inputs.device, ("unet",)):
+                output = unet(
+                    _pad(inputs[start:end], padded),
+                    _pad(timesteps[start:end], padded),
+                    encoder_hidden_states=_pad(prompt[start:end], padded),
+                    added_cond_kwargs={"text_embeds": _pad(pooled[start:end], padded), "time_ids": _pad(time_ids[start:end], padded)},
+                    return_dict=False,
+                )[0]
             outputs.append(output[:size])
             with self._lock:
                 self._stats.unet_call(size, padded)
@@ -287,6 +329,8 @@ class StepEngine:
         if not finished:
             return
         self._active = [row for row in self._active if not row.done]
+        for row in finished:
+            self._release(row)
         for rows in _sharing_groups(finished):  # one decode per shape
             try:
                 images = self._decode(torch.cat([row.latents for row in rows]))
@@ -318,9 +362,12 @@ class StepEngine:
         return torch.cat(images)
 
     def _fail(self, control: RequestControl) -> None:
+        self._finish_failed(control, EngineError("image generation failed on the engine", code="engine_error"))
+
+    def _finish_failed(self, control: RequestControl, error: ServiceError) -> None:
         with self._lock:
             self._stats.count("failed")
-        control.finish(EngineError("image generation failed on the engine", code="engine_error"))
+        control.finish(error)
 
     # -- warm-up --------------------------------------------------------------------------------
 
@@ -330,9 +377,17 @@ class StepEngine:
         bucket, the costs forwards and decodes are split by."""
         sizes = self.decode_calls.buckets or [1]
         for size in sizes:
-            for index in range(size):
-                self.submit(request.model_copy(update={"request_id": f"warmup-{size}-{index}"}))
-            self.run_until_idle()
+            self._warm(request, size)
+        if self.adapters is not None:
+            # Rows with a LoRA take the slot layers' other branch, a graph of its own: compiled
+            # now too, on a slot of zeros (the base image), not on the first LoRA request.
+            with self.adapters.zero_slot() as slot:
+                self._warm_slot = slot
+                try:
+                    for size in sizes:
+                        self._warm(request, size)
+                finally:
+                    self._warm_slot = None
         if self.decode_calls.buckets:
             self._time_buckets(request)
             logger.info(
@@ -342,6 +397,11 @@ class StepEngine:
             )
         with self._lock:
             self._stats = _Stats()
+
+    def _warm(self, request: GenerationRequest, size: int) -> None:
+        for index in range(size):
+            self.submit(request.model_copy(update={"request_id": f"warmup-{size}-{index}"}))
+        self.run_until_idle()
 
     @torch.inference_mode()
     def _time_buckets(self, request: GenerationRequest) -> None:

@@ -12,8 +12,9 @@ makes a row's image equal that call's.
 """
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import numpy as np
 import torch
@@ -75,6 +76,8 @@ class Row:
     image_latents: Optional[torch.Tensor] = None
     noise: Optional[torch.Tensor] = None
     overlay: Optional[Overlay] = None
+    #: The LoRA slot every UNet row of this request uses (0: the base model).
+    slot: int = 0
     index: int = 0
     admitted_at: float = field(default_factory=time.perf_counter)
     #: The most rows (requests) that shared one forward with this row so far.
@@ -142,18 +145,19 @@ class RowFactory:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def encode(self, requests: list[GenerationRequest]) -> list[TextEmbeds]:
-        """Every request's prompts in one text-encoder pass. A request without a negative prompt
-        gets what the plain pipeline gives it alone: zeros when the model sets
-        `force_zeros_for_empty_prompt`, else the empty prompt's embedding."""
+    def encode(self, requests: list[GenerationRequest], adapters: ContextManager = nullcontext()) -> list[TextEmbeds]:
+        """Every request's prompts in one text-encoder pass (inside `adapters`: row i with its
+        LoRAs). A request without a negative prompt gets what the plain pipeline gives it alone:
+        zeros when the model sets `force_zeros_for_empty_prompt`, else the empty prompt's embedding."""
         guided = [request.guidance_scale > 1.0 for request in requests]
-        prompt, negative, pooled, negative_pooled = self._base.encode_prompt(
-            prompt=[request.prompt for request in requests],
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=any(guided),
-            negative_prompt=[request.negative_prompt or "" for request in requests],
-        )
+        with adapters:
+            prompt, negative, pooled, negative_pooled = self._base.encode_prompt(
+                prompt=[request.prompt for request in requests],
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=any(guided),
+                negative_prompt=[request.negative_prompt or "" for request in requests],
+            )
         embeds = []
         for row, (request, with_guidance) in enumerate(zip(requests, guided)):
             if not with_guidance:
@@ -167,7 +171,9 @@ class RowFactory:
             )
         return embeds
 
-    def prepare(self, request: GenerationRequest, control: RequestControl, embeds: TextEmbeds, submitted_at: float) -> Row:
+    def prepare(
+        self, request: GenerationRequest, control: RequestControl, embeds: TextEmbeds, submitted_at: float, slot: int = 0
+    ) -> Row:
         """The row of a (defaults-resolved) request, in the steps its diffusers pipeline takes."""
         pipe = self.pipeline_for(request)
         # CPU generators: the same seed gives the same noise on any device.
@@ -183,6 +189,7 @@ class RowFactory:
             request=request,
             control=control,
             submitted_at=submitted_at,
+            slot=slot,
             pipe=pipe,
             generator=generator,
             step_kwargs=pipe.prepare_extra_step_kwargs(generator, 0.0),

@@ -29,7 +29,7 @@ from deployments.types import (
     ProgressEvent,
     ServiceError,
     TooManyRequestsError,
-    engine_role,
+    engine_handle,
     unwrap_error,
 )
 from serve_app.jobs import webhooks
@@ -232,7 +232,7 @@ class JobManager:
 
     async def _run_one(self, request: GenerationRequest, index: int, progress: "_Progress") -> GenerationResult:
         wait_s = _BUSY_RETRY_S[0]
-        engine = self._engines[engine_role(request)]
+        engine = engine_handle(self._engines, request)
         while True:
             stream = None
             try:
