@@ -196,11 +196,17 @@ class LoraRegistry:
         return path
 
     def publish(self, staged: Path, name: str) -> Path:
-        if name in self._files():
-            staged.unlink(missing_ok=True)
-            raise ConflictError(f"LoRA {name!r} already exists; delete it first", param="name", code="lora_exists")
+        """Give a checked upload its name; 409 when the name is taken. The staged file is removed
+        either way."""
         target = self.uploads / f"{name}{SUFFIX}"
-        staged.rename(target)
+        try:
+            if name in self._files():
+                raise FileExistsError(name)
+            os.link(staged, target)  # atomic, and refuses an existing name: two uploads race safely
+        except FileExistsError:
+            raise ConflictError(f"LoRA {name!r} already exists; delete it first", param="name", code="lora_exists") from None
+        finally:
+            staged.unlink(missing_ok=True)
         return target
 
     def delete(self, name: str) -> None:

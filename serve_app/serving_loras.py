@@ -43,9 +43,10 @@ class LoraServing:
         staged = await asyncio.to_thread(self.registry.stage, source, self._config.max_upload_bytes)
         try:
             described = await self._call(self._engine.check_lora, str(staged), name)
-            await asyncio.to_thread(self.registry.publish, staged, name)
-        finally:
-            staged.unlink(missing_ok=True)  # published files were moved away
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        await asyncio.to_thread(self.registry.publish, staged, name)
         return described
 
     async def delete(self, name: str) -> dict[str, Any]:

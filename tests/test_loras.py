@@ -283,3 +283,21 @@ def test_headers_say_format_rank_and_components(folder):
     assert (kohya.format, kohya.rank, kohya.components) == ("kohya", 8, ("unet",))
     assert (peft.format, peft.rank, peft.layers) == ("diffusers", 8, kohya.layers)
     assert words.components == ("text_encoder_2",)
+
+
+def test_two_uploads_of_one_name_publish_once_and_leave_no_staged_file(tmp_path):
+    """Publishing links the checked file under its name, which fails if the name exists: of two
+    uploads racing for a name, the second gets 409 whenever it lands."""
+    import io
+
+    from deployments.types import ConflictError
+
+    registry = LoraRegistry(tmp_path / "uploads")
+    data = lora_files.PASTEL.read_bytes()
+    first, second = (registry.stage(io.BytesIO(data), limit=len(data)) for _ in range(2))
+    registry.publish(first, "ink")
+    with pytest.raises(ConflictError) as info:
+        registry.publish(second, "ink")
+    assert info.value.code == "lora_exists"
+    assert sorted(path.name for path in (tmp_path / "uploads").iterdir()) == ["ink.safetensors"]
+    assert (tmp_path / "uploads" / "ink.safetensors").read_bytes() == data

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
 
 import torch
@@ -449,8 +450,6 @@ class AdapterCache:
 
     def describe_file(self, path: Any, name: str) -> dict[str, Any]:
         """An uploaded file's header description, checked against the served model (400 if not)."""
-        from pathlib import Path
-
         described = describe(Path(path), name, builtin=False)
         self.slots.check(read_lora(path, self._pipe.unet.config), name)
         return {**described.to_json(), "fits": True}
