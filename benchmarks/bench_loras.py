@@ -54,12 +54,17 @@ def write_loras(pipe, folder: Path, count: int, rank: int) -> list[str]:
         for name, module in pipe.unet.named_modules()
         if isinstance(module, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0"))
     ]
+    device = pipe.unet.device  # drawn there: 30 full-size rank-64 files are ~3 G numbers
     for index in range(count):
-        generator = torch.Generator().manual_seed(index)
+        generator = torch.Generator(device).manual_seed(index)
+
+        def draw(*shape: int) -> torch.Tensor:
+            return (torch.randn(*shape, generator=generator, device=device) * 0.01).half().cpu()
+
         tensors = {}
         for name, linear in linears:
-            tensors[f"unet.{name}.lora_A.weight"] = (torch.randn(rank, linear.in_features, generator=generator) * 0.01).half()
-            tensors[f"unet.{name}.lora_B.weight"] = (torch.randn(linear.out_features, rank, generator=generator) * 0.01).half()
+            tensors[f"unet.{name}.lora_A.weight"] = draw(rank, linear.in_features)
+            tensors[f"unet.{name}.lora_B.weight"] = draw(linear.out_features, rank)
         metadata = {"format": "pt", "lora_adapter_metadata": json.dumps({"unet.r": rank, "unet.lora_alpha": rank})}
         save_file(tensors, str(folder / f"style-{index:02d}.safetensors"), metadata=metadata)
         names.append(f"style-{index:02d}")
