@@ -21,13 +21,11 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from load import closed_loop, server_timing, summary
+from load import closed_loop, run_header, server_timing, summary
 
 os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -171,17 +169,11 @@ def main() -> None:
     runs = {label: _run_settings(args, json.loads(raw)) for label, raw in models}
 
     import ray
-    import torch
     from ray import serve
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "benchmark": "bench_http",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                    "gpus": torch.cuda.device_count()},
+        **run_header("bench_http"),
         "settings": {"runs": {label: {"model": spec, **settings} for label, (spec, settings) in runs.items()},
                      "size": args.size, "steps": args.steps, "engine_cpus": args.engine_cpus, "engine_gpus": args.engine_gpus},
         "rows": [],

@@ -22,13 +22,11 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from load import closed_loop, open_loop, percentile, poisson_schedule, server_timing, summary
+from load import closed_loop, open_loop, percentile, poisson_schedule, run_header, server_timing, summary
 
 os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -156,16 +154,11 @@ def main() -> None:
     spec = json.loads(args.model)
 
     import ray
-    import torch
     from ray import serve
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "benchmark": "bench_scheduling",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        **run_header("bench_scheduling"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "starts": {},
         "rows": [],

@@ -6,9 +6,27 @@
 """
 
 import asyncio
+import os
+import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
+
+
+def run_header(benchmark: str) -> dict[str, Any]:
+    """What every report starts with: the script, date, exact command and machine."""
+    import torch
+
+    return {
+        "benchmark": benchmark,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                    "gpus": torch.cuda.device_count()},
+    }
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -165,10 +165,16 @@ Loras = Annotated[
 ]
 
 
+def live_loras(loras: tuple[LoraRef, ...]) -> list[tuple[str, float]]:
+    """What identifies a request's set of LoRAs: (name, weight) pairs sorted, weight 0 dropped
+    (it is the base model). The routing id and the engine's cache key are both made from it."""
+    return sorted((lora.name, lora.weight) for lora in loras if lora.weight != 0)
+
+
 def lora_set_id(loras: tuple[LoraRef, ...]) -> Optional[str]:
     """The routing id of a request's LoRAs (None for the base model): the same LoRAs and weights
     in any order give the same id, so requests for one set prefer the replica holding it."""
-    live = sorted((lora.name, lora.weight) for lora in loras if lora.weight != 0)
+    live = live_loras(loras)
     return None if not live else "loras:" + ",".join(f"{name}={weight:g}" for name, weight in live)
 
 

@@ -127,20 +127,22 @@ def _edit_reference(pipe, request: GenerationRequest, strength=None, **extra) ->
     ).images[0]
 
 
-@pytest.fixture(scope="module")
-def img2img_reference(reference_pipe):
-    pipe = StableDiffusionXLImg2ImgPipeline.from_pipe(reference_pipe)
+def _reference_of_kind(pipeline_class, reference_pipe):
+    """Plain diffusers' pipeline of another kind over the reference's components."""
+    pipe = pipeline_class.from_pipe(reference_pipe)
     pipe.set_progress_bar_config(disable=True)
     pipe.original_scheduler_config = reference_pipe.original_scheduler_config
     return pipe
+
+
+@pytest.fixture(scope="module")
+def img2img_reference(reference_pipe):
+    return _reference_of_kind(StableDiffusionXLImg2ImgPipeline, reference_pipe)
 
 
 @pytest.fixture(scope="module")
 def inpaint_reference(reference_pipe):
-    pipe = StableDiffusionXLInpaintPipeline.from_pipe(reference_pipe)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.original_scheduler_config = reference_pipe.original_scheduler_config
-    return pipe
+    return _reference_of_kind(StableDiffusionXLInpaintPipeline, reference_pipe)
 
 
 @pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_karras", "ddim", "heun"])

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from deployments.lora_registry import LoraRegistry, describe
-from deployments.types import InvalidRequestError, LoraRef, ServiceError
+from deployments.types import InvalidRequestError, LoraRef, ServiceError, live_loras
 
 logger = logging.getLogger(__name__)
 
@@ -493,15 +493,9 @@ class AdapterCache:
         }
 
     def _key(self, loras: tuple[LoraRef, ...]) -> tuple:
-        """A set's identity: its LoRAs sorted by name, weight 0 dropped (the base), each with its
-        file's version, so a file replaced under the same name is loaded again."""
-        return tuple(
-            sorted(
-                (lora.name, lora.weight, self._registry.version(lora.name, param="loras"))
-                for lora in loras
-                if lora.weight != 0
-            )
-        )
+        """A set's identity (`live_loras`), each LoRA with its file's version, so a file replaced
+        under the same name is loaded again."""
+        return tuple((name, weight, self._registry.version(name, param="loras")) for name, weight in live_loras(loras))
 
     def _load(self, key: tuple) -> int:
         started = time.perf_counter()
