@@ -24,6 +24,11 @@ set -uo pipefail
 step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling or loras}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
+# The app imports fastapi-offline, which the shared bundle script does not pack.
+if ! compgen -G ".gpu/whl/fastapi_offline-*.whl" >/dev/null; then
+  echo "missing .gpu/whl/fastapi_offline-*.whl: pip download fastapi-offline==1.7.7 --no-deps -d .gpu/whl" >&2
+  exit 2
+fi
 mkdir -p "$OUT" "$site"
 tar xJf .gpu/bundle.tar.xz -C "$site"
 if compgen -G ".gpu/whl/*.whl" >/dev/null; then

@@ -178,6 +178,77 @@ def lora_set_id(loras: tuple[LoraRef, ...]) -> Optional[str]:
     return None if not live else "loras:" + ",".join(f"{name}={weight:g}" for name, weight in live)
 
 
+#: Preprocessors the engines run on a control image before the ControlNet sees it.
+Preprocessor = Literal["canny"]
+
+
+def _rgb_array(value: Any, name: str) -> Any:
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3:
+        raise ValueError(f"{name} must be a uint8 numpy array of shape (H, W, 3)")
+    return value
+
+
+class CannyThresholds(BaseModel):
+    """The double threshold of `preprocess: "canny"`, in units of colour contrast (0..1]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    low_threshold: float = Field(0.08, gt=0.0, le=1.0, description="Canny: edges weaker than this are dropped.")
+    high_threshold: float = Field(
+        0.2, gt=0.0, le=1.0, description="Canny: edges stronger than this are kept; between the two, kept when linked to one."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CannyThresholds":
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(
+                f"low_threshold {self.low_threshold!r} must not exceed high_threshold {self.high_threshold!r}"
+            )
+        return self
+
+
+class ControlSettings(CannyThresholds):
+    """How one ControlNet steers a request, without its image: the fields the HTTP schema and
+    this contract share."""
+
+    name: str = Field(..., pattern=LORA_NAME_PATTERN, description="A ControlNet from `GET /v1/controlnets`.")
+    conditioning_scale: float = Field(
+        1.0, ge=0.0, le=4.0, description="How strongly the map steers (its residuals are multiplied by this)."
+    )
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the steps after which it starts.")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps after which it stops.")
+    preprocess: Optional[Preprocessor] = Field(
+        None, description="Make the map from `image` in the service (`canny`); absent: `image` is the map."
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> "ControlSettings":
+        if self.guidance_start >= self.guidance_end:
+            raise ValueError(
+                f"guidance_start {self.guidance_start!r} must be below guidance_end {self.guidance_end!r}"
+            )
+        return self
+
+
+class ControlRef(ControlSettings):
+    """One ControlNet of a request, with its control image decoded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    image: np.ndarray = Field(
+        ..., description="The control map (or, with `preprocess`, the picture it is made from), uint8 RGB (H, W, 3)."
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _rgb(cls, value: Any) -> np.ndarray:
+        return _rgb_array(value, "image")
+
+
+#: Most ControlNets one request may combine (they must be hosted by one deployment).
+MAX_CONTROLNETS = 4
+
+
 class _SpecDefaults(Protocol):
     """The part of a model spec (`configs.model_spec`) that supplies request defaults."""
 
@@ -211,6 +282,11 @@ class GenerationRequest(BaseModel):
     mask_blur: MaskBlur = 0
     padding_mask_crop: PaddingMaskCrop = None
     loras: Loras = ()
+    controlnets: tuple[ControlRef, ...] = Field(
+        (),
+        max_length=MAX_CONTROLNETS,
+        description="ControlNets steering the image, each with its control image at width x height; their residuals add up.",
+    )
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     deadline: Optional[float] = Field(
         None,
@@ -220,11 +296,7 @@ class GenerationRequest(BaseModel):
     @field_validator("init_image")
     @classmethod
     def _rgb_pixels(cls, value: Optional[np.ndarray]) -> Optional[np.ndarray]:
-        if value is not None and (
-            not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3
-        ):
-            raise ValueError("init_image must be a uint8 numpy array of shape (H, W, 3)")
-        return value
+        return None if value is None else _rgb_array(value, "init_image")
 
     @field_validator("mask_image")
     @classmethod
@@ -257,20 +329,39 @@ class GenerationRequest(BaseModel):
             if self.mask_image is not None and self.mask_image.shape != (height, width):
                 mask_h, mask_w = self.mask_image.shape
                 raise ValueError(f"mask_image is {mask_w}x{mask_h} but init_image is {width}x{height}")
+        names = [control.name for control in self.controlnets]
+        if len(set(names)) < len(names):
+            raise ValueError(f"controlnets names {names} more than once; give each ControlNet once")
+        for index, control in enumerate(self.controlnets):
+            height, width = control.image.shape[:2]
+            size = self._size_of_first_image()
+            if size is not None and size != (width, height):
+                raise ValueError(
+                    f"controlnets[{index}].image is {width}x{height} but the image is {size[0]}x{size[1]}; "
+                    "control images must have the size of the image"
+                )
         return self
+
+    def _size_of_first_image(self) -> Optional[tuple[int, int]]:
+        """(width, height) fixed by the request: each side from its field, else from its init
+        image, else from its first control image; None when nothing fixes it."""
+        images = [image for image in (self.init_image, *(control.image for control in self.controlnets)) if image is not None]
+        if not images and (self.width is None or self.height is None):
+            return None
+        first_height, first_width = images[0].shape[:2] if images else (None, None)
+        return (self.width if self.width is not None else first_width, self.height if self.height is not None else first_height)
 
     def with_defaults(self, spec: "_SpecDefaults") -> "GenerationRequest":
         """This request with every `None` generation setting replaced by its default: the init
         image's size for img2img/inpaint, the model's defaults for the rest, a random seed. The
         one place defaults are resolved."""
         width, height = spec.default_size
-        if self.init_image is not None:
-            height, width = self.init_image.shape[:2]
+        if self.init_image is not None or self.controlnets:
+            width, height = self._size_of_first_image()
             if width % 8 or height % 8:
+                param = "init_image" if self.init_image is not None else "controlnets"
                 raise InvalidRequestError(
-                    f"init_image is {width}x{height}; both sides must be multiples of 8",
-                    param="init_image",
-                    code="invalid_size",
+                    f"{param} is {width}x{height}; both sides must be multiples of 8", param=param, code="invalid_size"
                 )
         return self.model_copy(
             update={

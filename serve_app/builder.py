@@ -56,9 +56,10 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     else:
         engine_options["num_replicas"] = config.engine.num_replicas
     model = config.model.model_dump(mode="json")
-    factory = EngineFactory(
-        model, config.batching.model_dump(mode="json"), max_waiting=in_flight, loras=config.loras.model_dump(mode="json")
-    )
+    # `limits.max_loras: 0` serves no LoRAs: the engine then gets no slot layers, so no slot memory
+    # and no second (adapter) graph per bucket for a compiled UNet to build at start.
+    loras = config.loras.model_dump(mode="json") if config.limits.max_loras > 0 else None
+    factory = EngineFactory(model, config.batching.model_dump(mode="json"), max_waiting=in_flight, loras=loras)
     engines = {
         BASE_ROLE: EngineDeployment.options(**engine_options).bind(model, config.limits.model_dump(mode="json"), factory)
     }

@@ -26,13 +26,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Protocol, Sequence
+from typing import Any, Literal, Mapping, Optional, Protocol, Sequence
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import ControlNetModel, StableDiffusionXLPipeline
 
 from deployments.engine.calls import CallPlanner
 from deployments.engine.control import RequestControl, RunOutput
+from deployments.engine.controlnets import check_hosted, residuals
 from deployments.engine.lora import AdapterCache, rows_on_slots
 from deployments.engine.rows import Row, RowFactory, decode, to_pixels
 from deployments.engine.sharing import forward_key
@@ -84,13 +85,15 @@ class StepEngine:
         max_waiting: Optional[int] = None,
         buckets: Optional[Sequence[int]] = None,
         adapters: Optional[AdapterCache] = None,
+        controlnets: Optional[Mapping[str, ControlNetModel]] = None,
         observer: Optional[EngineObserver] = None,
     ):
         """`max_rows`: most requests denoising at once. `max_waiting`: most requests waiting to be
         admitted (beyond it `submit` raises a 503); None is unbounded. `buckets`: the image batch
         sizes compiled graphs exist for; a forward of guided rows runs at twice these (each image
         is an unconditional and a conditional UNet row), a decode at these. `adapters`: the LoRA
-        sets rows may use (None: requests with LoRAs are refused)."""
+        sets rows may use (None: requests with LoRAs are refused). `controlnets`: the ControlNets
+        this engine hosts, by name (requests naming another are refused)."""
         if scheduling not in ("step", "request"):
             raise ValueError(f"scheduling {scheduling!r} must be 'step' or 'request'")
         self._pipe = pipeline
@@ -102,6 +105,7 @@ class StepEngine:
         self.forward_calls = CallPlanner([2 * size for size in buckets] if buckets else None)
         self.decode_calls = CallPlanner(buckets)
         self.adapters = adapters
+        self.controlnets = dict(controlnets or {})
         self._warm_slot: Optional[int] = None  # the slot every row takes while warming up adapters
         self._observer = observer or _NoObserver()
         self._lock = threading.Condition()
@@ -126,6 +130,7 @@ class StepEngine:
         outcome. Raises `OverloadedError` (503) when `max_waiting` requests already wait."""
         if not _is_resolved(request):
             raise ValueError(f"request {request.request_id} has unresolved settings; call with_defaults(spec) first")
+        check_hosted(request.controlnets, self.controlnets)
         control = control or RequestControl(deadline=request.deadline)
         with self._lock:
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
@@ -306,17 +311,25 @@ class StepEngine:
         pooled = torch.cat([row.embeds.pooled for row in rows])
         time_ids = torch.cat([row.time_ids for row in rows])
         slots = [row.slot for row in rows for _ in range(row.unet_rows())]
+        steered = [steering for row in rows for steering in row.steering()]
         outputs, start = [], 0
         for size in self.forward_calls.split(inputs.shape[0]):
             end, padded = start + size, self.forward_calls.padded(size)
             call_slots = slots[start:end] + slots[end - 1 : end] * (padded - size)
+            call_inputs, call_timesteps, call_prompt = (
+                _pad(tensor[start:end], padded) for tensor in (inputs, timesteps, prompt)
+            )
+            added = {"text_embeds": _pad(pooled[start:end], padded), "time_ids": _pad(time_ids[start:end], padded)}
+            call_steered = steered[start:end] + steered[end - 1 : end] * (padded - size)
             with rows_on_slots(self.adapters, call_slots, inputs.device, ("unet",)):
+                control = residuals(self.controlnets, call_steered, call_inputs, call_timesteps, call_prompt, added)
                 output = unet(
-                    _pad(inputs[start:end], padded),
-                    _pad(timesteps[start:end], padded),
-                    encoder_hidden_states=_pad(prompt[start:end], padded),
-                    added_cond_kwargs={"text_embeds": _pad(pooled[start:end], padded), "time_ids": _pad(time_ids[start:end], padded)},
+                    call_inputs,
+                    call_timesteps,
+                    encoder_hidden_states=call_prompt,
+                    added_cond_kwargs=added,
                     return_dict=False,
+                    **(control or {}),
                 )[0]
             outputs.append(output[:size])
             with self._lock:

@@ -29,6 +29,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from PIL import Image
 
 from deployments.engine.control import RequestControl
+from deployments.engine.controlnets import Condition, ConditionFactory
 from deployments.pipelines import make_scheduler
 from deployments.types import GenerationRequest
 
@@ -78,6 +79,8 @@ class Row:
     overlay: Optional[Overlay] = None
     #: The LoRA slot every UNet row of this request uses (0: the base model).
     slot: int = 0
+    #: The ControlNets steering this row.
+    conditions: tuple[Condition, ...] = ()
     index: int = 0
     admitted_at: float = field(default_factory=time.perf_counter)
     #: The most rows (requests) that shared one forward with this row so far.
@@ -107,6 +110,12 @@ class Row:
             sample = torch.cat([sample, self.mask, self.masked_image_latents], dim=1)
         return torch.cat([sample] * self.unet_rows())
 
+    def steering(self) -> list[dict[str, tuple[torch.Tensor, float]]]:
+        """Per UNet row of this step: the ControlNets that steer it, with its map row and scale."""
+        steps = len(self.timesteps)
+        steered = {c.name: (c.image, c.scale_at(self.index, steps)) for c in self.conditions}
+        return [{name: (image[row], scale) for name, (image, scale) in steered.items()} for row in range(self.unet_rows())]
+
     def advance(self, noise_pred: torch.Tensor) -> None:
         """Apply guidance and this row's scheduler step (and inpainting's blend) for one step."""
         if self.guided:
@@ -131,6 +140,7 @@ class RowFactory:
         self._components = dict(pipeline.components)
         self.device = pipeline._execution_device
         self.dtype = pipeline.unet.dtype
+        self._conditions = ConditionFactory(pipeline.vae_scale_factor, self.device, self.dtype)
 
     def pipeline_for(self, request: GenerationRequest) -> DiffusionPipeline:
         """A light pipeline of the request's kind over the shared weights (as `from_pipe` makes,
@@ -185,11 +195,15 @@ class RowFactory:
             time_ids = torch.cat([negative_time_ids, time_ids])
         else:
             prepared.pop("negative_time_ids", None)
+        # The ControlNet pipelines prepare the control image before their latents; it draws
+        # nothing from the generator, so the order only matters for readability.
+        conditions = self._conditions.prepare(request.controlnets, request.width, request.height, request.guidance_scale > 1.0)
         return Row(
             request=request,
             control=control,
             submitted_at=submitted_at,
             slot=slot,
+            conditions=conditions,
             pipe=pipe,
             generator=generator,
             step_kwargs=pipe.prepare_extra_step_kwargs(generator, 0.0),
