@@ -90,6 +90,7 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
         },
         "engine": {"num_replicas": settings["replicas"], "num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
         "ingress": {"num_replicas": 1, "num_cpus": 0.5},
+        "controlnets": {},  # the base engine only: no variant deployment taking CPUs or a GPU
     }
     started = time.perf_counter()
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")

@@ -75,6 +75,7 @@ def bench_policy(args, policy: str, spec: dict, capacity: float, report: dict, s
         "state_dir": str(args.out / "state"),
         # No LoRA slots: they play no part in the comparison and double a compiled UNet's warm-up.
         "limits": {"max_loras": 0},
+        "controlnets": {},  # the base engine only: no variant deployment taking CPUs or a GPU
     }
     started = time.perf_counter()
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")

@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_suite.sh wait       # over HTTP: batch wait 0.1 vs 0.02 s (1 and 16 clients), then every GPU
 #   bash benchmarks/gpu_suite.sh scheduling # over HTTP: step vs request scheduling (closed, open 50/90%, mixed 8/40 steps)
 #   bash benchmarks/gpu_suite.sh loras      # in-process: LoRA loads, switches, mixed-adapter steps, recompiles (needs no Ray)
+#   bash benchmarks/gpu_suite.sh controlnet # in-process: step-time overhead of ControlNet rows, full-size ControlNet (needs no Ray)
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
@@ -21,7 +22,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling or loras}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras or controlnet}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -182,5 +183,11 @@ loras)
     python3 benchmarks/bench_loras.py --model "$(compiled "$CACHE" | sed 's/unet+vae/unet/')" --size 1024 --rank 64 \
       --adapters 30 --out "$OUT/loras-compiled"
   fi
+  ;;
+controlnet)
+  # The public SDXL canny ControlNet's architecture with random weights beside the full-size base,
+  # eager fp16, 1024²: one steered row, 8 steered rows, 8 rows half steered.
+  python3 benchmarks/bench_controlnet.py --model "$base" --controlnet '{"source": "sdxl-arch"}' --size 1024 \
+    --out "$OUT/controlnet"
   ;;
 esac

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from configs.model_spec import ModelSpec, TinySpec
+from configs.model_spec import ControlNetSpec, ModelSpec, TinyControlNetSpec, TinySpec
 from configs.paths import state_root
 
 
@@ -205,6 +205,41 @@ class LorasConfig(_Strict):
         return targets
 
 
+#: Names of ControlNets and of their deployments (variants): safe in URLs, deployment names and logs.
+CONTROLNET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ControlNetVariantConfig(_Strict):
+    """One ControlNet deployment: the base model's weights plus the ControlNets it hosts (a request
+    may combine only ControlNets hosted together), with its own replicas and resources."""
+
+    models: dict[str, ControlNetSpec] = Field(
+        ..., min_length=1, description="The ControlNets this deployment hosts, by the name requests give."
+    )
+    engine: EngineDeploymentConfig = Field(
+        default_factory=EngineDeploymentConfig,
+        description="Replicas and resources; fractional `num_gpus` lets a small variant share a GPU with the base.",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: dict) -> dict:
+        for name in models:
+            if not re.fullmatch(CONTROLNET_NAME_PATTERN, name):
+                raise ValueError(f"ControlNet name {name!r} must match {CONTROLNET_NAME_PATTERN}")
+        return models
+
+
+def controlnet_role(variant: str) -> str:
+    """The role (registry key) of a ControlNet variant's engine deployment."""
+    return f"controlnet:{variant}"
+
+
+def controlnet_deployment_name(variant: str) -> str:
+    """The Ray Serve deployment name of a ControlNet variant."""
+    return f"SDXLControlNet-{variant}"
+
+
 class JobsConfig(_Strict):
     """Async jobs, stored results and files (the job manager deployment, one replica)."""
 
@@ -244,6 +279,13 @@ class AppArgs(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Async jobs and stored results.")
     loras: LorasConfig = Field(default_factory=LorasConfig, description="LoRA registry and adapter cache.")
+    controlnets: Optional[dict[str, ControlNetVariantConfig]] = Field(
+        None,
+        description=(
+            "ControlNet deployments by variant name, each with the ControlNets it hosts. Default: the "
+            "tiny family's canny ControlNet when serving the tiny model, none otherwise; `{}`: none."
+        ),
+    )
     state_dir: Optional[str] = Field(
         None,
         description=(
@@ -272,7 +314,15 @@ class AppArgs(_Strict):
                 "examples": self.model.source == "tiny" if self.loras.examples is None else self.loras.examples,
             }
         )
-        return self.model_copy(update={"jobs": jobs, "model": model, "loras": loras})
+        controlnets = self.controlnets
+        if controlnets is None:
+            tiny = {"canny": ControlNetVariantConfig(models={"canny": TinyControlNetSpec(map="canny")})}
+            controlnets = tiny if self.model.source == "tiny" else {}
+        return self.model_copy(update={"jobs": jobs, "model": model, "loras": loras, "controlnets": controlnets})
+
+    def controlnet_roles(self) -> dict[str, str]:
+        """Each served ControlNet's name → the role of the deployment hosting it (resolved args)."""
+        return {name: controlnet_role(variant) for variant, config in (self.controlnets or {}).items() for name in config.models}
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "AppArgs":
@@ -286,6 +336,19 @@ class AppArgs(_Strict):
                 f"loras.cache_size ({self.loras.cache_size}) must be at least batching.max_batch_size "
                 f"({self.batching.max_batch_size}): every running row may need its own LoRA set"
             )
+        hosts: dict[str, str] = {}
+        for variant, config in (self.controlnets or {}).items():
+            if not re.fullmatch(CONTROLNET_NAME_PATTERN, variant):
+                raise ValueError(f"controlnets variant {variant!r} must match {CONTROLNET_NAME_PATTERN}")
+            for name, spec in config.models.items():
+                if name in hosts:
+                    raise ValueError(f"ControlNet {name!r} is hosted by both {hosts[name]!r} and {variant!r}; name it once")
+                hosts[name] = variant
+                if spec.source in ("tiny", "sdxl-arch") and spec.source != self.model.source:
+                    raise ValueError(
+                        f"controlnets.{variant}.models.{name} is a {spec.source!r} ControlNet but the model is "
+                        f"{self.model.source!r}: a ControlNet must match its base model's architecture"
+                    )
         if self.model.default_steps > self.limits.max_steps:
             raise ValueError(
                 f"model.default_steps ({self.model.default_steps}) exceeds limits.max_steps ({self.limits.max_steps})"

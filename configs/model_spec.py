@@ -204,3 +204,54 @@ ModelSpec = Annotated[
     Union[TinySpec, PretrainedSpec, SingleFileSpec, SdxlArchSpec],
     Field(discriminator="source"),
 ]
+
+
+# --- ControlNets -------------------------------------------------------------------------------
+
+#: The ControlNets shipped with the tiny family, by the map they follow.
+TINY_CONTROLNET_DIRS = {"canny": TINY_CONTROLNET_CANNY_DIR}
+
+
+class _ControlNetSpecBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyControlNetSpec(_ControlNetSpecBase):
+    """A ControlNet of the trained tiny family, shipped in `configs/models` (for the tiny base)."""
+
+    source: Literal["tiny"] = "tiny"
+    map: Literal["canny"] = Field("canny", description="Which shipped tiny ControlNet: the map it follows.")
+
+
+class PretrainedControlNetSpec(_ControlNetSpecBase):
+    """A ControlNet in diffusers layout: a hub id or a local folder (`ControlNetModel.from_pretrained`)."""
+
+    source: Literal["pretrained"]
+    path: str = Field(..., min_length=1, description="Hub id (e.g. `diffusers/controlnet-canny-sdxl-1.0`) or a local folder.")
+    variant: str | None = Field(None, description="Weight file variant, e.g. `fp16`.")
+    local_files_only: bool = Field(False, description="Never reach the hub: load only what is on disk or in the HF cache.")
+
+
+class SingleFileControlNetSpec(_ControlNetSpecBase):
+    """One original-format ControlNet checkpoint (`ControlNetModel.from_single_file`)."""
+
+    source: Literal["single_file"]
+    path: str = Field(..., min_length=1, description="Path or URL of the `.safetensors` checkpoint.")
+    config: str | None = Field(
+        None, description="Hub id or local folder holding the ControlNet's `config.json`; needed offline."
+    )
+    local_files_only: bool = Field(False, description="Never reach the hub.")
+
+
+class SdxlArchControlNetSpec(_ControlNetSpecBase):
+    """The public SDXL ControlNet architecture with random weights (GPU benchmarks only)."""
+
+    source: Literal["sdxl-arch"]
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random weights.")
+
+
+ControlNetSpec = Annotated[
+    Union[TinyControlNetSpec, PretrainedControlNetSpec, SingleFileControlNetSpec, SdxlArchControlNetSpec],
+    Field(discriminator="source"),
+]
+

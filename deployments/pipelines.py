@@ -14,6 +14,7 @@ from typing import Any, Union
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -33,7 +34,13 @@ from transformers import (
 
 from configs.model_spec import (
     MODEL_CONFIG_ROOT,
+    TINY_CONTROLNET_DIRS,
     TINY_MODEL_DIR,
+    ControlNetSpec,
+    PretrainedControlNetSpec,
+    SdxlArchControlNetSpec,
+    SingleFileControlNetSpec,
+    TinyControlNetSpec,
     PretrainedSpec,
     SdxlArchSpec,
     SingleFileSpec,
@@ -122,6 +129,28 @@ def load_pipeline(spec: AnySpec) -> StableDiffusionXLPipeline:
     applied = apply_optimizations(pipe, spec.optimize, device)
     logger.info("pipeline %r on %s/%s, attention %s, optimizations %s", spec.name, device, dtype, backend, applied or "none")
     return pipe
+
+
+def load_controlnet(spec: ControlNetSpec, device: torch.device, dtype: torch.dtype) -> ControlNetModel:
+    """Load (or build) a ControlNet on the base pipeline's device and dtype."""
+    if isinstance(spec, TinyControlNetSpec):
+        net = ControlNetModel.from_pretrained(TINY_CONTROLNET_DIRS[spec.map], dtype=dtype)
+    elif isinstance(spec, PretrainedControlNetSpec):
+        net = ControlNetModel.from_pretrained(
+            spec.path, dtype=dtype, variant=spec.variant, use_safetensors=True, local_files_only=spec.local_files_only
+        )
+    elif isinstance(spec, SingleFileControlNetSpec):
+        net = ControlNetModel.from_single_file(
+            spec.path, config=spec.config, dtype=dtype, local_files_only=spec.local_files_only
+        )
+    elif isinstance(spec, SdxlArchControlNetSpec):
+        torch.manual_seed(spec.seed)
+        with torch.device(device):
+            net = ControlNetModel.from_config(_read_json(MODEL_CONFIG_ROOT / "sdxl-arch-controlnet" / "config.json"))
+        net = net if dtype == torch.float32 else net.to(dtype=dtype)
+    else:  # pragma: no cover - the discriminated union admits nothing else
+        raise TypeError(f"unsupported ControlNet spec {type(spec).__name__}")
+    return net.to(device).eval()
 
 
 def _load_vae(path: str, dtype: torch.dtype, local_files_only: bool) -> AutoencoderKL:

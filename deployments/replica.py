@@ -25,6 +25,7 @@ from configs.model_spec import ModelSpec
 from deployments.engine.control import RequestControl, RunOutput
 from deployments.logs import quiet_client_errors
 from deployments.types import (
+    ControlRef,
     GenerationRequest,
     GenerationResult,
     InvalidRequestError,
@@ -134,6 +135,13 @@ class EngineReplica:
         """Denoising progress of an in-flight request on this replica, or None."""
         control = self._controls.get(request_id)
         return None if control is None else {"step": control.step, "total": control.total}
+
+    async def control_map(self, control: ControlRef) -> np.ndarray:
+        """The map `control` steers with (its preprocessor run on its image): what
+        `POST /v1/controlnets/preprocess` shows. Needs no ControlNet, so any engine answers."""
+        from deployments.engine.controlnets import control_map  # torch: not where the builder imports this module
+
+        return await asyncio.to_thread(control_map, control)
 
     async def describe_loras(self) -> list[dict[str, Any]]:
         """Every registered LoRA: what its header says, and whether it fits the served model

@@ -13,7 +13,7 @@ import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Optional, Protocol
+from typing import Annotated, Any, Literal, Mapping, Optional, Protocol
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -189,7 +189,8 @@ def _rgb_array(value: Any, name: str) -> Any:
 
 
 class CannyThresholds(BaseModel):
-    """The double threshold of `preprocess: "canny"`, in units of colour contrast (0..1]."""
+    """The double threshold of `preprocess: "canny"`, in units of colour contrast (0..1]. Given
+    in either order, as OpenCV's Canny takes them: the smaller is the low one (`ordered()`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -198,18 +199,24 @@ class CannyThresholds(BaseModel):
         0.2, gt=0.0, le=1.0, description="Canny: edges stronger than this are kept; between the two, kept when linked to one."
     )
 
-    @model_validator(mode="after")
-    def _ordered(self) -> "CannyThresholds":
-        if self.low_threshold > self.high_threshold:
-            raise ValueError(
-                f"low_threshold {self.low_threshold!r} must not exceed high_threshold {self.high_threshold!r}"
-            )
-        return self
+    def ordered(self) -> tuple[float, float]:
+        """(low, high), whichever order they were given in."""
+        return min(self.low_threshold, self.high_threshold), max(self.low_threshold, self.high_threshold)
+
+
+#: "Thresholds only with `preprocess: canny`" in JSON Schema, so schema-valid bodies are the
+#: ones the server accepts.
+_THRESHOLDS_NEED_CANNY = {
+    "if": {"not": {"properties": {"preprocess": {"const": "canny"}}, "required": ["preprocess"]}},
+    "then": {"not": {"anyOf": [{"required": ["low_threshold"]}, {"required": ["high_threshold"]}]}},
+}
 
 
 class ControlSettings(CannyThresholds):
     """How one ControlNet steers a request, without its image: the fields the HTTP schema and
     this contract share."""
+
+    model_config = ConfigDict(json_schema_extra=_THRESHOLDS_NEED_CANNY)
 
     name: str = Field(..., pattern=LORA_NAME_PATTERN, description="A ControlNet from `GET /v1/controlnets`.")
     conditioning_scale: float = Field(
@@ -220,6 +227,13 @@ class ControlSettings(CannyThresholds):
     preprocess: Optional[Preprocessor] = Field(
         None, description="Make the map from `image` in the service (`canny`); absent: `image` is the map."
     )
+
+    @model_validator(mode="after")
+    def _thresholds_need_canny(self) -> "ControlSettings":
+        given = sorted({"low_threshold", "high_threshold"} & self.model_fields_set)
+        if given and self.preprocess != "canny":
+            raise ValueError(f"{', '.join(given)} apply to preprocess 'canny' only")
+        return self
 
     @model_validator(mode="after")
     def _window(self) -> "ControlSettings":
@@ -298,6 +312,14 @@ class GenerationRequest(BaseModel):
     def _rgb_pixels(cls, value: Optional[np.ndarray]) -> Optional[np.ndarray]:
         return None if value is None else _rgb_array(value, "init_image")
 
+    @field_validator("controlnets")
+    @classmethod
+    def _each_once(cls, value: tuple[ControlRef, ...]) -> tuple[ControlRef, ...]:
+        names = [control.name for control in value]
+        if len(set(names)) < len(names):
+            raise ValueError(f"names a ControlNet more than once ({names}); give each once")
+        return value
+
     @field_validator("mask_image")
     @classmethod
     def _mask_pixels(cls, value: Optional[np.ndarray]) -> Optional[np.ndarray]:
@@ -329,15 +351,12 @@ class GenerationRequest(BaseModel):
             if self.mask_image is not None and self.mask_image.shape != (height, width):
                 mask_h, mask_w = self.mask_image.shape
                 raise ValueError(f"mask_image is {mask_w}x{mask_h} but init_image is {width}x{height}")
-        names = [control.name for control in self.controlnets]
-        if len(set(names)) < len(names):
-            raise ValueError(f"controlnets names {names} more than once; give each ControlNet once")
         for index, control in enumerate(self.controlnets):
             height, width = control.image.shape[:2]
             size = self._size_of_first_image()
             if size is not None and size != (width, height):
                 raise ValueError(
-                    f"controlnets[{index}].image is {width}x{height} but the image is {size[0]}x{size[1]}; "
+                    f"controlnets.{index}.image is {width}x{height} but the image is {size[0]}x{size[1]}; "
                     "control images must have the size of the image"
                 )
         return self
@@ -495,21 +514,42 @@ class EngineError(ServiceError):
     error_type = "server_error"
 
 
-#: The engine role (deployment) that serves requests of today's kinds; ControlNet variants and the
-#: refiner add roles.
+#: The engine role (deployment) that serves requests without ControlNets; each ControlNet variant
+#: is a role of its own (`configs.app_args.controlnet_role`).
 BASE_ROLE = "base"
 
 
-def engine_role(request: GenerationRequest) -> str:
-    """Which engine deployment of the graph serves this request."""
-    return BASE_ROLE
+def engine_role(request: GenerationRequest, controlnet_roles: Mapping[str, str]) -> str:
+    """Which engine deployment of the graph serves this request: the base, or the ControlNet
+    deployment hosting all of its ControlNets (`controlnet_roles`: name → role). A name no
+    deployment hosts, or names hosted apart, are 400s naming the field."""
+    roles = []
+    for index, control in enumerate(request.controlnets):
+        if control.name not in controlnet_roles:
+            served = ", ".join(sorted(controlnet_roles)) or "none"
+            raise InvalidRequestError(
+                f"controlnets.{index}.name {control.name!r} is not a served ControlNet (served: {served})",
+                param=f"controlnets.{index}.name",
+                code="controlnet_not_found",
+            )
+        roles.append(controlnet_roles[control.name])
+    if not roles:
+        return BASE_ROLE
+    if len(set(roles)) > 1:
+        raise InvalidRequestError(
+            f"controlnets {[control.name for control in request.controlnets]} are hosted by different deployments "
+            f"({sorted(set(roles))}); a request may combine only ControlNets hosted together",
+            param="controlnets",
+            code="controlnets_not_hosted_together",
+        )
+    return roles[0]
 
 
-def engine_handle(engines: Any, request: GenerationRequest) -> Any:
+def engine_handle(engines: Any, request: GenerationRequest, controlnet_roles: Mapping[str, str]) -> Any:
     """The handle a request goes through, from a `{role: handle}` registry: its role's engine,
     asking for a replica that holds its LoRA set when it has one. The one routing rule the
     ingress and the job manager share."""
-    handle = engines[engine_role(request)]
+    handle = engines[engine_role(request, controlnet_roles)]
     set_id = lora_set_id(request.loras)
     return handle if set_id is None else handle.options(multiplexed_model_id=set_id)
 

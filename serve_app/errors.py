@@ -44,8 +44,8 @@ _TYPE_FOR_STATUS = {
 RETRY_AFTER_S = 5
 
 #: Discriminator tags pydantic puts in an error's location for tagged unions (a job's or batch
-#: item's `kind`); they are not fields, so `param` leaves them out.
-_UNION_TAGS = {"txt2img", "img2img", "inpaint"}
+#: item's `kind`; `controlnet` as one object or a list); they are not fields, so `param` leaves them out.
+_UNION_TAGS = {"txt2img", "img2img", "inpaint", "one", "many"}
 
 #: FastAPI's detail when the JSON decoder itself fails beyond a syntax error (a body nested deeper
 #: than Python's recursion limit); answered like any other unreadable JSON.

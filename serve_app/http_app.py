@@ -26,6 +26,7 @@ from serve_app.job_events import job_event_stream
 from serve_app.openapi import body_schema, install_openapi
 from serve_app.protocol import (
     BatchRequest,
+    ControlNetList,
     ErrorResponse,
     ImageData,
     ImageEditRequest,
@@ -39,10 +40,12 @@ from serve_app.protocol import (
     LoraList,
     ModelCard,
     ModelList,
+    PreprocessRequest,
     Txt2ImgJob,
     Txt2ImgRequest,
 )
 from serve_app.request_body import BodyLimit, body_limit, parse_body
+from serve_app.serving_controlnets import ControlNetServing
 from serve_app.serving_images import Generated, ImageServing
 from serve_app.serving_jobs import JobServing, links
 from serve_app.serving_loras import LoraServing
@@ -124,6 +127,7 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     with the same `.method.remote(...)` shape in tests."""
     loras = LoraServing(args.loras, engines[BASE_ROLE], _call)
     images = ImageServing(engines, args, loras)
+    controlnets = ControlNetServing(args, engines[BASE_ROLE], _call)
     job_serving = JobServing(images, jobs, args)
     created = int(time.time())
     # Swagger UI and ReDoc from files shipped in the `fastapi-offline` wheel: GPU hosts are often
@@ -302,6 +306,25 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     async def delete_lora(name: Annotated[str, FastAPIPath(pattern=LORA_NAME_PATTERN)]) -> Any:
         """Remove an uploaded LoRA (the shipped examples stay); new requests can no longer name it."""
         return await loras.delete(name)
+
+    # -- ControlNets ----------------------------------------------------------------------------
+
+    @app.get("/v1/controlnets", response_model=ControlNetList, responses=_ERRORS)
+    async def list_controlnets() -> Any:
+        """Served ControlNets: the variant (deployment) hosting each, and which combine with it."""
+        return controlnets.list()
+
+    @app.post(
+        "/v1/controlnets/preprocess",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+        openapi_extra=body_schema(PreprocessRequest),
+    )
+    async def preprocess_control(request: Request) -> Response:
+        """The control map a preprocessor makes of a picture (PNG, white edges on black), from JSON
+        (base64 `image`) or multipart/form-data: what `controlnet.preprocess` will follow."""
+        body = await parse_body(request, PreprocessRequest, args.limits)
+        return Response(await controlnets.preprocess(body), media_type="image/png")
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:

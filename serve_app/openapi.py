@@ -63,6 +63,7 @@ def install_openapi(app: FastAPI, args: AppArgs) -> None:
             schema = build()
             _drop_422(schema)
             _constrain_properties(schema, _deployment_constraints(args))
+            _name_served_controlnets(schema, sorted(args.controlnet_roles()))
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -111,6 +112,32 @@ def _deployment_constraints(args: AppArgs) -> dict[str, dict[str, Any]]:
     }
 
 
+def _one_control_part(prop: dict) -> None:
+    """A form's `controlnet` is one part: its schema states the one-object form (a JSON list in
+    that part is accepted too, but a schema's array would read as repeated parts)."""
+    for branch in prop.get("anyOf", [prop]):
+        if "oneOf" in branch:
+            (one,) = [choice for choice in branch.pop("oneOf") if choice.get("type") != "array"]
+            branch.update(one)
+
+
+def _name_served_controlnets(node: Any, names: list[str]) -> None:
+    """Every ControlNet object's `name` (the JSON bodies' component and the forms' inlined
+    copies) lists the served ControlNets; with none served, `controlnet` can only be null."""
+    if isinstance(node, dict):
+        properties = node.get("properties") or {}
+        if "conditioning_scale" in properties and "name" in properties:
+            if names:
+                properties["name"]["enum"] = names
+            else:
+                properties["name"]["not"] = {}
+        for value in node.values():
+            _name_served_controlnets(value, names)
+    elif isinstance(node, list):
+        for value in node:
+            _name_served_controlnets(value, names)
+
+
 def _constrain_properties(node: Any, constraints: dict[str, dict[str, Any]]) -> None:
     if isinstance(node, dict):
         for name, prop in (node.get("properties") or {}).items():
@@ -147,11 +174,12 @@ def _drop_422(schema: dict) -> None:
         components.pop(name, None)
 
 
-def _as_form(node: Any) -> Any:
+def _as_form(node: Any, files: bool = True) -> Any:
     """The multipart form of a JSON body schema: `anyOf: [X, null]` is X, no default is null,
-    and base64 images (`format: byte`) are file parts (`format: binary`)."""
+    and base64 images (`format: byte`) are file parts (`format: binary`) — except inside
+    `controlnet`, a JSON text part whose images stay base64."""
     if isinstance(node, dict):
-        if node.get("format") == "byte":
+        if node.get("format") == "byte" and files:
             node["format"] = "binary"
         branches = node.get("anyOf")
         if branches and any(branch.get("type") == "null" for branch in branches):
@@ -163,9 +191,15 @@ def _as_form(node: Any) -> Any:
                 node["anyOf"] = rest
         if node.get("default", 0) is None:
             node.pop("default")
-        for value in node.values():
-            _as_form(value)
+        for key, value in node.items():
+            if key == "properties" and isinstance(value, dict):
+                for name, prop in value.items():
+                    if name == "controlnet":
+                        _one_control_part(prop)
+                    _as_form(prop, files and name != "controlnet")
+            else:
+                _as_form(value, files)
     elif isinstance(node, list):
         for value in node:
-            _as_form(value)
+            _as_form(value, files)
     return node

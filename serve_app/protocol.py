@@ -10,6 +10,7 @@ checked at run time and written into the served OpenAPI schema by `serve_app.ope
 
 import base64
 import binascii
+import json
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -28,11 +29,15 @@ from pydantic import (
 )
 
 from deployments.types import (
+    MAX_CONTROLNETS,
+    CannyThresholds,
+    ControlSettings,
     GuidanceScale,
     Loras,
     MaskBlur,
     NegativePrompt,
     PaddingMaskCrop,
+    Preprocessor,
     Prompt,
     Scheduler,
     Seed,
@@ -58,18 +63,6 @@ class _Strict(BaseModel):
 
 class _Prompted(_Strict):
     prompt: Prompt
-
-
-class _Settings(_Strict):
-    """The generation controls every kind shares; absent means the model's default."""
-
-    negative_prompt: NegativePrompt = None
-    model: Optional[str] = Field(None, description="Model id from `GET /v1/models`; absent: the served model.")
-    seed: Seed = None
-    num_inference_steps: Steps = None
-    guidance_scale: GuidanceScale = None
-    scheduler: Scheduler = None
-    loras: Loras = ()
 
 
 #: The JSON Schema form of "output_compression only with jpeg or webp" (png, also by default, is
@@ -123,6 +116,74 @@ ImageUpload = Annotated[
         {"type": "string", "format": "byte", "description": "PNG, JPEG or WEBP; base64 (or a data: URL) in JSON."}
     ),
 ]
+
+
+class ControlNetInput(ControlSettings):
+    """One ControlNet of an HTTP request: the contract's settings and the control image, uploaded."""
+
+    image: ImageUpload = Field(
+        ...,
+        description=(
+            "The control map (or, with `preprocess`, the picture it is made from): PNG, JPEG or WEBP, base64 "
+            "(or a data: URL), also inside a multipart form's JSON text part. Resized to the output size as "
+            "the init image is."
+        ),
+    )
+
+
+def _json_list_text(value: Any) -> Any:
+    # A multipart form carries the object or list as one JSON text part.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON object or a JSON list of objects") from None
+    return value
+
+
+def _one_or_many(value: Any) -> str:
+    return "many" if isinstance(value, list) else "one"
+
+
+ControlNetField = Annotated[
+    Optional[
+        Annotated[
+            Union[
+                Annotated[ControlNetInput, Tag("one")],
+                Annotated[list[ControlNetInput], Field(min_length=1, max_length=MAX_CONTROLNETS), Tag("many")],
+            ],
+            Discriminator(_one_or_many),
+        ]
+    ],
+    BeforeValidator(_json_list_text),
+    Field(
+        description=(
+            "ControlNet conditioning: one `{name, image, conditioning_scale, guidance_start, guidance_end, "
+            f"preprocess}}` or a list of up to {MAX_CONTROLNETS} hosted by one deployment (`GET /v1/controlnets`); "
+            "their residuals add up. In multipart forms: the same JSON as a text part."
+        ),
+    ),
+]
+
+
+def controlnet_list(value: Optional[Union[ControlNetInput, list[ControlNetInput]]]) -> list[ControlNetInput]:
+    """The `controlnet` field as a list (one object is a list of one)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, ControlNetInput) else list(value)
+
+
+class _Settings(_Strict):
+    """The generation controls every kind shares; absent means the model's default."""
+
+    negative_prompt: NegativePrompt = None
+    model: Optional[str] = Field(None, description="Model id from `GET /v1/models`; absent: the served model.")
+    seed: Seed = None
+    num_inference_steps: Steps = None
+    guidance_scale: GuidanceScale = None
+    scheduler: Scheduler = None
+    loras: Loras = ()
+    controlnet: ControlNetField = None
 
 
 class _Img2Img(_Strict):
@@ -367,6 +428,29 @@ class BatchRequest(_Encoded):
     requests: list[BatchItem] = Field(None, min_length=1, description="Full requests, each with its kind.")
     run_async: bool = Field(False, alias="async", description="Answer 202 with a job whose result is the ZIP.")
     webhook_url: Optional[WebhookUrl] = None
+
+
+class ControlNetInfo(BaseModel):
+    """A served ControlNet (`GET /v1/controlnets`)."""
+
+    object: Literal["controlnet"] = "controlnet"
+    name: str = Field(..., description="What requests give as `controlnet.name`.")
+    variant: str = Field(..., description="The deployment hosting it; a request combines only ControlNets of one variant.")
+    deployment: str = Field(..., description="The Ray Serve deployment name.")
+    source: str = Field(..., description="Where its weights come from (`tiny`, `pretrained`, `single_file`, `sdxl-arch`).")
+    hosted_with: list[str] = Field(..., description="The other ControlNets of its deployment (combinable with it).")
+
+
+class ControlNetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ControlNetInfo]
+
+
+class PreprocessRequest(CannyThresholds):
+    """`POST /v1/controlnets/preprocess`: the map a preprocessor makes of a picture."""
+
+    image: ImageUpload = Field(..., description="The picture to make the map from.")
+    preprocess: Preprocessor = Field(..., description="The preprocessor (`canny`).")
 
 
 class LoraInfo(BaseModel):

@@ -19,6 +19,7 @@ from configs.app_args import AppArgs
 from deployments.types import (
     BASE_ROLE,
     MAX_SEED,
+    ControlRef,
     DeadlineExceededError,
     GenerationRequest,
     GenerationResult,
@@ -27,12 +28,15 @@ from deployments.types import (
     check_limits,
     draw_seed,
     engine_handle,
+    engine_role,
 )
 from serve_app import image_inputs
 from serve_app.errors import engine_call_error, invalid_request_from, renamed_params
 from serve_app.protocol import (
+    ControlNetInput,
     ImageEditRequest,
     ImageGenerationRequest,
+    controlnet_list,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -66,6 +70,10 @@ class ImageServing:
         """`loras`: what checks the LoRAs a request names (`LoraServing.check_request`)."""
         if BASE_ROLE not in engines:
             raise ValueError(f"the engine registry needs a {BASE_ROLE!r} engine; it has {sorted(engines)}")
+        self._controlnet_roles = args.controlnet_roles()
+        missing = sorted(set(self._controlnet_roles.values()) - set(engines))
+        if missing:
+            raise ValueError(f"the engine registry lacks the ControlNet deployments {missing}; it has {sorted(engines)}")
         self._engines = dict(engines)
         self._args = args
         self._loras = loras
@@ -82,7 +90,7 @@ class ImageServing:
     def engine_for(self, request: GenerationRequest) -> Any:
         """The handle that serves `request`: its role's engine, preferring a replica that holds
         its LoRA set (Ray Serve's multiplexed routing)."""
-        return engine_handle(self._engines, request)
+        return engine_handle(self._engines, request, self._controlnet_roles)
 
     def requests_for_generations(self, body: ImageGenerationRequest) -> list[GenerationRequest]:
         self.check_n(body.n)
@@ -160,6 +168,15 @@ class ImageServing:
             )
         if image is not None:
             kind_fields.update(init_image=image.pixels, mask_image=image.mask)
+        controlnets = controlnet_list(body.controlnet)
+        if controlnets:
+            if image is not None:
+                size = image.pixels.shape[1], image.pixels.shape[0]
+            else:
+                first = image_inputs.open_image(controlnets[0].image, "controlnet.0.image", self._args.limits)
+                size = image_inputs.target_size(first.size, (width, height), self._args.limits, "controlnet.0.image")
+                width, height = size
+            kind_fields["controlnets"] = self._control_refs(controlnets, size)
         first_seed = body.seed if body.seed is not None else draw_seed()
         deadline = time.time() + self._args.ingress.engine_timeout_s
         try:
@@ -181,10 +198,24 @@ class ImageServing:
                 for i in range(n)
             ]
         except ValidationError as exc:  # bounds the HTTP schema leaves to the contract
-            raise invalid_request_from(exc.errors()) from None
+            with renamed_params(_controlnet_param):
+                raise invalid_request_from(exc.errors()) from None
         check_limits(requests[0], self._args.limits)
+        with renamed_params(_controlnet_param):  # a served name, hosted together: before any engine work
+            engine_role(requests[0], self._controlnet_roles)
         self._loras.check_request(body.loras)  # after the count limit: a long list is a 400, not 404s
         return requests
+
+    def _control_refs(self, controlnets: list[ControlNetInput], size: tuple[int, int]) -> tuple[ControlRef, ...]:
+        """The request's ControlNets with their images decoded and resized to the output size."""
+        refs = []
+        for index, control in enumerate(controlnets):
+            param = f"controlnet.{index}.image"
+            picture = image_inputs.open_image(control.image, param, self._args.limits)
+            pixels = image_inputs.prepare(picture.convert("RGB"), None, size).pixels
+            settings = control.model_dump(exclude={"image"}, exclude_unset=True)
+            refs.append(ControlRef(**settings, image=pixels))
+        return tuple(refs)
 
     async def generate(self, requests: list[GenerationRequest], user: Optional[str] = None) -> Generated:
         """Run all requests concurrently on their engines; all succeed or the first error is raised
@@ -214,6 +245,11 @@ class ImageServing:
                 with contextlib.suppress(Exception):  # a refused call's cancel re-raises its refusal
                     response.cancel()
         return Generated(results=results, sent_at=sent, engine_s=time.perf_counter() - sent)
+
+
+def _controlnet_param(param: Optional[str]) -> Optional[str]:
+    """The contract's `controlnets.i...` is the HTTP body's `controlnet.i...`."""
+    return param.replace("controlnets", "controlnet", 1) if param and param.startswith("controlnets") else param
 
 
 def _checked_size(size: tuple[Optional[int], Optional[int]]) -> tuple[Optional[int], Optional[int]]:

@@ -70,7 +70,29 @@ def tiny_replica(local_config):
 
 
 @pytest.fixture(scope="session")
-def local_server(tiny_replica, local_config):
+def tiny_controlnet_replicas(local_config):
+    """One in-process engine replica per ControlNet variant of the config (the tiny base plus its
+    ControlNets), as the builder would deploy them: role → replica."""
+    from deployments.engine.factory import EngineFactory
+    from deployments.replica import EngineReplica
+    from serve_app.builder import engine_roles
+
+    config = local_config
+    model = config.model.model_dump(mode="json")
+    replicas = {}
+    for role, (_, _, controlnets) in engine_roles(config).items():
+        if controlnets:
+            factory = EngineFactory(
+                model, config.batching.model_dump(mode="json"), loras=config.loras.model_dump(mode="json"), controlnets=controlnets
+            )
+            replicas[role] = EngineReplica(model, config.limits.model_dump(mode="json"), factory)
+    yield replicas
+    for replica in replicas.values():
+        replica.close()
+
+
+@pytest.fixture(scope="session")
+def local_server(tiny_replica, tiny_controlnet_replicas, local_config):
     """The whole app without Ray: the HTTP routes over the in-process engine replica and a real
     job manager, behind Starlette's `TestClient` (a sync `httpx.Client`; the app, the job
     manager's loops and the handles' calls share its event loop)."""
@@ -79,15 +101,17 @@ def local_server(tiny_replica, local_config):
     from starlette.testclient import TestClient
 
     from serve_app.http_app import create_app
+    from deployments.types import BASE_ROLE
     from serve_app.jobs.manager import JobManager
-    from tests.fakes import LocalHandle
+    from tests.fakes import LocalHandle, engine_registry
 
     config = local_config
-    engines = {"base": LocalHandle(tiny_replica)}
+    replicas = {BASE_ROLE: tiny_replica, **tiny_controlnet_replicas}
+    engines = engine_registry(config, replicas.__getitem__)
     manager = JobManager.__new__(JobManager)  # initialised below, on the client's event loop
     app = create_app(engines, LocalHandle(manager), config)
     with TestClient(app, base_url="http://testserver") as client:
-        client.portal.call(manager.__init__, engines, config.jobs.model_dump())
-        yield SimpleNamespace(client=client, app=app, replica=tiny_replica, manager=manager)
+        client.portal.call(manager.__init__, engines, config.jobs.model_dump(), config.controlnet_roles())
+        yield SimpleNamespace(client=client, app=app, replica=tiny_replica, replicas=replicas, manager=manager)
         for loop in manager._loops:
             client.portal.call(loop.cancel)

@@ -13,14 +13,15 @@ import contextlib
 import inspect
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 import httpx
 import numpy as np
 
 from configs.app_args import AppArgs
 from deployments.lora_registry import describe
-from deployments.types import GenerationRequest, GenerationResult, ProgressEvent
+from deployments.types import BASE_ROLE, ControlRef, GenerationRequest, GenerationResult, ProgressEvent
+from serve_app.builder import engine_roles
 from serve_app.http_app import create_app
 from serve_app.jobs.manager import JobManager
 
@@ -126,6 +127,10 @@ class FakeEngine:
     async def describe_loras(self) -> list[dict[str, Any]]:
         return []
 
+    async def control_map(self, control: ControlRef) -> np.ndarray:
+        """The picture inverted (no preprocessor here; tests see the engine's answer come back)."""
+        return 255 - control.image
+
     async def check_lora(self, path: str, name: str) -> dict[str, Any]:
         """The file's header (no model to fit it to)."""
         return {**describe(Path(path), name, builtin=False).to_json(), "fits": True}
@@ -134,14 +139,20 @@ class FakeEngine:
         return {"requests": len(self.requests)}
 
 
+def engine_registry(config: AppArgs, engine_for: Callable[[str], Any]) -> dict[str, LocalHandle]:
+    """The `{role: handle}` registry the builder would bind for `config` (resolved), each role's
+    engine made by `engine_for(role)`."""
+    return {role: LocalHandle(engine_for(role)) for role in engine_roles(config)}
+
+
 @contextlib.asynccontextmanager
 async def local_app(engine: Any, state_dir: Any, **args: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The ingress app in-process over `engine` (any object with the engine API) and a real job
     manager in `state_dir`; yields an `httpx.AsyncClient` talking ASGI to it."""
     config = AppArgs.model_validate({"state_dir": str(state_dir), **args}).with_state_paths()
-    engines = {"base": LocalHandle(engine)}
+    engines = engine_registry(config, lambda role: engine if role == BASE_ROLE else FakeEngine())
     manager = JobManager.__new__(JobManager)  # its constructor is async, as in a replica
-    await manager.__init__(engines, config.jobs.model_dump())
+    await manager.__init__(engines, config.jobs.model_dump(), config.controlnet_roles())
     app = create_app(engines, LocalHandle(manager), config)
     transport = httpx.ASGITransport(app=app)
     try:

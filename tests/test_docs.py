@@ -1,11 +1,11 @@
-"""The README's configuration reference names every AppArgs and model-spec field."""
+"""The README's configuration reference names every AppArgs, model-spec and ControlNet-spec field."""
 
 from pathlib import Path
 
 import pytest
 
-from configs.app_args import AppArgs
-from configs.model_spec import ModelSpec
+from configs.app_args import AppArgs, ControlNetVariantConfig
+from configs.model_spec import ControlNetSpec, ModelSpec
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -19,6 +19,9 @@ def _keys() -> list[str]:
         keys.extend(f"{section}.{name}" for name in nested) if nested else keys.append(section)
     for spec in ModelSpec.__args__[0].__args__:
         keys.extend(f"model.{name}" for name in spec.model_fields)
+    keys.extend(f"controlnets.<variant>.{name}" for name in ControlNetVariantConfig.model_fields)
+    for spec in ControlNetSpec.__args__[0].__args__:  # documented by their own names in "ControlNets"
+        keys.extend(spec.model_fields)
     return sorted(set(keys))
 
 

@@ -170,7 +170,7 @@ def test_an_unhosted_controlnet_is_refused_naming_the_field(engine):
     request = GenerationRequest(prompt="a square", seed=1, controlnets=(_control("depth"),), **SMALL).with_defaults(SPEC)
     with pytest.raises(InvalidRequestError) as error:
         engine.submit(request)
-    assert error.value.param == "controlnets[0].name" and "canny" in error.value.message
+    assert error.value.param == "controlnets.0.name" and "canny" in error.value.message
 
 
 def test_a_base_engine_refuses_control(tiny_pipe):
@@ -180,7 +180,7 @@ def test_a_base_engine_refuses_control(tiny_pipe):
 
 
 def test_a_control_image_of_another_size_is_refused():
-    with pytest.raises(ValueError, match=r"controlnets\[0\].image is 64x64 but the image is 128x64"):
+    with pytest.raises(ValueError, match=r"controlnets.0.image is 64x64 but the image is 128x64"):
         GenerationRequest(prompt="a square", width=128, height=64, controlnets=(_control(),))
 
 
@@ -190,10 +190,18 @@ def test_the_control_image_sets_the_size_when_none_is_given():
     assert (resolved.width, resolved.height) == (80, 48)
 
 
-@pytest.mark.parametrize("bad", [{"guidance_start": 0.6, "guidance_end": 0.5}, {"low_threshold": 0.5, "high_threshold": 0.2}])
+@pytest.mark.parametrize("bad", [{"guidance_start": 0.6, "guidance_end": 0.5}, {"low_threshold": 0.1}])
 def test_inconsistent_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         _control(**bad)
+
+
+def test_canny_thresholds_are_taken_in_either_order_as_opencv_does():
+    picture = np.zeros((64, 64, 3), dtype=np.uint8)
+    picture[12:52, 20:44] = (90, 90, 90)
+    given = control_map(_control(image=picture, preprocess="canny", low_threshold=0.02, high_threshold=0.08))
+    swapped = control_map(_control(image=picture, preprocess="canny", low_threshold=0.08, high_threshold=0.02))
+    assert np.array_equal(given, swapped) and given.any()
 
 
 def test_canny_preprocessing_makes_the_map_inside_the_engine(engine):

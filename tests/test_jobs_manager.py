@@ -10,7 +10,7 @@ import pytest
 
 from configs.model_spec import TinySpec
 from deployments.types import EngineError, GenerationRequest, GenerationResult, InvalidRequestError, OverloadedError, ProgressEvent
-from deployments.types import ConflictError, NotFoundError, TooManyRequestsError
+from deployments.types import ConflictError, ControlRef, NotFoundError, TooManyRequestsError
 from serve_app.jobs.manager import JobManager
 from serve_app.jobs.payload import JobPayload
 from serve_app.jobs.store import JobRecord, SqliteJobStore
@@ -374,7 +374,10 @@ def test_jobs_are_stored_as_versioned_json_in_private_files(tmp_path):
     import stat
 
     image = np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)
-    request = GenerationRequest(prompt="p", kind="img2img", init_image=image, seed=4, num_inference_steps=4)
+    control = ControlRef(name="canny", image=255 - image, conditioning_scale=0.5, preprocess="canny", high_threshold=0.3)
+    request = GenerationRequest(
+        prompt="p", kind="img2img", init_image=image, seed=4, num_inference_steps=4, controlnets=(control,)
+    )
 
     async def scenario():
         manager = await _manager(tmp_path, FakeEngine())
@@ -386,9 +389,15 @@ def test_jobs_are_stored_as_versioned_json_in_private_files(tmp_path):
     job_id = asyncio.run(scenario())
     (raw,) = sqlite3.connect(tmp_path / "jobs.sqlite3").execute("SELECT payload FROM jobs WHERE id = ?", (job_id,)).fetchone()
     stored = json.loads(raw)
-    assert stored["version"] == 1 and stored["output_format"] == "webp"
+    assert stored["version"] == 2 and stored["output_format"] == "webp"
     restored = JobPayload.from_json(stored).requests[0]
     assert np.array_equal(restored.init_image, image) and restored.seed == 4 and restored.strength == 0.75
+    (restored_control,) = restored.controlnets
+    assert np.array_equal(restored_control.image, control.image)
+    assert restored_control.model_dump(exclude={"image"}) == control.model_dump(exclude={"image"})
+    assert restored_control.model_fields_set == control.model_fields_set  # low_threshold stays "not given"
+    version_1 = {**stored, "version": 1, "requests": [{k: v for k, v in stored["requests"][0].items() if k != "controlnets"}]}
+    assert JobPayload.from_json(version_1).requests[0].controlnets == ()
     for path in [tmp_path / "jobs.sqlite3", *(tmp_path / "results").iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE((tmp_path / "results").stat().st_mode) == 0o700

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import schemathesis
 import uvicorn
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis.checks import (
@@ -28,7 +28,7 @@ from schemathesis.checks import (
 from configs.app_args import AppArgs
 from serve_app.http_app import create_app
 from serve_app.jobs.manager import JobManager
-from tests.fakes import FakeEngine, LocalHandle
+from tests.fakes import FakeEngine, LocalHandle, engine_registry
 from tests.app_config import free_port
 
 LIMITS = {"max_pixels": 128 * 128, "max_steps": 6, "max_n": 2, "max_prompt_chars": 200}
@@ -67,9 +67,9 @@ def api_url(tmp_path_factory):
     ready = threading.Event()
 
     async def main():
-        engines = {"base": LocalHandle(FakeEngine())}
+        engines = engine_registry(config, lambda role: FakeEngine())
         manager = JobManager.__new__(JobManager)
-        await manager.__init__(engines, config.jobs.model_dump())
+        await manager.__init__(engines, config.jobs.model_dump(), config.controlnet_roles())
         app = create_app(engines, LocalHandle(manager), config)
         server["uvicorn"] = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         ready.set()
@@ -88,7 +88,8 @@ def api_url(tmp_path_factory):
 def _schema() -> dict:
     """The schema the server serves, built the same way without starting it (no handle is called
     to build it): its operations parametrize the test."""
-    app = create_app({"base": LocalHandle(FakeEngine())}, LocalHandle(None), _config("/nonexistent"))
+    config = _config("/nonexistent")
+    app = create_app(engine_registry(config, lambda role: FakeEngine()), LocalHandle(None), config)
     return app.openapi()
 
 
@@ -101,6 +102,25 @@ OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 NO_POSITIVE_DATA = {"POST /v1/loras"}
 
 
+def _unstatable(case) -> bool:
+    """Bodies breaking a rule JSON Schema cannot state: a ControlNet window must open before it
+    closes (`guidance_start < guidance_end`, a comparison of two fields), and a request names each
+    ControlNet once (uniqueness of one field across items); such bodies get a 400."""
+    body = case.body if isinstance(case.body, dict) else {}
+    params = body.get("params") if isinstance(body.get("params"), dict) else {}
+    items = [body, params, *(r.get("params", r) for r in body.get("requests", []) if isinstance(r, dict))]
+    for item in items:
+        controls = item.get("controlnet")
+        controls = controls if isinstance(controls, list) else [controls]
+        names = [control.get("name") for control in controls if isinstance(control, dict)]
+        if len(set(names)) < len(names):
+            return True
+        for control in controls:
+            if isinstance(control, dict) and control.get("guidance_start", 0.0) >= control.get("guidance_end", 1.0):
+                return True
+    return False
+
+
 @pytest.mark.parametrize("operation", OPERATIONS, ids=[operation.label for operation in OPERATIONS])
 def test_the_server_does_what_its_schema_says(api_url, operation):
     checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
@@ -110,6 +130,7 @@ def test_the_server_does_what_its_schema_says(api_url, operation):
     @given(case=operation.as_strategy())
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     def run(case):
+        assume(not _unstatable(case))
         case.call_and_validate(base_url=api_url, checks=checks)
 
     run()

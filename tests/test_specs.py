@@ -106,3 +106,55 @@ def test_unknown_scheduler_is_quoted():
 
 def test_required_schedulers_present():
     assert {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"} <= set(SCHEDULERS)
+
+
+# --- ControlNet variants -------------------------------------------------------------------------
+
+
+def test_the_tiny_model_gets_its_canny_variant_and_others_none_by_default():
+    tiny = AppArgs().with_state_paths()
+    assert tiny.controlnet_roles() == {"canny": "controlnet:canny"}
+    real = AppArgs.model_validate({"model": {"source": "pretrained", "path": "/models/sdxl"}}).with_state_paths()
+    assert real.controlnet_roles() == {}
+    assert AppArgs.model_validate({"controlnets": {}}).with_state_paths().controlnet_roles() == {}
+
+
+@pytest.mark.parametrize(
+    "controlnets, message",
+    [
+        ({"a": {"models": {"canny": {"source": "tiny"}}}, "b": {"models": {"canny": {"source": "tiny"}}}}, "hosted by both"),
+        ({"bad/name": {"models": {"canny": {"source": "tiny"}}}}, "variant 'bad/name'"),
+        ({"a": {"models": {}}}, "at least 1"),
+        ({"a": {"models": {"x": {"source": "sdxl-arch"}}}}, "must match its base model"),
+    ],
+    ids=["hosted-twice", "variant-name", "no-models", "architecture"],
+)
+def test_bad_controlnet_configs_fail_naming_the_problem(controlnets, message):
+    with pytest.raises(ValueError, match=message):
+        AppArgs.model_validate({"controlnets": controlnets})
+
+
+def test_a_pretrained_controlnet_folder_loads_as_the_tiny_one():
+    import torch
+
+    from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, PretrainedControlNetSpec, TinyControlNetSpec
+    from deployments.pipelines import load_controlnet
+
+    cpu = torch.device("cpu")
+    folder = load_controlnet(PretrainedControlNetSpec(source="pretrained", path=str(TINY_CONTROLNET_CANNY_DIR), local_files_only=True), cpu, torch.float32)
+    shipped = load_controlnet(TinyControlNetSpec(), cpu, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(folder.state_dict().values(), shipped.state_dict().values()))
+    assert not folder.training
+
+
+def test_the_builder_binds_one_engine_deployment_per_variant():
+    from serve_app.builder import engine_roles
+
+    config = AppArgs.model_validate(
+        {"controlnets": {"canny": {"models": {"canny": {"source": "tiny"}}, "engine": {"num_gpus": 0.5, "num_replicas": 2}}}}
+    ).with_state_paths()
+    roles = engine_roles(config)
+    assert list(roles) == ["base", "controlnet:canny"]
+    name, placement, models = roles["controlnet:canny"]
+    assert name == "SDXLControlNet-canny" and placement.num_gpus == 0.5 and placement.num_replicas == 2
+    assert models == {"canny": {"source": "tiny", "map": "canny"}} and roles["base"][2] is None

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from pydantic import TypeAdapter
 
 from configs.app_args import BatchingConfig, LorasConfig
-from configs.model_spec import ModelSpec
+from configs.model_spec import ControlNetSpec, ModelSpec
 from deployments.lora_registry import lora_registry
 from deployments.types import GenerationRequest
 
@@ -28,6 +28,9 @@ class EngineFactory:
     max_waiting: Optional[int] = None
     #: A resolved `LorasConfig` (`AppArgs.with_state_paths`); None: the engine serves no LoRAs.
     loras: Optional[dict[str, Any]] = None
+    #: The ControlNets this engine hosts: name → `ControlNetSpec` as a dict (a ControlNet variant's
+    #: deployment); None: the base engine.
+    controlnets: Optional[dict[str, dict[str, Any]]] = None
     #: spec → `StableDiffusionXLPipeline`; None: `deployments.pipelines.load_pipeline`.
     pipeline_factory: Optional[Callable[[Any], Any]] = None
 
@@ -35,12 +38,16 @@ class EngineFactory:
         from deployments.engine.lora import AdapterCache
         from deployments.engine.loop import StepEngine
         from deployments.optimize import compile_cache_counts
-        from deployments.pipelines import load_pipeline
+        from deployments.pipelines import load_controlnet, load_pipeline
 
         spec = TypeAdapter(ModelSpec).validate_python(self.model_spec)
         batching = BatchingConfig.model_validate(self.batching)
         started = time.perf_counter()
         pipeline = (self.pipeline_factory or load_pipeline)(spec)
+        controlnets = {
+            name: load_controlnet(TypeAdapter(ControlNetSpec).validate_python(net), pipeline.device, pipeline.unet.dtype)
+            for name, net in (self.controlnets or {}).items()
+        }
         load_s = time.perf_counter() - started
         adapters = None
         if self.loras is not None:
@@ -63,6 +70,7 @@ class EngineFactory:
             max_waiting=self.max_waiting,
             buckets=spec.optimize.buckets(),
             adapters=adapters,
+            controlnets=controlnets,
             observer=observer,
         )
         compile_cache = None

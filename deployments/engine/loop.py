@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 from diffusers import ControlNetModel, StableDiffusionXLPipeline
 
@@ -37,7 +38,7 @@ from deployments.engine.controlnets import check_hosted, residuals
 from deployments.engine.lora import AdapterCache, rows_on_slots
 from deployments.engine.rows import Row, RowFactory, decode, to_pixels
 from deployments.engine.sharing import forward_key
-from deployments.types import EngineError, GenerationRequest, InvalidRequestError, OverloadedError, ServiceError
+from deployments.types import ControlRef, EngineError, GenerationRequest, InvalidRequestError, OverloadedError, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -391,6 +392,15 @@ class StepEngine:
         sizes = self.decode_calls.buckets or [1]
         for size in sizes:
             self._warm(request, size)
+        if self.controlnets:
+            # Steered calls pass residuals to the UNet, a graph of its own: compiled now too, with
+            # every hosted ControlNet on a blank map.
+            blank = np.zeros((request.height, request.width, 3), dtype=np.uint8)
+            steered = request.model_copy(
+                update={"controlnets": tuple(ControlRef(name=name, image=blank) for name in self.controlnets)}
+            )
+            for size in sizes:
+                self._warm(steered, size)
         if self.adapters is not None:
             # Rows with a LoRA take the slot layers' other branch, a graph of its own: compiled
             # now too, on a slot of zeros (the base image), not on the first LoRA request.

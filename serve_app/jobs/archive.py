@@ -13,7 +13,9 @@ _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 def manifest_entry(file_name: str, request: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
     """What made one file: its request (without pixel data), seed and timings."""
-    settings = request.model_dump(exclude={"init_image", "mask_image", "deadline", "seed"}, exclude_none=True)
+    settings = request.model_dump(exclude={"init_image", "mask_image", "controlnets", "deadline", "seed"}, exclude_none=True)
+    if request.controlnets:
+        settings["controlnets"] = [control.model_dump(exclude={"image"}, exclude_none=True) for control in request.controlnets]
     return {"file": file_name, **settings, "seed": result.seed, "batch_size": result.batch_size, "timings": result.timings}
 
 

@@ -80,15 +80,17 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class JobManager:
-    async def __init__(self, engines: dict[str, Any], jobs: dict[str, Any]):
+    async def __init__(self, engines: dict[str, Any], jobs: dict[str, Any], controlnet_roles: Optional[dict[str, str]] = None):
         """`engines`: the engine handles by role; `jobs`: a `JobsConfig` whose paths are resolved
-        (`AppArgs.with_state_paths`)."""
+        (`AppArgs.with_state_paths`); `controlnet_roles`: which role hosts each ControlNet
+        (`AppArgs.controlnet_roles`)."""
         quiet_client_errors()
         self._config = JobsConfig.model_validate(jobs)
         if self._config.db_path is None or self._config.results_dir is None:
             raise ValueError("jobs.db_path and jobs.results_dir must be resolved (AppArgs.with_state_paths)")
         self._store = SqliteJobStore(self._config.db_path, self._config.results_dir)
         self._engines = engines
+        self._controlnet_roles = dict(controlnet_roles or {})
         self._running: dict[str, asyncio.Task] = {}
         # Webhook deliveries in flight: the event loop only keeps weak references to tasks.
         self._deliveries: set[asyncio.Task] = set()
@@ -232,7 +234,7 @@ class JobManager:
 
     async def _run_one(self, request: GenerationRequest, index: int, progress: "_Progress") -> GenerationResult:
         wait_s = _BUSY_RETRY_S[0]
-        engine = engine_handle(self._engines, request)
+        engine = engine_handle(self._engines, request, self._controlnet_roles)
         while True:
             stream = None
             try:

@@ -14,8 +14,10 @@ from PIL import Image
 
 from deployments.types import GenerationRequest
 
-#: Bump when the layout below changes; `from_json` refuses versions it does not know.
-PAYLOAD_VERSION = 1
+#: Bump when the layout below changes; `from_json` refuses versions it does not know. 2 added
+#: `controlnets` (settings, image as PNG); a version-1 payload is read as one without them.
+PAYLOAD_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 _IMAGE_FIELDS = ("init_image", "mask_image")
 
@@ -41,8 +43,8 @@ class JobPayload:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "JobPayload":
-        if data.get("version") != PAYLOAD_VERSION:
-            raise ValueError(f"job payload version {data.get('version')!r} is not {PAYLOAD_VERSION}")
+        if data.get("version") not in _READABLE_VERSIONS:
+            raise ValueError(f"job payload version {data.get('version')!r} is not one of {_READABLE_VERSIONS}")
         return cls(
             requests=[_request_from_json(item) for item in data["requests"]],
             output_format=data["output_format"],
@@ -52,16 +54,22 @@ class JobPayload:
 
 
 def _request_to_json(request: GenerationRequest) -> dict[str, Any]:
-    data = request.model_dump(mode="json", exclude=set(_IMAGE_FIELDS))
+    data = request.model_dump(mode="json", exclude={*_IMAGE_FIELDS, "controlnets"})
     for name in _IMAGE_FIELDS:
         pixels = getattr(request, name)
         data[name] = None if pixels is None else _png_base64(pixels)
+    # Only the settings a request gave: defaults stay defaults, and a threshold stays "not given".
+    data["controlnets"] = [
+        {**control.model_dump(mode="json", exclude={"image"}, exclude_unset=True), "image": _png_base64(control.image)}
+        for control in request.controlnets
+    ]
     return data
 
 
 def _request_from_json(data: dict[str, Any]) -> GenerationRequest:
     images = {name: None if data.get(name) is None else _pixels(data[name]) for name in _IMAGE_FIELDS}
-    return GenerationRequest.model_validate({**data, **images})
+    controlnets = [{**control, "image": _pixels(control["image"])} for control in data.get("controlnets", [])]
+    return GenerationRequest.model_validate({**data, **images, "controlnets": controlnets})
 
 
 def _png_base64(pixels: np.ndarray) -> str:
