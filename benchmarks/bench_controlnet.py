@@ -15,7 +15,6 @@ Prints a table and writes `bench_controlnet.json` into --out.
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,20 +31,7 @@ from deployments.engine.loop import StepEngine  # noqa: E402
 from deployments.pipelines import load_controlnet, load_pipeline  # noqa: E402
 from deployments.types import ControlRef, GenerationRequest  # noqa: E402
 
-
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn` over `repeats` runs, after one untimed run."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+from step_timing import timed  # noqa: E402
 
 
 def main() -> None:
@@ -83,12 +69,12 @@ def main() -> None:
     # 2. One guided step of each mix.
     with torch.inference_mode():
         step = {
-            "base_1": _timed(lambda: engine._unet([base]), device, args.repeats),
-            "controlnet_1": _timed(lambda: engine._unet([control]), device, args.repeats),
-            f"base_{args.batch}": _timed(lambda: engine._unet([base] * args.batch), device, args.repeats),
-            f"controlnet_{args.batch}": _timed(lambda: engine._unet([control] * args.batch), device, args.repeats),
-            f"half_{args.batch}_one_forward": _timed(lambda: engine._unet(half), device, args.repeats),
-            f"half_{args.batch}_split": _timed(
+            "base_1": timed(lambda: engine._unet([base]), device, args.repeats),
+            "controlnet_1": timed(lambda: engine._unet([control]), device, args.repeats),
+            f"base_{args.batch}": timed(lambda: engine._unet([base] * args.batch), device, args.repeats),
+            f"controlnet_{args.batch}": timed(lambda: engine._unet([control] * args.batch), device, args.repeats),
+            f"half_{args.batch}_one_forward": timed(lambda: engine._unet(half), device, args.repeats),
+            f"half_{args.batch}_split": timed(
                 lambda: (engine._unet(half[0::2]), engine._unet(half[1::2])), device, args.repeats
             ),
         }

@@ -43,6 +43,8 @@ from deployments.pipelines import load_pipeline  # noqa: E402
 from deployments.types import GenerationRequest, LoraRef  # noqa: E402
 from pydantic import TypeAdapter  # noqa: E402
 
+from step_timing import synchronize, timed  # noqa: E402
+
 ATTENTION = r"unet\..*\.(to_q|to_k|to_v|to_out\.0)"
 
 
@@ -71,26 +73,8 @@ def write_loras(pipe, folder: Path, count: int, rank: int) -> list[str]:
     return names
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _memory(device: torch.device) -> float | None:
     return round(torch.cuda.memory_allocated() / 2**30, 3) if device.type == "cuda" else None
-
-
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn` over `repeats` runs, after one untimed run."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -133,7 +117,7 @@ def main() -> None:
     for name in names:
         started = time.perf_counter()
         cache.release(cache.acquire((LoraRef(name=name),)))
-        _sync(device)
+        synchronize(device)
         cold.append(time.perf_counter() - started)
     memory["all_loaded_gib"] = _memory(device)
 
@@ -161,8 +145,8 @@ def main() -> None:
             turn = iter(range(10**9))
             switch[resident] = {
                 "lookup_ms": round(statistics.median(lookups) * 1000, 4),
-                "step_switching_s": round(_timed(lambda: engine._unet([rows[next(turn) % resident]]), device, args.repeats), 4),
-                "step_same_set_s": round(_timed(lambda: engine._unet([rows[0]]), device, args.repeats), 4),
+                "step_switching_s": round(timed(lambda: engine._unet([rows[next(turn) % resident]]), device, args.repeats), 4),
+                "step_same_set_s": round(timed(lambda: engine._unet([rows[0]]), device, args.repeats), 4),
             }
 
         # 4. Step time: base, one LoRA, a batch of the base, a batch of different LoRAs two ways.
@@ -170,18 +154,18 @@ def main() -> None:
         base, one = row(0), row(slot_of(names[0]))
         mixed = [row(slot_of(name)) for name in batch_names]
         step = {
-            "base_1": _timed(lambda: engine._unet([base]), device, args.repeats),
-            "lora_1": _timed(lambda: engine._unet([one]), device, args.repeats),
-            f"base_{args.batch}": _timed(lambda: engine._unet([base] * args.batch), device, args.repeats),
-            f"mixed_{args.batch}_one_forward": _timed(lambda: engine._unet(mixed), device, args.repeats),
-            f"mixed_{args.batch}_sub_forwards": _timed(lambda: [engine._unet([r]) for r in mixed], device, args.repeats),
+            "base_1": timed(lambda: engine._unet([base]), device, args.repeats),
+            "lora_1": timed(lambda: engine._unet([one]), device, args.repeats),
+            f"base_{args.batch}": timed(lambda: engine._unet([base] * args.batch), device, args.repeats),
+            f"mixed_{args.batch}_one_forward": timed(lambda: engine._unet(mixed), device, args.repeats),
+            f"mixed_{args.batch}_sub_forwards": timed(lambda: [engine._unet([r]) for r in mixed], device, args.repeats),
         }
     recompiles = torch._dynamo.utils.counters["frames"]["ok"] - frames_before
 
     # 5. Evictions: --adapters more sets through the full cache.
     for name in names:
         cache.release(cache.acquire((LoraRef(name=name, weight=0.5),)))
-    _sync(device)
+    synchronize(device)
     memory["after_evictions_gib"] = _memory(device)
 
     report = {
