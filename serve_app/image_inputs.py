@@ -151,3 +151,9 @@ def prepare(
             mask = mask.resize(size, Image.Resampling.BILINEAR)
         mask_pixels = np.asarray(mask.convert("L"), dtype=np.uint8).copy()
     return PreparedImage(pixels=np.asarray(rgb, dtype=np.uint8).copy(), mask=mask_pixels)
+
+
+def rgb_pixels(picture: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """A decoded control image (or picture to preprocess) as uint8 RGB at `size`, resized as
+    init images are."""
+    return prepare(picture.convert("RGB"), None, size).pixels

@@ -37,7 +37,7 @@ class ControlNetServing:
     async def preprocess(self, body: PreprocessRequest) -> bytes:
         """The map as PNG bytes, at the picture's size."""
         picture = image_inputs.open_image(body.image, "image", self._args.limits)
-        pixels = image_inputs.prepare(picture.convert("RGB"), None, picture.size).pixels
+        pixels = image_inputs.rgb_pixels(picture, picture.size)
         # A ControlRef carries the settings to the engine; the name is not looked up for a map.
         control = ControlRef(
             name="preprocess",

@@ -33,7 +33,6 @@ from deployments.types import (
 from serve_app import image_inputs
 from serve_app.errors import engine_call_error, invalid_request_from, renamed_params
 from serve_app.protocol import (
-    ControlNetInput,
     ImageEditRequest,
     ImageGenerationRequest,
     controlnet_list,
@@ -170,13 +169,19 @@ class ImageServing:
             kind_fields.update(init_image=image.pixels, mask_image=image.mask)
         controlnets = controlnet_list(body.controlnet)
         if controlnets:
+            pictures = [
+                image_inputs.open_image(control.image, f"controlnet.{index}.image", self._args.limits)
+                for index, control in enumerate(controlnets)
+            ]
             if image is not None:
                 size = image.pixels.shape[1], image.pixels.shape[0]
-            else:
-                first = image_inputs.open_image(controlnets[0].image, "controlnet.0.image", self._args.limits)
-                size = image_inputs.target_size(first.size, (width, height), self._args.limits, "controlnet.0.image")
+            else:  # the first control image sets the size when nothing else does
+                size = image_inputs.target_size(pictures[0].size, (width, height), self._args.limits, "controlnet.0.image")
                 width, height = size
-            kind_fields["controlnets"] = self._control_refs(controlnets, size)
+            kind_fields["controlnets"] = tuple(
+                ControlRef(**control.model_dump(exclude={"image"}, exclude_unset=True), image=image_inputs.rgb_pixels(picture, size))
+                for control, picture in zip(controlnets, pictures)
+            )
         first_seed = body.seed if body.seed is not None else draw_seed()
         deadline = time.time() + self._args.ingress.engine_timeout_s
         try:
@@ -205,17 +210,6 @@ class ImageServing:
             engine_role(requests[0], self._controlnet_roles)
         self._loras.check_request(body.loras)  # after the count limit: a long list is a 400, not 404s
         return requests
-
-    def _control_refs(self, controlnets: list[ControlNetInput], size: tuple[int, int]) -> tuple[ControlRef, ...]:
-        """The request's ControlNets with their images decoded and resized to the output size."""
-        refs = []
-        for index, control in enumerate(controlnets):
-            param = f"controlnet.{index}.image"
-            picture = image_inputs.open_image(control.image, param, self._args.limits)
-            pixels = image_inputs.prepare(picture.convert("RGB"), None, size).pixels
-            settings = control.model_dump(exclude={"image"}, exclude_unset=True)
-            refs.append(ControlRef(**settings, image=pixels))
-        return tuple(refs)
 
     async def generate(self, requests: list[GenerationRequest], user: Optional[str] = None) -> Generated:
         """Run all requests concurrently on their engines; all succeed or the first error is raised
