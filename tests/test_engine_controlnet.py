@@ -214,3 +214,26 @@ def test_canny_preprocessing_makes_the_map_inside_the_engine(engine):
     request = GenerationRequest(prompt="a red square", seed=3, controlnets=(made,), **SMALL)
     given = request.model_copy(update={"controlnets": (_control(image=edges),)})
     assert np.abs(_alone(engine, request) - _alone(engine, given)).max() == 0.0
+
+
+def test_no_mix_of_control_and_loras_recompiles_a_compiled_unet(tmp_path, canny_net):
+    """The warm-up compiles every branch a forward can take (plain, steered, and both with the
+    LoRA slot layers), so no request mixing them recompiles while serving."""
+    from configs.app_args import DEFAULT_LORA_TARGETS
+    from configs.model_spec import TINY_LORA_DIR
+    from deployments.engine.lora import AdapterCache
+    from deployments.lora_registry import LoraRegistry
+    from deployments.pipelines import load_pipeline
+    from deployments.types import LoraRef
+
+    pipe = load_pipeline(SPEC)
+    targets = (*DEFAULT_LORA_TARGETS, r"unet\..*\.(conv1|conv2)")  # pastel also trains ResNet convs
+    cache = AdapterCache(pipe, LoraRegistry(tmp_path, builtin=(TINY_LORA_DIR,)), size=4, max_rank=64, targets=targets, frozen=("unet",))
+    engine = StepEngine(pipe, max_rows=4, adapters=cache, controlnets={"canny": canny_net})
+    pipe.unet.compile(backend="eager")
+    engine.warmup(GenerationRequest(prompt="warm", seed=0, **{**SMALL, "num_inference_steps": 2}).with_defaults(SPEC))
+    pastel = (LoraRef(name="pastel"),)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for extra in [{}, {"controlnets": (_control(),)}, {"loras": pastel}, {"loras": pastel, "controlnets": (_control(),)}]:
+            (outcome,) = _run(engine, [GenerationRequest(prompt="a red square", seed=1, **SMALL, **extra)])
+            assert isinstance(outcome, RunOutput), outcome

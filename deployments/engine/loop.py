@@ -390,25 +390,25 @@ class StepEngine:
         at each image bucket size to completion, then time one UNet call and one decode per
         bucket, the costs forwards and decodes are split by."""
         sizes = self.decode_calls.buckets or [1]
-        for size in sizes:
-            self._warm(request, size)
+        # Each branch a forward can take is a graph of its own: plain; steered (residuals passed
+        # to the UNet, every hosted ControlNet on a blank map); and each of them with the LoRA
+        # slot layers' other branch (on a slot of zeros: the base image). All are compiled now,
+        # not on the first request that takes them.
+        requests = [request]
         if self.controlnets:
-            # Steered calls pass residuals to the UNet, a graph of its own: compiled now too, with
-            # every hosted ControlNet on a blank map.
             blank = np.zeros((request.height, request.width, 3), dtype=np.uint8)
-            steered = request.model_copy(
-                update={"controlnets": tuple(ControlRef(name=name, image=blank) for name in self.controlnets)}
-            )
+            steered = tuple(ControlRef(name=name, image=blank) for name in self.controlnets)
+            requests.append(request.model_copy(update={"controlnets": steered}))
+        for warm in requests:
             for size in sizes:
-                self._warm(steered, size)
+                self._warm(warm, size)
         if self.adapters is not None:
-            # Rows with a LoRA take the slot layers' other branch, a graph of its own: compiled
-            # now too, on a slot of zeros (the base image), not on the first LoRA request.
             with self.adapters.zero_slot() as slot:
                 self._warm_slot = slot
                 try:
-                    for size in sizes:
-                        self._warm(request, size)
+                    for warm in requests:
+                        for size in sizes:
+                            self._warm(warm, size)
                 finally:
                     self._warm_slot = None
         if self.decode_calls.buckets:
