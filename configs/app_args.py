@@ -283,7 +283,8 @@ class AppArgs(_Strict):
         None,
         description=(
             "ControlNet deployments by variant name, each with the ControlNets it hosts. Default: the "
-            "tiny family's canny ControlNet when serving the tiny model, none otherwise; `{}`: none."
+            "tiny family's canny and silhouette ControlNets, one deployment each, when serving the tiny "
+            "model; none otherwise; `{}`: none."
         ),
     )
     state_dir: Optional[str] = Field(
@@ -316,7 +317,7 @@ class AppArgs(_Strict):
         )
         controlnets = self.controlnets
         if controlnets is None:
-            tiny = {"canny": ControlNetVariantConfig(models={"canny": TinyControlNetSpec(map="canny")})}
+            tiny = {name: ControlNetVariantConfig(models={name: TinyControlNetSpec(map=name)}) for name in ("canny", "silhouette")}
             controlnets = tiny if self.model.source == "tiny" else {}
         return self.model_copy(update={"jobs": jobs, "model": model, "loras": loras, "controlnets": controlnets})
 

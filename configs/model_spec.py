@@ -209,7 +209,7 @@ ModelSpec = Annotated[
 # --- ControlNets -------------------------------------------------------------------------------
 
 #: The ControlNets shipped with the tiny family, by the map they follow.
-TINY_CONTROLNET_DIRS = {"canny": TINY_CONTROLNET_CANNY_DIR}
+TINY_CONTROLNET_DIRS = {"canny": TINY_CONTROLNET_CANNY_DIR, "silhouette": MODEL_CONFIG_ROOT / "tiny-controlnet-silhouette"}
 
 
 class _ControlNetSpecBase(BaseModel):
@@ -220,7 +220,10 @@ class TinyControlNetSpec(_ControlNetSpecBase):
     """A ControlNet of the trained tiny family, shipped in `configs/models` (for the tiny base)."""
 
     source: Literal["tiny"] = "tiny"
-    map: Literal["canny"] = Field("canny", description="Which shipped tiny ControlNet: the map it follows.")
+    map: Literal["canny", "silhouette"] = Field(
+        "canny",
+        description="Which shipped tiny ControlNet: the map it follows (canny edges, or the shape's area white on black).",
+    )
 
 
 class PretrainedControlNetSpec(_ControlNetSpecBase):

@@ -17,6 +17,8 @@ from training import judge, shapes
 from training.evaluate import held_out_scenes
 
 CANNY_ROLE = "controlnet:canny"
+#: The silhouette variant's bar (README "ControlNets"): set from its measured score, well above chance.
+IOU_WITH = 0.5
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -40,8 +42,9 @@ def _completed(replica) -> int:
 def test_the_served_controlnets_are_listed(local_server):
     listed = local_server.client.get("/v1/controlnets").json()
     assert listed["data"] == [
-        {"object": "controlnet", "name": "canny", "variant": "canny", "deployment": "SDXLControlNet-canny",
+        {"object": "controlnet", "name": name, "variant": name, "deployment": f"SDXLControlNet-{name}",
          "source": "tiny", "hosted_with": []}
+        for name in ("canny", "silhouette")
     ]
 
 
@@ -62,6 +65,26 @@ def test_the_image_follows_a_control_map_the_prompt_does_not_describe(local_serv
             recalls[label].append(judge.edge_recall(canny(image), maps[i : i + 1]).item())
     with_control, without = np.mean(recalls["with"]), np.mean(recalls["without"])
     assert with_control >= 0.5 and with_control >= 2 * without, recalls
+
+
+def test_the_image_fills_a_silhouette_the_prompt_does_not_describe(local_server):
+    """The second variant's measure through HTTP: intersection over union of the silhouette map
+    and the output's foreground, with the ControlNet and without it."""
+    scene = held_out_scenes(6, seed=99)
+    maps = shapes.silhouette(scene)  # (B, 1, 128, 128) in {0, 1}
+    ious = {"with": [], "without": []}
+    for i in range(len(scene)):
+        area = (maps[i, 0].numpy() * 255).astype(np.uint8)
+        prompt = shapes.caption(scene, i, with_size=False, with_position=False)
+        body = {"prompt": prompt, "seed": i, "num_inference_steps": 20}
+        control = {"controlnet": {"name": "silhouette", "image": _b64(np.repeat(area[..., None], 3, 2))}}
+        for label, extra in (("with", control), ("without", {})):
+            response = local_server.client.post("/v1/txt2img", json={**body, **extra})
+            assert response.status_code == 200, response.text
+            image = torch.from_numpy(_pixels(response.content)).permute(2, 0, 1)[None].float() / 255
+            ious[label].append(judge.mask_iou(judge.foreground_mask(image), maps[i : i + 1, 0] > 0).item())
+    with_control, without = np.mean(ious["with"]), np.mean(ious["without"])
+    assert with_control >= IOU_WITH and with_control >= 2 * without, ious
 
 
 def test_controlnet_requests_reach_their_variant_and_base_requests_never_do(local_server):

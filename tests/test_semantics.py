@@ -59,3 +59,12 @@ def test_the_pastel_lora_shifts_the_palette_as_trained(held_out, plain_images):
     scores = evaluate.lora_palette(held_out, plain_images)
     assert scores["saturation_lora"] <= scores["saturation_plain"] - 0.2
     assert scores["pastel_background"] >= 0.8  # the same colours, paler
+
+
+def test_silhouette_controlnet_puts_the_shape_where_the_map_says(tiny_pipe):
+    from configs.model_spec import TINY_CONTROLNET_DIRS
+
+    controlnet = ControlNetModel.from_pretrained(TINY_CONTROLNET_DIRS["silhouette"])
+    scores = evaluate.controlnet_silhouettes(tiny_pipe, controlnet, evaluate.held_out_scenes(16, seed=99))
+    assert scores["iou_with"] >= 0.6  # measured 0.86 (README)
+    assert scores["iou_with"] >= 2 * scores["iou_without"]

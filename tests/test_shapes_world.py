@@ -81,18 +81,29 @@ def test_canny_outlines_shapes_and_nothing_else():
         canny(shapes.render(scene), low=0.3, high=0.1)
 
 
+def test_a_silhouette_is_the_shapes_area_without_colour():
+    scene = shapes.sample_scenes(8, torch.Generator().manual_seed(3))
+    maps = shapes.silhouette(scene)
+    images = shapes.render(scene)
+    assert maps.shape == (8, 1, 128, 128) and set(maps.unique().tolist()) == {0.0, 1.0}
+    background = shapes.palette()[scene.background][:, :, None, None]
+    differs = (images - background).abs().amax(dim=1) > 0.5 * (shapes.palette()[scene.colour] - shapes.palette()[scene.background]).abs().amax(dim=1)[:, None, None]
+    assert torch.equal(differs, maps[:, 0] > 0)  # exactly where the render leaves the background (by half its contrast)
+
+
 def test_training_smoke_run_writes_a_family_that_loads_like_real_weights(tmp_path):
     """Two steps of each stage at 64²: the output loads with from_pretrained / load_lora_weights
     and generates; the report records the command and each stage."""
     report = train_main(["--out", str(tmp_path), "--smoke", "--resolution", "64", "--device", "cpu"])
-    assert set(report["stages"]) == {"vae", "base", "controlnet", "lora"}
+    assert set(report["stages"]) == {"vae", "base", "controlnet", "silhouette", "lora"}
     saved = json.loads((tmp_path / "models" / "tiny-training.json").read_text())
     assert saved["command"].endswith("--device cpu") and saved["stages"]["base"]["steps_run"] == 2
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "models" / "tiny")
     assert pipe.vae.config.scaling_factor == pytest.approx(report["stages"]["vae"]["scaling_factor"])
-    controlnet = ControlNetModel.from_pretrained(tmp_path / "models" / "tiny-controlnet-canny")
-    assert controlnet.config.cross_attention_dim == pipe.unet.config.cross_attention_dim
+    for folder in ("tiny-controlnet-canny", "tiny-controlnet-silhouette"):
+        controlnet = ControlNetModel.from_pretrained(tmp_path / "models" / folder)
+        assert controlnet.config.cross_attention_dim == pipe.unet.config.cross_attention_dim
     args = dict(prompt="a red circle", width=64, height=64, num_inference_steps=2, output_type="pt")
     before = pipe(generator=torch.Generator().manual_seed(0), **args).images
     pipe.load_lora_weights(tmp_path / "loras", weight_name="pastel.safetensors")

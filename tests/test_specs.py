@@ -113,7 +113,7 @@ def test_required_schedulers_present():
 
 def test_the_tiny_model_gets_its_canny_variant_and_others_none_by_default():
     tiny = AppArgs().with_state_paths()
-    assert tiny.controlnet_roles() == {"canny": "controlnet:canny"}
+    assert tiny.controlnet_roles() == {"canny": "controlnet:canny", "silhouette": "controlnet:silhouette"}
     real = AppArgs.model_validate({"model": {"source": "pretrained", "path": "/models/sdxl"}}).with_state_paths()
     assert real.controlnet_roles() == {}
     assert AppArgs.model_validate({"controlnets": {}}).with_state_paths().controlnet_roles() == {}

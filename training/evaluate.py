@@ -20,7 +20,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TINY_LORA_DIR, TINY_MODEL_DIR
+from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TINY_CONTROLNET_DIRS, TINY_LORA_DIR, TINY_MODEL_DIR
 from deployments.canny import canny
 from training import judge, shapes
 
@@ -61,6 +61,22 @@ def controlnet_edges(pipe, controlnet: ControlNetModel, scene: shapes.Scene) -> 
     return {
         "recall_with": judge.edge_recall(canny(with_control), controls).mean().item(),
         "recall_without": judge.edge_recall(canny(without), controls).mean().item(),
+    }
+
+
+def controlnet_silhouettes(pipe, controlnet: ControlNetModel, scene: shapes.Scene) -> dict:
+    """Intersection over union of the silhouette map and the output's foreground (the pixels not
+    of the background colour), with and without the ControlNet; prompts leave out position and
+    size, so only the map says where the shape goes and how large it is."""
+    maps = shapes.silhouette(scene)
+    prompts = [shapes.caption(scene, i, with_size=False, with_position=False) for i in range(len(scene))]
+    control_pipe = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    control_pipe.set_progress_bar_config(disable=True)
+    with_control = generate(control_pipe, prompts, image=maps.expand(-1, 3, -1, -1))
+    without = generate(pipe, prompts)
+    return {
+        "iou_with": judge.mask_iou(judge.foreground_mask(with_control), maps[:, 0] > 0).mean().item(),
+        "iou_without": judge.mask_iou(judge.foreground_mask(without), maps[:, 0] > 0).mean().item(),
     }
 
 
@@ -134,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     scores = {
         "text_to_image": text_to_image(pipe, scene, plain),
         "controlnet": controlnet_edges(pipe, ControlNetModel.from_pretrained(TINY_CONTROLNET_CANNY_DIR), held_out_scenes(16, seed=99)),
+        "silhouette": controlnet_silhouettes(
+            pipe, ControlNetModel.from_pretrained(TINY_CONTROLNET_DIRS["silhouette"]), held_out_scenes(16, seed=99)
+        ),
         "inpainting": inpainting(pipe),
         "img2img_distance": img2img(pipe, held_out_scenes(8, seed=7)),
         "lora": lora_palette(scene, plain),

@@ -98,6 +98,13 @@ def edge_recall(edges: torch.Tensor, reference: torch.Tensor, tolerance: int = 2
     return hits / ref.flatten(1).sum(1).clamp(min=1)
 
 
+def mask_iou(masks: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B,) intersection over union of bool masks (B, H, W) with the reference's."""
+    intersection = (masks & reference).flatten(1).sum(1).float()
+    union = (masks | reference).flatten(1).sum(1).float()
+    return intersection / union.clamp(min=1)
+
+
 def saturation(images: torch.Tensor) -> torch.Tensor:
     """(B,) mean HSV saturation of images (B, 3, H, W) in [0, 1]."""
     high = images.max(dim=1).values

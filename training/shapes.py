@@ -148,6 +148,13 @@ def render(scene: Scene, resolution: int = 128, *, pastel: bool = False) -> torc
     return bg + (fg - bg) * coverage[:, None]
 
 
+def silhouette(scene: Scene, resolution: int = 128) -> torch.Tensor:
+    """(B, 1, H, W) the shape's area as 1.0 (pixels at least half inside), 0.0 elsewhere: the
+    control map of the silhouette ControlNet, which carries layout and shape but no colour."""
+    centres, radii = geometry(scene)
+    return (shape_coverage(scene.shape, centres, radii, resolution) >= 0.5).float()[:, None]
+
+
 def shape_coverage(shape: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, resolution: int) -> torch.Tensor:
     """(B, H, W) fraction of each pixel inside the shape, anti-aliased over one pixel."""
     device = centres.device

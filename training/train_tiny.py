@@ -17,12 +17,14 @@ Stages, in order (``--stages`` picks some; a stage that is not run reads its inp
    on canny edges of the same scenes; 80% of the captions lose their position and size words so
    the edges must carry the layout, and timesteps are drawn toward high noise, where layout is
    decided.
-4. ``lora``: a LoRA on the frozen UNet trained on pastel renders of the same captions.
+4. ``silhouette``: a second ControlNet, the same way, on the shape's area white on black
+   (``shapes.silhouette``): layout and shape without colour.
+5. ``lora``: a LoRA on the frozen UNet trained on pastel renders of the same captions.
 
 Everything is seeded: the initial weights (``--seed``), each stage's scene stream and noise. The
 same command on the same device type gives the same weights; GPU kernels may differ in the last
 bits from CPU ones. Writes ``OUT/models/tiny`` (a complete ``save_pretrained`` pipeline),
-``OUT/models/tiny-controlnet-canny``, ``OUT/loras/pastel.safetensors`` and
+``OUT/models/tiny-controlnet-canny``, ``OUT/models/tiny-controlnet-silhouette``, ``OUT/loras/pastel.safetensors`` and
 ``OUT/models/tiny-training.json`` (the command, steps, losses and timings).
 """
 
@@ -52,7 +54,7 @@ from training import shapes
 
 logger = logging.getLogger("train_tiny")
 
-STAGES = ("vae", "base", "controlnet", "lora")
+STAGES = ("vae", "base", "controlnet", "silhouette", "lora")
 NOISE_OFFSET = 0.1
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 
@@ -69,6 +71,7 @@ DEFAULTS = {
     "vae": StageConfig(steps=2000, batch=32, lr=1e-3, warmup=200),
     "base": StageConfig(steps=6000, batch=256, lr=5e-4, warmup=300),
     "controlnet": StageConfig(steps=3000, batch=256, lr=1e-3, warmup=100),
+    "silhouette": StageConfig(steps=3000, batch=256, lr=1e-3, warmup=100),
     "lora": StageConfig(steps=400, batch=256, lr=1e-3, warmup=50),
 }
 #: Smaller batches and fewer steps for a 2-core CPU: about 2.6 hours by the step times measured
@@ -78,6 +81,7 @@ CPU_PROFILE = {
     "vae": StageConfig(steps=1500, batch=8, lr=1e-3, warmup=100),
     "base": StageConfig(steps=5000, batch=64, lr=5e-4, warmup=200),
     "controlnet": StageConfig(steps=1500, batch=32, lr=1e-3, warmup=100),
+    "silhouette": StageConfig(steps=1500, batch=32, lr=1e-3, warmup=100),
     "lora": StageConfig(steps=300, batch=32, lr=1e-3, warmup=30),
 }
 SMOKE = {name: StageConfig(steps=2, batch=2, lr=cfg.lr, warmup=1) for name, cfg in DEFAULTS.items()}
@@ -286,15 +290,16 @@ class Trainer:
             steps = torch.randint(0, total, (len(latents),), generator=generator, device=self.device)
         return self.noise_scheduler.add_noise(latents, noise, steps), noise, steps
 
-    def diffusion_loss(self, batch: "Batch", images: torch.Tensor, generator: torch.Generator, controlnet=None) -> torch.Tensor:
+    def diffusion_loss(
+        self, batch: "Batch", images: torch.Tensor, generator: torch.Generator, controlnet=None, control=None
+    ) -> torch.Tensor:
         """SDXL's objective on one batch: predict the noise added at a random timestep (uniform;
-        drawn toward high noise when training a ControlNet)."""
+        drawn toward high noise when training a ControlNet on the `control` maps (B, 3, H, W))."""
         embeds, pooled = self.encode_text(batch)
         noisy, noise, steps = self.noisy(self.latents(images, generator), generator, early_steps=controlnet is not None)
         added = {"text_embeds": pooled, "time_ids": self.time_ids(len(images))}
         residuals = {}
         if controlnet is not None:
-            control = canny(images).expand(-1, 3, -1, -1)
             down, mid = controlnet(noisy, steps, embeds, controlnet_cond=control, added_cond_kwargs=added, return_dict=False)
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         predicted = self.pipe.unet(noisy, steps, embeds, added_cond_kwargs=added, **residuals).sample
@@ -365,6 +370,17 @@ class Trainer:
         return result
 
     def train_controlnet(self, config: StageConfig) -> dict:
+        """The canny ControlNet: edges of the render."""
+        return self._train_control("controlnet", "tiny-controlnet-canny", lambda batch, images: canny(images), config)
+
+    def train_silhouette(self, config: StageConfig) -> dict:
+        """The silhouette ControlNet: the shape's area, white on black (no colour, no edges drawn)."""
+        return self._train_control(
+            "silhouette", "tiny-controlnet-silhouette", lambda batch, images: shapes.silhouette(batch.scene, self.resolution), config
+        )
+
+    def _train_control(self, stage: str, folder: str, control_of, config: StageConfig) -> dict:
+        """A ControlNet copied from the trained UNet, on `control_of(batch, images)` maps (B, 1, H, W)."""
         self._freeze_pipeline()
         torch.manual_seed(self.seed)
         controlnet = ControlNetModel.from_unet(self.pipe.unet, conditioning_embedding_out_channels=(16, 32, 64, 64))
@@ -374,19 +390,20 @@ class Trainer:
         # layer keeps the output convolutions at zero, so the ControlNet still starts as a no-op.
         controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
         controlnet.to(self.device).train()
-        # Most captions lose their layout words: the edges must carry position and size.
-        stream = self.stream("controlnet", config.batch, drop_layout=0.8)
+        # Most captions lose their layout words: the map must carry position and size.
+        stream = self.stream(stage, config.batch, drop_layout=0.8)
 
         def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
             batch = stream(step)
             images = shapes.render(batch.scene, self.resolution)
-            return self.diffusion_loss(batch, images, generator, controlnet=controlnet)
+            control = control_of(batch, images).expand(-1, 3, -1, -1)
+            return self.diffusion_loss(batch, images, generator, controlnet=controlnet, control=control)
 
         # No weight average here: control is learned late and suddenly, and an average over the
         # run would mostly hold the weights from before it was.
-        result = self._optimize("controlnet", list(controlnet.parameters()), loss_fn, config)
+        result = self._optimize(stage, list(controlnet.parameters()), loss_fn, config)
         controlnet.eval()
-        controlnet.save_pretrained(self.out / "models" / "tiny-controlnet-canny", safe_serialization=True)
+        controlnet.save_pretrained(self.out / "models" / folder, safe_serialization=True)
         return result
 
     def train_lora(self, config: StageConfig) -> dict:

@@ -32,7 +32,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def head_node():
     dashboard = free_port()
     started = _cli(
-        "ray", "start", "--head", "--num-cpus=3",  # logical: what serve_config.yaml reserves f"--port={free_port()}",
+        "ray", "start", "--head", "--num-cpus=4",  # logical: what serve_config.yaml reserves f"--port={free_port()}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         "--disable-usage-stats",
     )
@@ -71,6 +71,7 @@ def test_serve_deploy_status_and_request(head_node, tmp_path):
         "JobManager": "HEALTHY",
         "SDXLBase": "HEALTHY",
         "SDXLControlNet-canny": "HEALTHY",  # one deployment per ControlNet variant
+        "SDXLControlNet-silhouette": "HEALTHY",
     }
 
     response = httpx.post(

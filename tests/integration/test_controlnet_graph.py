@@ -33,6 +33,7 @@ def test_each_variant_is_a_deployment_of_its_own(served):
         "JobManager": "HEALTHY",
         "SDXLBase": "HEALTHY",
         "SDXLControlNet-canny": "HEALTHY",
+        "SDXLControlNet-silhouette": "HEALTHY",
     }
 
 
@@ -48,4 +49,5 @@ def test_requests_reach_the_engine_they_need(served, http):
     steered = http.post("/v1/txt2img", json={**small, "controlnet": {"name": "canny", "image": _map()}})
     assert steered.status_code == 200, steered.text
     assert (_completed(base) - before[0], _completed(canny) - before[1]) == (1, 1)
-    assert http.get("/v1/controlnets").json()["data"][0]["deployment"] == "SDXLControlNet-canny"
+    listed = {item["name"]: item["deployment"] for item in http.get("/v1/controlnets").json()["data"]}
+    assert listed == {"canny": "SDXLControlNet-canny", "silhouette": "SDXLControlNet-silhouette"}
