@@ -158,3 +158,22 @@ def test_the_builder_binds_one_engine_deployment_per_variant():
     name, placement, models = roles["controlnet:canny"]
     assert name == "SDXLControlNet-canny" and placement.num_gpus == 0.5 and placement.num_replicas == 2
     assert models == {"canny": {"source": "tiny", "map": "canny"}} and roles["base"][2] is None
+
+
+def test_a_single_file_controlnet_loads_as_the_folder(tmp_path):
+    """SDXL ControlNets ship as one file in diffusers' key layout (lllyasviel/sd_control_collection's
+    `diffusers_xl_*.safetensors`); `from_single_file` reads it with the folder's config offline."""
+    import torch
+    from safetensors.torch import save_file
+
+    from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, SingleFileControlNetSpec, TinyControlNetSpec
+    from deployments.pipelines import load_controlnet
+
+    cpu = torch.device("cpu")
+    shipped = load_controlnet(TinyControlNetSpec(), cpu, torch.float32)
+    path = tmp_path / "diffusers_xl_canny_tiny.safetensors"
+    save_file({key: value.contiguous() for key, value in shipped.state_dict().items()}, str(path))
+    spec = SingleFileControlNetSpec(source="single_file", path=str(path), config=str(TINY_CONTROLNET_CANNY_DIR), local_files_only=True)
+    loaded = load_controlnet(spec, cpu, torch.float32)
+    assert loaded.state_dict().keys() == shipped.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), shipped.state_dict().values()))
