@@ -50,14 +50,9 @@ def text_to_image(pipe, scene: shapes.Scene, images: torch.Tensor | None = None)
 
 
 def controlnet_edges(pipe, controlnet: ControlNetModel, scene: shapes.Scene) -> dict:
-    """Edge recall of the control map in the output, with and without the ControlNet; prompts
-    leave out position and size, so only the control map says where the shape goes."""
+    """Edge recall of the control map in the output, with and without the ControlNet."""
     controls = canny(shapes.render(scene))
-    prompts = [shapes.caption(scene, i, with_size=False, with_position=False) for i in range(len(scene))]
-    control_pipe = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
-    control_pipe.set_progress_bar_config(disable=True)
-    with_control = generate(control_pipe, prompts, image=controls.expand(-1, 3, -1, -1))
-    without = generate(pipe, prompts)
+    with_control, without = _with_and_without(pipe, controlnet, scene, controls)
     return {
         "recall_with": judge.edge_recall(canny(with_control), controls).mean().item(),
         "recall_without": judge.edge_recall(canny(without), controls).mean().item(),
@@ -66,18 +61,22 @@ def controlnet_edges(pipe, controlnet: ControlNetModel, scene: shapes.Scene) -> 
 
 def controlnet_silhouettes(pipe, controlnet: ControlNetModel, scene: shapes.Scene) -> dict:
     """Intersection over union of the silhouette map and the output's foreground (the pixels not
-    of the background colour), with and without the ControlNet; prompts leave out position and
-    size, so only the map says where the shape goes and how large it is."""
+    of the background colour), with and without the ControlNet."""
     maps = shapes.silhouette(scene)
-    prompts = [shapes.caption(scene, i, with_size=False, with_position=False) for i in range(len(scene))]
-    control_pipe = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
-    control_pipe.set_progress_bar_config(disable=True)
-    with_control = generate(control_pipe, prompts, image=maps.expand(-1, 3, -1, -1))
-    without = generate(pipe, prompts)
+    with_control, without = _with_and_without(pipe, controlnet, scene, maps)
     return {
         "iou_with": judge.mask_iou(judge.foreground_mask(with_control), maps[:, 0] > 0).mean().item(),
         "iou_without": judge.mask_iou(judge.foreground_mask(without), maps[:, 0] > 0).mean().item(),
     }
+
+
+def _with_and_without(pipe, controlnet: ControlNetModel, scene: shapes.Scene, maps: torch.Tensor):
+    """The scene's images drawn with the ControlNet on `maps` (B, 1, H, W) and without it; prompts
+    leave out position and size, so only the map says where the shape goes and how large it is."""
+    prompts = [shapes.caption(scene, i, with_size=False, with_position=False) for i in range(len(scene))]
+    control_pipe = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    control_pipe.set_progress_bar_config(disable=True)
+    return generate(control_pipe, prompts, image=maps.expand(-1, 3, -1, -1)), generate(pipe, prompts)
 
 
 def inpainting(pipe, n: int = 8) -> dict:
