@@ -519,20 +519,25 @@ class EngineError(ServiceError):
 BASE_ROLE = "base"
 
 
+def check_known_controlnets(controls: tuple[ControlRef, ...], known: Any, refusal: str, code: str) -> None:
+    """A 400 naming the first ControlNet of `controls` not in `known`: "controlnets.i.name 'x' is
+    {refusal}: <the known names>)". The router and each engine check with it."""
+    for index, control in enumerate(controls):
+        if control.name not in known:
+            served = ", ".join(sorted(known)) or "none"
+            raise InvalidRequestError(
+                f"controlnets.{index}.name {control.name!r} is {refusal}: {served})",
+                param=f"controlnets.{index}.name",
+                code=code,
+            )
+
+
 def engine_role(request: GenerationRequest, controlnet_roles: Mapping[str, str]) -> str:
     """Which engine deployment of the graph serves this request: the base, or the ControlNet
     deployment hosting all of its ControlNets (`controlnet_roles`: name → role). A name no
     deployment hosts, or names hosted apart, are 400s naming the field."""
-    roles = []
-    for index, control in enumerate(request.controlnets):
-        if control.name not in controlnet_roles:
-            served = ", ".join(sorted(controlnet_roles)) or "none"
-            raise InvalidRequestError(
-                f"controlnets.{index}.name {control.name!r} is not a served ControlNet (served: {served})",
-                param=f"controlnets.{index}.name",
-                code="controlnet_not_found",
-            )
-        roles.append(controlnet_roles[control.name])
+    check_known_controlnets(request.controlnets, controlnet_roles, "not a served ControlNet (served", "controlnet_not_found")
+    roles = [controlnet_roles[control.name] for control in request.controlnets]
     if not roles:
         return BASE_ROLE
     if len(set(roles)) > 1:

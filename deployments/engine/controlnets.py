@@ -28,7 +28,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from deployments.canny import canny
-from deployments.types import ControlRef, InvalidRequestError
+from deployments.types import ControlRef, check_known_controlnets
 
 
 @dataclass
@@ -61,14 +61,7 @@ def control_map(control: ControlRef) -> np.ndarray:
 
 def check_hosted(controls: Sequence[ControlRef], hosted: Mapping[str, ControlNetModel]) -> None:
     """Refuse a request naming a ControlNet this deployment does not host (400)."""
-    for index, control in enumerate(controls):
-        if control.name not in hosted:
-            served = ", ".join(sorted(hosted)) or "none"
-            raise InvalidRequestError(
-                f"controlnets.{index}.name {control.name!r} is not served by this deployment (it serves: {served})",
-                param=f"controlnets.{index}.name",
-                code="controlnet_not_served",
-            )
+    check_known_controlnets(tuple(controls), hosted, "not served by this deployment (it serves", "controlnet_not_served")
 
 
 class ConditionFactory:
