@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_suite.sh scheduling # over HTTP: step vs request scheduling (closed, open 50/90%, mixed 8/40 steps)
 #   bash benchmarks/gpu_suite.sh loras      # in-process: LoRA loads, switches, mixed-adapter steps, recompiles (needs no Ray)
 #   bash benchmarks/gpu_suite.sh controlnet # in-process: step-time overhead of ControlNet rows, full-size ControlNet (needs no Ray)
+#   bash benchmarks/gpu_suite.sh controlnet_http # over HTTP: a ControlNet variant under load, base + variant sharing one GPU
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
@@ -22,7 +23,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras or controlnet}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet or controlnet_http}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -189,5 +190,11 @@ controlnet)
   # eager fp16, 1024²: one steered row, 8 steered rows, 8 rows half steered.
   python3 benchmarks/bench_controlnet.py --model "$base" --controlnet '{"source": "sdxl-arch"}' --size 1024 \
     --out "$OUT/controlnet"
+  ;;
+controlnet_http)
+  # The base and a full-size canny variant deployment at num_gpus 0.5 each (one GPU), eager fp16:
+  # the base loaded alone, the variant alone, both at once.
+  python3 benchmarks/bench_controlnet_http.py --model "$base" --controlnet '{"source": "sdxl-arch"}' --size 1024 --steps 30 \
+    --clients 8 --requests ${REQUESTS:-16} --engine-gpus 0.5 --engine-cpus 4 --ray-cpus 10 --out "$OUT/controlnet_http"
   ;;
 esac

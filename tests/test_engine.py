@@ -3,6 +3,7 @@ joining and leaving a running batch, cancel, deadline, the two admission policie
 
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -413,6 +414,41 @@ def test_buckets_pad_forwards_without_changing_images(tiny_pipe, engine):
     assert stats["unet_calls"] == 3 and stats["padded_unet_rows"] == 3 * 2
     for request, outcome in zip(requests, outcomes):
         assert np.abs(outcome.image - _alone(engine, request)).max() <= FIDELITY_ATOL
+
+
+def _progress_log() -> tuple[list, Callable[[str], RequestControl]]:
+    steps: list[tuple[str, int]] = []
+    return steps, lambda name: RequestControl(on_progress=lambda step, total: steps.append((name, step)))
+
+
+def test_when_the_plan_is_several_calls_the_rows_due_first_take_the_step(tiny_pipe, engine):
+    # Buckets of 1 and 8 images at their unmeasured costs (2 and 16): two guided images are
+    # cheapest as two calls of 2 rows, so one call runs a step, holding the row due first.
+    bucketed = StepEngine(tiny_pipe, max_rows=8, buckets=[1, 8])
+    long = GenerationRequest(prompt="long", seed=1, **{**SMALL, "num_inference_steps": 5})
+    short = GenerationRequest(prompt="short", seed=2, **{**SMALL, "num_inference_steps": 2})
+    steps, control = _progress_log()
+    long_control = bucketed.submit(_resolved(long), control("long"))  # admitted first, but due at step 5
+    short_control = bucketed.submit(_resolved(short), control("short"))  # due at step 2
+    bucketed.step()
+    bucketed.step()
+    assert short_control.done and steps == [("short", 1), ("short", 2)]
+    bucketed.run_until_idle()
+    assert steps[2:] == [("long", step) for step in range(1, 6)]
+    assert bucketed.stats()["deferred_row_steps"] == 2 and bucketed.stats()["unet_calls"] == 7
+    for request, request_control in ((long, long_control), (short, short_control)):  # waiting changes no image
+        assert np.abs(request_control.outcome.image - _alone(engine, request)).max() <= FIDELITY_ATOL
+
+
+def test_when_one_padded_call_is_cheapest_every_row_takes_every_step(tiny_pipe):
+    bucketed = StepEngine(tiny_pipe, max_rows=8, buckets=[1, 8])
+    bucketed.forward_calls.costs = {2: 1.0, 16: 1.5}  # batching nearly free: pad two images to 8
+    steps, control = _progress_log()
+    for name, count in (("long", 3), ("short", 2)):
+        bucketed.submit(_resolved(GenerationRequest(prompt=name, seed=1, **{**SMALL, "num_inference_steps": count})), control(name))
+    bucketed.run_until_idle()
+    assert steps == [("long", 1), ("short", 1), ("long", 2), ("short", 2), ("long", 3)]
+    assert bucketed.stats()["deferred_row_steps"] == 0
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,9 @@ class Row:
     conditions: tuple[Condition, ...] = ()
     index: int = 0
     admitted_at: float = field(default_factory=time.perf_counter)
+    #: The engine step this row would finish at if it took every step from its admission: when
+    #: not every row takes a step, the earliest due go first (`StepEngine._taking_step`).
+    due: int = 0
     #: The most rows (requests) that shared one forward with this row so far.
     shared_with: int = 1
 
