@@ -20,10 +20,8 @@ import io
 import json
 import os
 import statistics
-import time
-from pathlib import Path
 
-from load import closed_loop, run_header, summary
+from load import add_engine_arguments, closed_loop, run_header, serving, summary, two_engine_app
 
 os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -61,30 +59,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--clients", type=int, default=8, help="closed-loop clients of each load")
     parser.add_argument("--requests", type=int, default=16, help="requests of each load")
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--engine-cpus", type=float, default=1)
-    parser.add_argument("--engine-gpus", type=float, default=0, help="GPUs of each replica (0.5: base and variant share one)")
-    parser.add_argument("--ray-cpus", type=int, default=3)
-    parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument("--out", type=Path, required=True)
+    add_engine_arguments(parser, "the variant")
     args = parser.parse_args()
-
-    import ray
-    from ray import serve
-
-    from serve_app.builder import build_app
-
     args.out.mkdir(parents=True, exist_ok=True)
-    engine = {"num_replicas": 1, "num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus, "max_queued_requests": -1}
-    app_args = {
-        "model": json.loads(args.model),
-        "batching": {"max_batch_size": args.max_batch_size},
-        "engine": engine,
-        "ingress": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 4096, "max_queued_requests": -1},
-        "state_dir": str(args.out / "state"),
-        "limits": {"max_loras": 0},  # no LoRA slots: no part of this comparison
-        "controlnets": {"canny": {"models": {"canny": json.loads(args.controlnet)}, "engine": engine}},
-    }
+    app_args = two_engine_app(
+        args, json.loads(args.model), controlnets={"canny": {"models": {"canny": json.loads(args.controlnet)}}}
+    )
     report = {**run_header("bench_controlnet_http"), "settings": {k: str(v) for k, v in vars(args).items()}, "rows": []}
 
     def save() -> None:
@@ -97,12 +77,8 @@ def main() -> None:
     def bodies(template: dict, count: int) -> list[dict]:
         return [{**template, "seed": i} for i in range(count)]
 
-    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    try:
-        started = time.perf_counter()
-        serve.run(build_app(app_args), name="sdxl", route_prefix="/")
-        report["ready_s"] = round(time.perf_counter() - started, 1)
+    with serving(args, app_args) as ready_s:
+        report["ready_s"] = ready_s
         for template in (body, steered):  # warm-up: each deployment's first forwards
             asyncio.run(closed_loop(url, path, 2, bodies(template, 4)))
         for workload, template in (("base", body), ("controlnet", steered)):
@@ -118,9 +94,6 @@ def main() -> None:
         for workload, result in zip(("both:base", "both:controlnet"), asyncio.run(both())):
             report["rows"].append(_row(workload, *result))
         save()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     print(f"ready in {report['ready_s']} s; {args.size}², {args.steps} steps, {args.clients} clients, engine GPUs {args.engine_gpus}")
     print(f"{'workload':<17}{'req/s':>8}{'p50 s':>8}{'p95 s':>8}{'batch':>7}")

@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_suite.sh loras      # in-process: LoRA loads, switches, mixed-adapter steps, recompiles (needs no Ray)
 #   bash benchmarks/gpu_suite.sh controlnet # in-process: step-time overhead of ControlNet rows, full-size ControlNet (needs no Ray)
 #   bash benchmarks/gpu_suite.sh controlnet_http # over HTTP: a ControlNet variant under load, base + variant sharing one GPU
+#   bash benchmarks/gpu_suite.sh refiner    # over HTTP: base-only vs refined latency, half refined under load, replica ratio
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
@@ -23,7 +24,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet or controlnet_http}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http or refiner}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -196,5 +197,11 @@ controlnet_http)
   # the base loaded alone, the variant alone, both at once.
   python3 benchmarks/bench_controlnet_http.py --model "$base" --controlnet '{"source": "sdxl-arch"}' --size 1024 --steps 30 \
     --clients 8 --requests ${REQUESTS:-16} --engine-gpus 0.5 --engine-cpus 4 --ray-cpus 10 --out "$OUT/controlnet_http"
+  ;;
+refiner)
+  # The full-size base and refiner (random weights) at num_gpus 0.5 each on one GPU, eager fp16,
+  # 1024², 30 steps, ensemble at 0.8.
+  python3 benchmarks/bench_refiner.py --model "$base" --refiner '{"source": "sdxl-arch"}' --size 1024 --steps 30 \
+    --switch-at 0.8 --requests 4 --clients 16 --rounds 2 --engine-gpus 0.5 --engine-cpus 4 --ray-cpus 10 --out "$OUT/refiner"
   ;;
 esac

@@ -1,4 +1,4 @@
-"""Load generators and summaries the HTTP benchmarks share (a helper of the scripts beside it).
+"""Load generators, summaries and app setup the HTTP benchmarks share (a helper of the scripts beside it).
 
 - `closed_loop`: N clients, each sending its next request when its last one answered;
 - `open_loop`: requests sent at given times whatever the answers (Poisson arrivals), as real
@@ -6,13 +6,14 @@
 """
 
 import asyncio
+import contextlib
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 
 def run_header(benchmark: str) -> dict[str, Any]:
@@ -103,3 +104,49 @@ def poisson_schedule(rate_per_s: float, count: int, make_body: Callable[[int], d
         at += rng.expovariate(rate_per_s)
         schedule.append((at, make_body(index)))
     return schedule
+
+
+def add_engine_arguments(parser: Any, shared_by: str) -> None:
+    """The flags of the scripts that serve two engine deployments (the base and `shared_by`) on one host."""
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--engine-cpus", type=float, default=1)
+    parser.add_argument("--engine-gpus", type=float, default=0, help=f"GPUs of each replica (0.5: the base and {shared_by} share one)")
+    parser.add_argument("--ray-cpus", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--out", type=Path, required=True)
+
+
+def two_engine_app(args: Any, model: dict, *, controlnets: Optional[dict] = None, refiner: Optional[dict] = None) -> dict:
+    """App args of the base and one more engine deployment, each replica placed as the flags say;
+    no LoRA slots (no part of these comparisons) and nothing else deployed."""
+    engine = {"num_replicas": 1, "num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus, "max_queued_requests": -1}
+    return {
+        "model": model,
+        "batching": {"max_batch_size": args.max_batch_size},
+        "engine": engine,
+        "ingress": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 4096, "max_queued_requests": -1},
+        "state_dir": str(args.out / "state"),
+        "limits": {"max_loras": 0},
+        "controlnets": {variant: {**config, "engine": engine} for variant, config in (controlnets or {}).items()},
+        "refiner": {**refiner, "engine": engine} if refiner else False,
+    }
+
+
+@contextlib.contextmanager
+def serving(args: Any, app_args: dict) -> Iterator[float]:
+    """A local Ray cluster serving `app_args` on `--port` until the block ends; yields the seconds
+    the app took to become ready."""
+    import ray
+    from ray import serve
+
+    from serve_app.builder import build_app
+
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    try:
+        started = time.perf_counter()
+        serve.run(build_app(app_args), name="sdxl", route_prefix="/")
+        yield round(time.perf_counter() - started, 1)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -258,3 +258,55 @@ ControlNetSpec = Annotated[
     Field(discriminator="source"),
 ]
 
+
+
+# --- Refiners ----------------------------------------------------------------------------------
+
+#: The refiner of the tiny family: its UNet and scheduler; the VAE and second text encoder are the
+#: tiny base's, shared as SDXL's refiner shares the base's.
+TINY_REFINER_DIR = MODEL_CONFIG_ROOT / "tiny-refiner"
+
+
+class _RefinerSpecBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyRefinerSpec(_RefinerSpecBase):
+    """The trained tiny refiner shipped in `configs/models/tiny-refiner` (for the tiny base)."""
+
+    source: Literal["tiny"] = "tiny"
+
+
+class PretrainedRefinerSpec(_RefinerSpecBase):
+    """A refiner pipeline in diffusers layout (`StableDiffusionXLImg2ImgPipeline.from_pretrained`)."""
+
+    source: Literal["pretrained"]
+    path: str = Field(
+        ..., min_length=1, description="Hub id (e.g. `stabilityai/stable-diffusion-xl-refiner-1.0`) or a local folder."
+    )
+    variant: str | None = Field(None, description="Weight file variant, e.g. `fp16`.")
+    local_files_only: bool = Field(False, description="Never reach the hub: load only what is on disk or in the HF cache.")
+
+
+class SingleFileRefinerSpec(_RefinerSpecBase):
+    """One original-format refiner checkpoint (`StableDiffusionXLImg2ImgPipeline.from_single_file`)."""
+
+    source: Literal["single_file"]
+    path: str = Field(..., min_length=1, description="Path or URL of the `.safetensors` checkpoint.")
+    config: str | None = Field(
+        None, description="Hub id or local folder of the refiner's diffusers configs; needed offline."
+    )
+    local_files_only: bool = Field(False, description="Never reach the hub.")
+
+
+class SdxlArchRefinerSpec(_RefinerSpecBase):
+    """The public SDXL refiner architecture with random weights (GPU benchmarks only)."""
+
+    source: Literal["sdxl-arch"]
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random weights.")
+
+
+RefinerSpec = Annotated[
+    Union[TinyRefinerSpec, PretrainedRefinerSpec, SingleFileRefinerSpec, SdxlArchRefinerSpec],
+    Field(discriminator="source"),
+]

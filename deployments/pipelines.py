@@ -21,6 +21,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     SchedulerMixin,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
@@ -36,14 +37,20 @@ from configs.model_spec import (
     MODEL_CONFIG_ROOT,
     TINY_CONTROLNET_DIRS,
     TINY_MODEL_DIR,
+    TINY_REFINER_DIR,
     ControlNetSpec,
     PretrainedControlNetSpec,
     SdxlArchControlNetSpec,
     SingleFileControlNetSpec,
     TinyControlNetSpec,
+    PretrainedRefinerSpec,
     PretrainedSpec,
+    RefinerSpec,
+    SdxlArchRefinerSpec,
     SdxlArchSpec,
+    SingleFileRefinerSpec,
     SingleFileSpec,
+    TinyRefinerSpec,
     TinySpec,
 )
 from configs.schedulers import SCHEDULERS
@@ -151,6 +158,62 @@ def load_controlnet(spec: ControlNetSpec, device: torch.device, dtype: torch.dty
     else:  # pragma: no cover - the discriminated union admits nothing else
         raise TypeError(f"unsupported ControlNet spec {type(spec).__name__}")
     return net.to(device).eval()
+
+
+def load_refiner(spec: RefinerSpec, base: AnySpec) -> StableDiffusionXLImg2ImgPipeline:
+    """Load (or build) a refiner pipeline on the base spec's device and dtype, with its attention
+    backend. The base's speed switches (`optimize`) are the base deployment's only."""
+    device = resolve_device(base)
+    dtype = resolve_dtype(base, device)
+    if isinstance(spec, TinyRefinerSpec):
+        # The refiner folder holds its UNet and scheduler; the VAE, second text encoder and its
+        # tokenizer are the base's (as SDXL's refiner ships copies of the base's).
+        shared = StableDiffusionXLPipeline.from_pretrained(TINY_MODEL_DIR, unet=None, text_encoder=None, tokenizer=None, dtype=dtype)
+        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            TINY_REFINER_DIR, text_encoder_2=shared.text_encoder_2, tokenizer_2=shared.tokenizer_2, vae=shared.vae, dtype=dtype
+        )
+    elif isinstance(spec, PretrainedRefinerSpec):
+        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            spec.path, dtype=dtype, variant=spec.variant, use_safetensors=True, local_files_only=spec.local_files_only
+        )
+    elif isinstance(spec, SingleFileRefinerSpec):
+        pipe = StableDiffusionXLImg2ImgPipeline.from_single_file(
+            spec.path, config=spec.config, dtype=dtype, local_files_only=spec.local_files_only
+        )
+    elif isinstance(spec, SdxlArchRefinerSpec):
+        pipe = build_random_refiner(MODEL_CONFIG_ROOT / "sdxl-arch-refiner", MODEL_CONFIG_ROOT / "sdxl-arch", spec.seed, device, dtype)
+    else:  # pragma: no cover - the discriminated union admits nothing else
+        raise TypeError(f"unsupported refiner spec {type(spec).__name__}")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    set_attention_backend(pipe, base.attention, device)
+    return pipe
+
+
+def build_random_refiner(
+    config_dir: Path, shared_dir: Path, seed: int, device: torch.device, dtype: torch.dtype
+) -> StableDiffusionXLImg2ImgPipeline:
+    """A refiner with the UNet architecture of `config_dir` and the VAE and second text encoder
+    of `shared_dir` (SDXL's refiner uses the base's), random weights from `seed`."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(_read_json(Path(config_dir) / "unet" / "config.json"))
+        vae = AutoencoderKL.from_config(_read_json(Path(shared_dir) / "vae" / "config.json"))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(Path(shared_dir) / "text_encoder_2" / "config.json"))
+    scheduler = EulerDiscreteScheduler.from_config(_read_json(Path(shared_dir) / "scheduler" / "scheduler_config.json"))
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=byte_level_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def _load_vae(path: str, dtype: torch.dtype, local_files_only: bool) -> AutoencoderKL:

@@ -4,14 +4,14 @@ The replica builds its engine with the factory it is given (`EngineFactory` in t
 tests) and runs the engine's loop on a thread of its own, so the replica's event loop stays free
 for `generate`, `cancel`, `progress` and health checks. `generate` and `generate_stream` resolve
 defaults, check limits, submit the request and await its outcome, which the engine thread hands
-back with `call_soon_threadsafe`. The same class serves every engine role (base today; ControlNet
-variants and the refiner later), under the deployment name the builder gives it.
+back with `call_soon_threadsafe`. The same class serves every engine role (the base, each
+ControlNet variant, the refiner), under the deployment name the builder gives it.
 """
 
 import asyncio
 import logging
 import threading
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 import numpy as np
 from pydantic import TypeAdapter
@@ -22,12 +22,13 @@ from ray.serve.metrics import Histogram
 
 from configs.app_args import LimitsConfig
 from configs.model_spec import ModelSpec
-from deployments.engine.control import RequestControl, RunOutput
+from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
 from deployments.logs import quiet_client_errors
 from deployments.types import (
     ControlRef,
     GenerationRequest,
     GenerationResult,
+    Handoff,
     InvalidRequestError,
     ProgressEvent,
     ServiceError,
@@ -55,12 +56,17 @@ class EngineReplica:
         self._thread.start()
         logger.info("engine for %r ready: %s", self._spec.name, self._engine.startup)
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Generate one image. Raises a `ServiceError` subclass (with `status_code`) on failure."""
-        return await self._generate(request, on_progress=None)
+    async def generate(self, request: GenerationRequest, handoff: Optional[Handoff] = None) -> Union[GenerationResult, Handoff]:
+        """Generate one image. Raises a `ServiceError` subclass (with `status_code`) on failure.
 
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[Any]:
-        """Generate one image, streaming progress: `ProgressEvent`s, then the `GenerationResult`.
+        A request with `refiner` ends on the base (or ControlNet) engine as a `Handoff`; the
+        refiner's engine takes the request with that `handoff` (a `DeploymentResponse` passed
+        straight through: Ray resolves it here, the latents never pass the caller)."""
+        return await self._generate(request, None, handoff)
+
+    async def generate_stream(self, request: GenerationRequest, handoff: Optional[Handoff] = None) -> AsyncIterator[Any]:
+        """Generate one image, streaming progress: `ProgressEvent`s, then the `GenerationResult`
+        (or the `Handoff` of a base stage).
 
         Call with `handle.options(stream=True)`. Cancelling the stream cancels the request.
         """
@@ -70,7 +76,7 @@ class EngineReplica:
         def on_progress(step: int, total: int) -> None:  # called from the engine's thread
             loop.call_soon_threadsafe(events.put_nowait, ProgressEvent(step=step, total=total))
 
-        task = asyncio.ensure_future(self._generate(request, on_progress=on_progress))
+        task = asyncio.ensure_future(self._generate(request, on_progress, handoff))
         try:
             while not task.done():
                 getter = asyncio.ensure_future(events.get())
@@ -86,12 +92,14 @@ class EngineReplica:
             task.cancel()
 
     async def _generate(
-        self, request: GenerationRequest, on_progress: Optional[Callable[[int, int], None]]
-    ) -> GenerationResult:
+        self, request: GenerationRequest, on_progress: Optional[Callable[[int, int], None]], handoff: Optional[Handoff]
+    ) -> Union[GenerationResult, Handoff]:
         if not isinstance(request, GenerationRequest):
             raise InvalidRequestError(
                 f"expected a GenerationRequest, got {type(request).__name__}", param="request"
             )
+        if handoff is not None:
+            request = request.model_copy(update={"handoff": handoff})
         request = request.with_defaults(self._spec)
         check_limits(request, self._limits)
         set_id = lora_set_id(request.loras)
@@ -224,15 +232,26 @@ def _resolve(future: asyncio.Future, outcome: Any) -> None:
         future.set_result(outcome)
 
 
-def _to_result(request: GenerationRequest, outcome: RunOutput) -> GenerationResult:
-    """Float pixels become uint8 as diffusers' PIL path rounds them."""
+def _to_result(request: GenerationRequest, outcome: Union[RunOutput, LatentsOutput]) -> Union[GenerationResult, Handoff]:
+    """Float pixels become uint8 as diffusers' PIL path rounds them. A refined image's timings
+    and batch size cover both stages."""
+    timings = {"queue_s": outcome.queue_s, "run_s": outcome.run_s}
+    batch_size = outcome.batch_size
+    if isinstance(outcome, LatentsOutput):
+        return Handoff(
+            request.request_id, outcome.latents, outcome.generator_state, outcome.steps, batch_size,
+            {name: round(seconds, 4) for name, seconds in timings.items()},
+        )
+    if request.handoff is not None:
+        timings = {name: seconds + request.handoff.timings.get(name, 0.0) for name, seconds in timings.items()}
+        batch_size = max(batch_size, request.handoff.batch_size)
     pixels = np.clip(np.round(outcome.image * 255.0), 0, 255).astype(np.uint8)
     return GenerationResult(
         request_id=request.request_id,
         image=pixels,
         seed=outcome.seed,
-        batch_size=outcome.batch_size,
-        timings={"queue_s": round(outcome.queue_s, 4), "run_s": round(outcome.run_s, 4)},
+        batch_size=batch_size,
+        timings={name: round(seconds, 4) for name, seconds in timings.items()},
     )
 
 

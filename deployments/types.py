@@ -141,19 +141,24 @@ class LoraRef(BaseModel):
     )
 
 
-def _json_text(value: Any) -> Any:
-    # A multipart form carries the list as one JSON text part.
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            raise ValueError("must be a JSON list of {name, weight} objects") from None
-    return value
+def json_form_part(expected: str) -> BeforeValidator:
+    """A multipart form carries a structured field (a list, an object) as one JSON text part:
+    parse it, or fail saying it `must be {expected}`."""
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(f"must be {expected}") from None
+        return value
+
+    return BeforeValidator(parse)
 
 
 Loras = Annotated[
     tuple[LoraRef, ...],
-    BeforeValidator(_json_text),
+    json_form_part("a JSON list of {name, weight} objects"),
     Field(
         description=(
             "LoRAs to apply, blended with their weights (as diffusers' `set_adapters`), e.g. "
@@ -263,6 +268,100 @@ class ControlRef(ControlSettings):
 MAX_CONTROLNETS = 4
 
 
+RefinerMode = Literal["ensemble", "post"]
+#: `switch_at` and `strength` when a request gives none: SDXL's published ensemble split (80% of
+#: the steps on the base, the last 20% on the refiner) and a light post-pass.
+DEFAULT_SWITCH_AT = 0.8
+DEFAULT_REFINER_STRENGTH = 0.3
+
+
+#: "switch_at with ensemble only, strength with post only" in JSON Schema, so schema-valid
+#: bodies are the ones the server accepts.
+_REFINER_FIELDS_FIT_MODE = {
+    "if": {"properties": {"mode": {"const": "post"}}, "required": ["mode"]},
+    "then": {"not": {"required": ["switch_at"]}},
+    "else": {"not": {"required": ["strength"]}},
+}
+
+
+class RefinerSettings(BaseModel):
+    """How the refiner finishes a request: the fields the HTTP schema and this contract share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_REFINER_FIELDS_FIT_MODE)
+
+    mode: RefinerMode = Field(
+        "ensemble",
+        description=(
+            "ensemble: the base denoises to `switch_at` and hands its latents to the refiner, which "
+            "finishes the schedule (diffusers' denoising_end / denoising_start); post: the base "
+            "finishes, then the refiner runs image-to-image on its latents at `strength`."
+        ),
+    )
+    switch_at: Optional[float] = Field(
+        None, gt=0.0, lt=1.0, description=f"ensemble: the fraction of the schedule where the refiner takes over. Absent: {DEFAULT_SWITCH_AT}."
+    )
+    strength: Optional[float] = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description=f"post: how much of the base's image the refiner noises and denoises again. Absent: {DEFAULT_REFINER_STRENGTH}.",
+    )
+    steps: Steps = Field(
+        None,
+        description=(
+            "The refiner's scheduler steps: the schedule it finishes (ensemble) or its img2img "
+            "steps (post). Absent: the request's num_inference_steps."
+        ),
+    )
+    aesthetic_score: float = Field(6.0, ge=0.0, le=10.0, description="The aesthetic score the refiner is conditioned on.")
+    negative_aesthetic_score: float = Field(
+        2.5, ge=0.0, le=10.0, description="The aesthetic score of the unconditional half of guidance (steers away from it)."
+    )
+
+    @model_validator(mode="after")
+    def _fields_fit_mode(self) -> "RefinerSettings":
+        if self.switch_at is not None and self.mode != "ensemble":
+            raise ValueError("switch_at applies to mode 'ensemble' only")
+        if self.strength is not None and self.mode != "post":
+            raise ValueError("strength applies to mode 'post' only")
+        return self
+
+    def resolved(self, steps: int) -> "RefinerSettings":
+        """These settings with their defaults filled in (`steps`: the request's)."""
+        ensemble = self.mode == "ensemble"
+        return self.model_copy(
+            update={
+                "switch_at": (self.switch_at or DEFAULT_SWITCH_AT) if ensemble else None,
+                "strength": None if ensemble else (self.strength or DEFAULT_REFINER_STRENGTH),
+                "steps": self.steps or steps,
+            }
+        )
+
+    def refiner_steps(self) -> int:
+        """Steps the refiner runs (resolved settings): the tail of its schedule after `switch_at`,
+        or img2img's `int(steps × strength)`. Exact for first-order schedulers; progress totals
+        are corrected by the engine's own counts as each stage runs."""
+        if self.mode == "ensemble":
+            return max(1, self.steps - round(self.steps * self.switch_at))
+        return max(1, min(int(self.steps * self.strength), self.steps))
+
+
+@dataclass
+class Handoff:
+    """What the base stage of a refined request hands the refiner: its latents (as diffusers'
+    `output_type="latent"` returns them: not scaled, not decoded) and the state of the request's
+    `torch.Generator`, so the two stages draw from one generator as a diffusers base + refiner
+    call pair given the same generator does. Travels through Ray, never as pixels."""
+
+    request_id: str
+    latents: np.ndarray  # float32 (4, height / 8, width / 8)
+    generator_state: np.ndarray  # uint8: torch.Generator.get_state()
+    #: Steps the base ran: where the refiner's progress starts.
+    steps: int
+    batch_size: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 class _SpecDefaults(Protocol):
     """The part of a model spec (`configs.model_spec`) that supplies request defaults."""
 
@@ -300,6 +399,12 @@ class GenerationRequest(BaseModel):
         (),
         max_length=MAX_CONTROLNETS,
         description="ControlNets steering the image, each with its control image at width x height; their residuals add up.",
+    )
+    refiner: Optional[RefinerSettings] = Field(
+        None, description="Finish the image on the refiner deployment (txt2img and img2img); absent: the base alone."
+    )
+    handoff: Optional[Handoff] = Field(
+        None, description="Set by the router for the refiner stage only: the base stage's latents and generator."
     )
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     deadline: Optional[float] = Field(
@@ -341,6 +446,10 @@ class GenerationRequest(BaseModel):
                 raise ValueError(f"{name} applies to kind 'inpaint' only")
         if self.strength is not None and self.kind == "txt2img":
             raise ValueError("strength applies to img2img and inpaint only")
+        if self.refiner is not None and self.kind == "inpaint":
+            raise ValueError("refiner applies to txt2img and img2img only")
+        if self.handoff is not None and self.refiner is None:
+            raise ValueError("handoff is the refiner stage's input: it needs refiner")
         if self.init_image is not None:
             height, width = self.init_image.shape[:2]
             if (self.width, self.height) not in ((None, None), (width, height)):
@@ -382,12 +491,22 @@ class GenerationRequest(BaseModel):
                 raise InvalidRequestError(
                     f"{param} is {width}x{height}; both sides must be multiples of 8", param=param, code="invalid_size"
                 )
+        steps = self.num_inference_steps or spec.default_steps
+        refiner = None if self.refiner is None else self.refiner.resolved(steps)
+        if refiner is not None and refiner.mode == "post" and int(refiner.steps * refiner.strength) < 1:
+            raise InvalidRequestError(
+                f"refiner.strength {refiner.strength!r} × refiner.steps {refiner.steps} is below one step; "
+                "raise either",
+                param="refiner.strength",
+                code="invalid_value",
+            )
         return self.model_copy(
             update={
+                "refiner": refiner,
                 "width": self.width if self.width is not None else width,
                 "height": self.height if self.height is not None else height,
                 "strength": self.strength if self.strength is not None else DEFAULT_STRENGTH.get(self.kind),
-                "num_inference_steps": self.num_inference_steps or spec.default_steps,
+                "num_inference_steps": steps,
                 "guidance_scale": (
                     self.guidance_scale if self.guidance_scale is not None else spec.default_guidance_scale
                 ),
@@ -406,6 +525,17 @@ class GenerationRequest(BaseModel):
         if self.kind == "txt2img" or self.strength is None:
             return steps
         return max(1, min(int(steps * self.strength), steps))
+
+    def progress_steps(self) -> int:
+        """Steps of both stages (resolved request): what progress totals count. Before the switch
+        the base runs `switch_at` of its schedule (rounded as diffusers' cut-off rounds it for
+        first-order schedulers); the engines' own counts replace the estimate as stages run."""
+        steps = self.denoising_steps()
+        if self.refiner is None:
+            return steps
+        if self.refiner.mode == "ensemble":
+            steps = max(1, round(steps * self.refiner.switch_at))
+        return steps + self.refiner.refiner_steps()
 
 
 @dataclass
@@ -517,6 +647,8 @@ class EngineError(ServiceError):
 #: The engine role (deployment) that serves requests without ControlNets; each ControlNet variant
 #: is a role of its own (`configs.app_args.controlnet_role`).
 BASE_ROLE = "base"
+#: The refiner's role: the second stage of requests that ask for it.
+REFINER_ROLE = "refiner"
 
 
 def check_known_controlnets(controls: tuple[ControlRef, ...], known: Any, refusal: str, code: str) -> None:
@@ -559,6 +691,16 @@ def engine_handle(engines: Any, request: GenerationRequest, controlnet_roles: Ma
     return handle if set_id is None else handle.options(multiplexed_model_id=set_id)
 
 
+def refiner_handle(engines: Mapping[str, Any], request: GenerationRequest) -> Optional[Any]:
+    """The refiner's handle for a request that asks for the refiner (None when it does not); a
+    400 naming `refiner` when the graph has none."""
+    if request.refiner is None:
+        return None
+    if REFINER_ROLE not in engines:
+        raise InvalidRequestError("refiner: this deployment serves no refiner", param="refiner", code="refiner_not_served")
+    return engines[REFINER_ROLE]
+
+
 def unwrap_error(exc: BaseException) -> BaseException:
     """Return the `ServiceError` behind a Ray wrapper (RayTaskError keeps it in `.cause`)."""
     seen = 0
@@ -598,9 +740,11 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig) -> None:
         raise InvalidRequestError(
             f"{len(request.loras)} LoRAs were asked for; the limit is {limits.max_loras}", param="loras", code="too_many_loras"
         )
-    if request.num_inference_steps > limits.max_steps:
-        raise InvalidRequestError(
-            f"num_inference_steps {request.num_inference_steps} is above the limit of {limits.max_steps}",
-            param="num_inference_steps",
-            code="invalid_steps",
-        )
+    steps = {"num_inference_steps": request.num_inference_steps}
+    if request.refiner is not None:
+        steps["refiner.steps"] = request.refiner.steps
+    for name, count in steps.items():
+        if count > limits.max_steps:
+            raise InvalidRequestError(
+                f"{name} {count} is above the limit of {limits.max_steps}", param=name, code="invalid_steps"
+            )

@@ -7,7 +7,8 @@
 
 `args` is validated as `configs.app_args.AppArgs` (unknown keys are errors). The graph is an
 ingress deployment holding a registry of engine handles by role (`{"base": ..., "controlnet:<variant>":
-...}`: the base pipeline and one deployment per ControlNet variant, each with its own replicas) and the
+..., "refiner": ...}`: the base pipeline, one deployment per ControlNet variant and the refiner, each
+with its own replicas) and the
 job manager's handle (one replica, which owns the job store and also calls the engines).
 
 Every hop has a bound, so overload is refused fast instead of queued without end: the proxy holds
@@ -16,7 +17,7 @@ at most `engine.max_queued_requests` requests for a busy engine replica; beyond 
 503 with `Retry-After`.
 """
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
@@ -24,7 +25,7 @@ from ray.serve.config import BackpressureConfig
 from configs.app_args import AppArgs, EngineDeploymentConfig, controlnet_deployment_name, controlnet_role
 from deployments.engine.factory import EngineFactory
 from deployments.replica import EngineDeployment
-from deployments.types import BASE_ROLE
+from deployments.types import BASE_ROLE, REFINER_ROLE
 from serve_app.errors import RETRY_AFTER_S
 from serve_app.ingress import ImageIngress
 from serve_app.jobs.manager import JobManagerDeployment
@@ -37,10 +38,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     """Validate `args` and bind the deployment graph."""
     config = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     config = config.with_state_paths()
-    engines = {
-        role: _engine_deployment(config, name, placement, controlnets)
-        for role, (name, placement, controlnets) in engine_roles(config).items()
-    }
+    engines = {role: _engine_deployment(config, deployment) for role, deployment in engine_roles(config).items()}
     jobs = JobManagerDeployment.options(ray_actor_options={"num_cpus": config.jobs.num_cpus}).bind(
         engines, config.jobs.model_dump(mode="json"), config.controlnet_roles()
     )
@@ -54,23 +52,35 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     ).bind(engines, jobs, config.model_dump(mode="json"))
 
 
-def engine_roles(config: AppArgs) -> dict[str, tuple[str, EngineDeploymentConfig, Optional[dict[str, Any]]]]:
-    """The registry the graph binds, from resolved args: role → (deployment name, placement, the
-    ControlNets it hosts as spec dicts). The base, then one deployment per ControlNet variant."""
-    roles: dict[str, tuple[str, EngineDeploymentConfig, Optional[dict[str, Any]]]] = {BASE_ROLE: ("SDXLBase", config.engine, None)}
+class EngineRole(NamedTuple):
+    """One engine deployment of the graph."""
+
+    name: str
+    placement: EngineDeploymentConfig
+    #: The ControlNets it hosts, name → spec dict (a ControlNet variant); None otherwise.
+    controlnets: Optional[dict[str, Any]] = None
+    #: The refiner's spec dict (the refiner); None otherwise.
+    refiner: Optional[dict[str, Any]] = None
+
+
+def engine_roles(config: AppArgs) -> dict[str, EngineRole]:
+    """The registry the graph binds, from resolved args: role → deployment. The base, one
+    deployment per ControlNet variant, and the refiner when there is one."""
+    roles = {BASE_ROLE: EngineRole("SDXLBase", config.engine)}
     for variant, variant_config in (config.controlnets or {}).items():
         models = {name: spec.model_dump(mode="json") for name, spec in variant_config.models.items()}
-        roles[controlnet_role(variant)] = (controlnet_deployment_name(variant), variant_config.engine, models)
+        roles[controlnet_role(variant)] = EngineRole(controlnet_deployment_name(variant), variant_config.engine, controlnets=models)
+    if config.refiner:
+        roles[REFINER_ROLE] = EngineRole("SDXLRefiner", config.refiner.engine, refiner=config.refiner.model.model_dump(mode="json"))
     return roles
 
 
-def _engine_deployment(
-    config: AppArgs, name: str, placement: EngineDeploymentConfig, controlnets: Optional[dict[str, Any]]
-) -> Application:
-    """One engine deployment: the base model (plus `controlnets`) on its own replicas."""
+def _engine_deployment(config: AppArgs, deployment: EngineRole) -> Application:
+    """One engine deployment: the base model (plus its ControlNets), or the refiner, on its own replicas."""
+    placement = deployment.placement
     in_flight = config.batching.max_batch_size * _BATCHES_IN_FLIGHT
     options: dict[str, Any] = {
-        "name": name,
+        "name": deployment.name,
         "ray_actor_options": {"num_gpus": placement.num_gpus, "num_cpus": placement.num_cpus},
         # The engine admits from what the replica has been sent: a running batch and the next.
         "max_ongoing_requests": in_flight,
@@ -90,8 +100,15 @@ def _engine_deployment(
     model = config.model.model_dump(mode="json")
     # `limits.max_loras: 0` serves no LoRAs: the engine then gets no slot layers, so no slot memory
     # and no second (adapter) graph per bucket for a compiled UNet to build at start.
-    loras = config.loras.model_dump(mode="json") if config.limits.max_loras > 0 else None
+    # The refiner takes no LoRAs (they are trained for the base's UNet): its stage runs without.
+    serves_loras = config.limits.max_loras > 0 and deployment.refiner is None
+    loras = config.loras.model_dump(mode="json") if serves_loras else None
     factory = EngineFactory(
-        model, config.batching.model_dump(mode="json"), max_waiting=in_flight, loras=loras, controlnets=controlnets
+        model,
+        config.batching.model_dump(mode="json"),
+        max_waiting=in_flight,
+        loras=loras,
+        controlnets=deployment.controlnets,
+        refiner=deployment.refiner,
     )
     return EngineDeployment.options(**options).bind(model, config.limits.model_dump(mode="json"), factory)

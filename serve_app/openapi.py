@@ -64,6 +64,8 @@ def install_openapi(app: FastAPI, args: AppArgs) -> None:
             _drop_422(schema)
             _constrain_properties(schema, _deployment_constraints(args))
             _name_served_controlnets(schema, sorted(args.controlnet_roles()))
+            if not args.refiner:
+                _no_refiner(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -97,6 +99,7 @@ def _deployment_constraints(args: AppArgs) -> dict[str, dict[str, Any]]:
     items = {"maxItems": args.jobs.max_batch_items}
     return {
         "num_inference_steps": {"maximum": limits.max_steps},
+        "steps": {"maximum": limits.max_steps},  # the refiner's
         "n": {"maximum": limits.max_n},
         "prompt": text,
         "negative_prompt": text,
@@ -136,6 +139,19 @@ def _name_served_controlnets(node: Any, names: list[str]) -> None:
     elif isinstance(node, list):
         for value in node:
             _name_served_controlnets(value, names)
+
+
+def _no_refiner(node: Any) -> None:
+    """With no refiner served, every `refiner` field can only be null (else a 400 `refiner_not_served`)."""
+    if isinstance(node, dict):
+        properties = node.get("properties") or {}
+        if "refiner" in properties:
+            properties["refiner"] = {"type": "null", "description": "No refiner is served here: leave it out."}
+        for value in node.values():
+            _no_refiner(value)
+    elif isinstance(node, list):
+        for value in node:
+            _no_refiner(value)
 
 
 def _constrain_properties(node: Any, constraints: dict[str, dict[str, Any]]) -> None:

@@ -10,7 +10,6 @@ checked at run time and written into the served OpenAPI schema by `serve_app.ope
 
 import base64
 import binascii
-import json
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -37,6 +36,7 @@ from deployments.types import (
     MaskBlur,
     NegativePrompt,
     PaddingMaskCrop,
+    RefinerSettings,
     Preprocessor,
     Prompt,
     Scheduler,
@@ -44,6 +44,7 @@ from deployments.types import (
     Side,
     Steps,
     Strength,
+    json_form_part,
 )
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -131,16 +132,6 @@ class ControlNetInput(ControlSettings):
     )
 
 
-def _json_list_text(value: Any) -> Any:
-    # A multipart form carries the object or list as one JSON text part.
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            raise ValueError("must be a JSON object or a JSON list of objects") from None
-    return value
-
-
 def _one_or_many(value: Any) -> str:
     return "many" if isinstance(value, list) else "one"
 
@@ -155,7 +146,7 @@ ControlNetField = Annotated[
             Discriminator(_one_or_many),
         ]
     ],
-    BeforeValidator(_json_list_text),
+    json_form_part("a JSON object or a JSON list of objects"),
     Field(
         description=(
             "ControlNet conditioning: one `{name, image, conditioning_scale, guidance_start, guidance_end, "
@@ -186,6 +177,19 @@ class _Settings(_Strict):
     controlnet: ControlNetField = None
 
 
+class _Refined(_Strict):
+    """The refiner stage, for the kinds it applies to (txt2img and img2img)."""
+
+    refiner: Annotated[Optional[RefinerSettings], json_form_part("a JSON object")] = Field(
+        None,
+        description=(
+            "Finish the image on the refiner deployment: `{mode: \"ensemble\" | \"post\", switch_at, strength, "
+            "steps, aesthetic_score, negative_aesthetic_score}`; 400 `refiner_not_served` when the deployment has none. "
+            "In multipart forms: the same JSON as a text part."
+        ),
+    )
+
+
 class _Img2Img(_Strict):
     image: ImageUpload = Field(..., description="The starting image.")
     strength: Strength = None
@@ -212,11 +216,11 @@ class _NativeResponse(_Strict):
 # Field order in the schema follows the bases from last to first: the prompt comes first.
 
 
-class Txt2ImgRequest(_NativeResponse, _Encoded, _Sized, _Settings, _Prompted):
+class Txt2ImgRequest(_NativeResponse, _Encoded, _Sized, _Refined, _Settings, _Prompted):
     """Native `POST /v1/txt2img` body."""
 
 
-class Img2ImgRequest(_NativeResponse, _Encoded, _Sized, _Img2Img, _Settings, _Prompted):
+class Img2ImgRequest(_NativeResponse, _Encoded, _Sized, _Img2Img, _Refined, _Settings, _Prompted):
     """Native `POST /v1/img2img` body (JSON with base64 `image`, or multipart/form-data). Without
     width and height the image's own size is used (scaled to fit the limits, rounded down to 8)."""
 
@@ -253,7 +257,7 @@ class _OpenAIImageOptions(_Strict):
         return int(width), int(height)
 
 
-class ImageGenerationRequest(_OpenAIImageOptions, _Encoded, _Settings, _Prompted):
+class ImageGenerationRequest(_OpenAIImageOptions, _Encoded, _Refined, _Settings, _Prompted):
     """OpenAI-compatible `POST /v1/images/generations` body."""
 
 
@@ -311,11 +315,11 @@ class ErrorResponse(BaseModel):
 # item also leaves the encoding to the batch (`output_format` once, at the top level).
 
 
-class Txt2ImgJobParams(_Encoded, _Sized, _Settings, _Prompted):
+class Txt2ImgJobParams(_Encoded, _Sized, _Refined, _Settings, _Prompted):
     """`params` of a txt2img job: the `/v1/txt2img` body without `response_format`."""
 
 
-class Img2ImgJobParams(_Encoded, _Sized, _Img2Img, _Settings, _Prompted):
+class Img2ImgJobParams(_Encoded, _Sized, _Img2Img, _Refined, _Settings, _Prompted):
     """`params` of an img2img job (base64 `image`)."""
 
 
@@ -323,11 +327,11 @@ class InpaintJobParams(_Encoded, _Sized, _Inpaint, _Settings, _Prompted):
     """`params` of an inpaint job (base64 `image` and `mask`)."""
 
 
-class Txt2ImgItemParams(_Sized, _Settings, _Prompted):
+class Txt2ImgItemParams(_Sized, _Refined, _Settings, _Prompted):
     """A txt2img request in a batch."""
 
 
-class Img2ImgItemParams(_Sized, _Img2Img, _Settings, _Prompted):
+class Img2ImgItemParams(_Sized, _Img2Img, _Refined, _Settings, _Prompted):
     """An img2img request in a batch (base64 `image`)."""
 
 
@@ -335,7 +339,7 @@ class InpaintItemParams(_Sized, _Inpaint, _Settings, _Prompted):
     """An inpaint request in a batch (base64 `image` and `mask`)."""
 
 
-class SharedTxt2ImgParams(_Sized, _Settings):
+class SharedTxt2ImgParams(_Sized, _Refined, _Settings):
     """Settings every prompt of a `prompts` batch shares (everything but the prompt)."""
 
 

@@ -29,6 +29,7 @@ from deployments.types import (
     draw_seed,
     engine_handle,
     engine_role,
+    refiner_handle,
 )
 from serve_app import image_inputs
 from serve_app.errors import engine_call_error, invalid_request_from, renamed_params
@@ -95,16 +96,16 @@ class ImageServing:
         self.check_n(body.n)
         with _size_is_one_field():
             width, height = _checked_size(body.parsed_size())
-            return self._requests(body, "txt2img", width, height, n=body.n)
+            return self._requests(body, "txt2img", width, height, n=body.n, refiner=body.refiner)
 
     def requests_for_txt2img(self, body: Any, n: int = 1) -> list[GenerationRequest]:
-        return self._requests(body, "txt2img", body.width, body.height, n=n)
+        return self._requests(body, "txt2img", body.width, body.height, n=n, refiner=body.refiner)
 
     def requests_for_img2img(self, body: Any, n: int = 1) -> list[GenerationRequest]:
         image = image_inputs.open_image(body.image, "image", self._args.limits)
         width, height = image_inputs.target_size(image.size, (body.width, body.height), self._args.limits, "image")
         prepared = image_inputs.prepare(image, None, (width, height))
-        return self._requests(body, "img2img", None, None, n=n, image=prepared, strength=body.strength)
+        return self._requests(body, "img2img", None, None, n=n, image=prepared, strength=body.strength, refiner=body.refiner)
 
     def requests_for_inpaint(self, body: Any, n: int = 1) -> list[GenerationRequest]:
         limits = self._args.limits
@@ -208,6 +209,7 @@ class ImageServing:
         check_limits(requests[0], self._args.limits)
         with renamed_params(_controlnet_param):  # a served name, hosted together: before any engine work
             engine_role(requests[0], self._controlnet_roles)
+        refiner_handle(self._engines, requests[0])  # a 400 when it asks for a refiner none serves
         self._loras.check_request(body.loras)  # after the count limit: a long list is a 400, not 404s
         return requests
 
@@ -223,11 +225,17 @@ class ImageServing:
             user,
         )
         sent = time.perf_counter()
-        responses = []
+        responses, finals = [], []
         try:
             for request in requests:  # a full handle queue may refuse at `.remote()` already
                 responses.append(self.engine_for(request).generate.remote(request))
-            results = await asyncio.wait_for(asyncio.gather(*responses), timeout=self._args.ingress.engine_timeout_s)
+                refiner = refiner_handle(self._engines, request)
+                if refiner is not None:
+                    # The base's response goes to the refiner as it is: Ray hands its result (the
+                    # latents) from one replica to the other, not through this one.
+                    responses.append(refiner.generate.remote(request, responses[-1]))
+                finals.append(responses[-1])
+            results = await asyncio.wait_for(asyncio.gather(*finals), timeout=self._args.ingress.engine_timeout_s)
         except asyncio.TimeoutError:
             raise DeadlineExceededError(
                 f"the images were not ready within {self._args.ingress.engine_timeout_s}s", code="timeout"

@@ -80,10 +80,11 @@ def tiny_controlnet_replicas(local_config):
     config = local_config
     model = config.model.model_dump(mode="json")
     replicas = {}
-    for role, (_, _, controlnets) in engine_roles(config).items():
-        if controlnets:
+    for role, deployment in engine_roles(config).items():
+        if deployment.controlnets:
             factory = EngineFactory(
-                model, config.batching.model_dump(mode="json"), loras=config.loras.model_dump(mode="json"), controlnets=controlnets
+                model, config.batching.model_dump(mode="json"), loras=config.loras.model_dump(mode="json"),
+                controlnets=deployment.controlnets,
             )
             replicas[role] = EngineReplica(model, config.limits.model_dump(mode="json"), factory)
     yield replicas
@@ -92,7 +93,23 @@ def tiny_controlnet_replicas(local_config):
 
 
 @pytest.fixture(scope="session")
-def local_server(tiny_replica, tiny_controlnet_replicas, local_config):
+def tiny_refiner_replica(local_config):
+    """The refiner's engine replica (the tiny refiner) in this process, as the builder deploys it."""
+    from deployments.engine.factory import EngineFactory
+    from deployments.replica import EngineReplica
+    from deployments.types import REFINER_ROLE
+    from serve_app.builder import engine_roles
+
+    config = local_config
+    model = config.model.model_dump(mode="json")
+    factory = EngineFactory(model, config.batching.model_dump(mode="json"), refiner=engine_roles(config)[REFINER_ROLE].refiner)
+    replica = EngineReplica(model, config.limits.model_dump(mode="json"), factory)
+    yield replica
+    replica.close()
+
+
+@pytest.fixture(scope="session")
+def local_server(tiny_replica, tiny_controlnet_replicas, tiny_refiner_replica, local_config):
     """The whole app without Ray: the HTTP routes over the in-process engine replica and a real
     job manager, behind Starlette's `TestClient` (a sync `httpx.Client`; the app, the job
     manager's loops and the handles' calls share its event loop)."""
@@ -101,12 +118,12 @@ def local_server(tiny_replica, tiny_controlnet_replicas, local_config):
     from starlette.testclient import TestClient
 
     from serve_app.http_app import create_app
-    from deployments.types import BASE_ROLE
+    from deployments.types import BASE_ROLE, REFINER_ROLE
     from serve_app.jobs.manager import JobManager
     from tests.fakes import LocalHandle, engine_registry
 
     config = local_config
-    replicas = {BASE_ROLE: tiny_replica, **tiny_controlnet_replicas}
+    replicas = {BASE_ROLE: tiny_replica, **tiny_controlnet_replicas, REFINER_ROLE: tiny_refiner_replica}
     engines = engine_registry(config, replicas.__getitem__)
     manager = JobManager.__new__(JobManager)  # initialised below, on the client's event loop
     app = create_app(engines, LocalHandle(manager), config)

@@ -20,7 +20,7 @@ import numpy as np
 
 from configs.app_args import AppArgs
 from deployments.lora_registry import describe
-from deployments.types import BASE_ROLE, ControlRef, GenerationRequest, GenerationResult, ProgressEvent
+from deployments.types import BASE_ROLE, ControlRef, GenerationRequest, GenerationResult, Handoff, ProgressEvent
 from serve_app.builder import engine_roles
 from serve_app.http_app import create_app
 from serve_app.jobs.manager import JobManager
@@ -64,6 +64,13 @@ class _Method:
         self._function, self._stream = function, stream
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(arg, _Response) for arg in args):  # Ray resolves a response passed on
+            async def resolved() -> Any:
+                values = [await arg if isinstance(arg, _Response) else arg for arg in args]
+                result = self._function(*values, **kwargs)
+                return await result if inspect.isawaitable(result) else result
+
+            return _Response(resolved())
         result = self._function(*args, **kwargs)
         return _Stream(result) if self._stream else _Response(result)
 
@@ -89,13 +96,17 @@ class FakeEngine:
         self.requests: list[GenerationRequest] = []
         self._slots = asyncio.Semaphore(capacity)
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        async for event in self.generate_stream(request):
-            if isinstance(event, GenerationResult):
+    async def generate(self, request: GenerationRequest, handoff: Optional[Handoff] = None) -> Any:
+        async for event in self.generate_stream(request, handoff):
+            if not isinstance(event, ProgressEvent):
                 return event
         raise AssertionError("no result")
 
-    async def generate_stream(self, request: GenerationRequest):
+    async def generate_stream(self, request: GenerationRequest, handoff: Optional[Handoff] = None):
+        """A refined request's first stage ends as a `Handoff` of flat latents (the seed's colour);
+        its second stage (`handoff` given) inverts that colour, so a test sees both stages ran."""
+        if handoff is not None:
+            request = request.model_copy(update={"handoff": handoff})
         self.requests.append(request)
         if self.failures:
             raise self.failures.pop(0)
@@ -106,7 +117,14 @@ class FakeEngine:
             for step in range(1, steps + 1):
                 await asyncio.sleep(self.delay_s / steps)
                 yield ProgressEvent(step, steps)
-            image = np.full((request.height, request.width, 3), (request.seed or 0) % 256, dtype=np.uint8)
+            colour = (request.seed or 0) % 256
+            if request.refiner is not None and request.handoff is None:
+                latents = np.full((4, request.height // 8, request.width // 8), colour, dtype=np.float32)
+                yield Handoff(request.request_id, latents, np.zeros(8, np.uint8), steps, 1, {"queue_s": 0.0, "run_s": 0.0})
+                return
+            if request.handoff is not None:
+                colour = 255 - int(request.handoff.latents.flat[0])
+            image = np.full((request.height, request.width, 3), colour, dtype=np.uint8)
             yield GenerationResult(
                 request.request_id,
                 image,
@@ -146,11 +164,15 @@ def engine_registry(config: AppArgs, engine_for: Callable[[str], Any]) -> dict[s
 
 
 @contextlib.asynccontextmanager
-async def local_app(engine: Any, state_dir: Any, **args: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """The ingress app in-process over `engine` (any object with the engine API) and a real job
-    manager in `state_dir`; yields an `httpx.AsyncClient` talking ASGI to it."""
+async def local_app(
+    engine: Any, state_dir: Any, roles: Optional[dict[str, Any]] = None, **args: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The ingress app in-process over `engine` (any object with the engine API) as the base,
+    `roles` for other roles (a `FakeEngine` each otherwise), and a real job manager in
+    `state_dir`; yields an `httpx.AsyncClient` talking ASGI to it."""
     config = AppArgs.model_validate({"state_dir": str(state_dir), **args}).with_state_paths()
-    engines = engine_registry(config, lambda role: engine if role == BASE_ROLE else FakeEngine())
+    others = roles or {}
+    engines = engine_registry(config, lambda role: engine if role == BASE_ROLE else others.get(role) or FakeEngine())
     manager = JobManager.__new__(JobManager)  # its constructor is async, as in a replica
     await manager.__init__(engines, config.jobs.model_dump(), config.controlnet_roles())
     app = create_app(engines, LocalHandle(manager), config)

@@ -104,16 +104,23 @@ NO_POSITIVE_DATA = {"POST /v1/loras"}
 
 def _unstatable(case) -> bool:
     """Bodies breaking a rule JSON Schema cannot state: a ControlNet window must open before it
-    closes (`guidance_start < guidance_end`, a comparison of two fields), and a request names each
-    ControlNet once (uniqueness of one field across items); such bodies get a 400."""
+    closes (`guidance_start < guidance_end`, a comparison of two fields), a request names each
+    ControlNet once and only ControlNets hosted together (here each is a variant of its own, so
+    one name; a rule across items), and a refiner post-pass runs at least one step (a product of
+    fields and a model default); such bodies get a 400."""
     body = case.body if isinstance(case.body, dict) else {}
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
     items = [body, params, *(r.get("params", r) for r in body.get("requests", []) if isinstance(r, dict))]
     for item in items:
+        refiner = item.get("refiner")
+        if isinstance(refiner, dict) and refiner.get("mode") == "post":
+            steps = refiner.get("steps") or item.get("num_inference_steps") or params.get("num_inference_steps") or 20
+            if int(steps * (refiner.get("strength") or 0.3)) < 1:
+                return True
         controls = item.get("controlnet")
         controls = controls if isinstance(controls, list) else [controls]
         names = [control.get("name") for control in controls if isinstance(control, dict)]
-        if len(set(names)) < len(names):
+        if len(names) > 1:
             return True
         for control in controls:
             if isinstance(control, dict) and control.get("guidance_start", 0.0) >= control.get("guidance_end", 1.0):

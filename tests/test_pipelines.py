@@ -8,11 +8,22 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from configs.model_spec import MODEL_CONFIG_ROOT, PretrainedSpec, TinySpec
+from safetensors.torch import load_file
+
+from configs.model_spec import (
+    MODEL_CONFIG_ROOT,
+    TINY_REFINER_DIR,
+    PretrainedRefinerSpec,
+    PretrainedSpec,
+    TinyRefinerSpec,
+    TinySpec,
+)
 from deployments.pipelines import (
     build_random_pipeline,
+    build_random_refiner,
     byte_level_tokenizer,
     load_pipeline,
+    load_refiner,
     set_attention_backend,
 )
 
@@ -75,6 +86,33 @@ def test_sdxl_arch_has_the_public_parameter_counts():
     counts = {part: sum(p.numel() for p in getattr(pipe, part).parameters()) for part in ("unet", "vae", "text_encoder", "text_encoder_2")}
     assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
     assert pipe.unet.dtype == torch.float16
+
+
+def test_sdxl_arch_refiner_has_the_public_refiner_unet():
+    """The public refiner: a 2.26 B UNet on the second text encoder only (1280 wide) with the
+    aesthetic score among its time ids; VAE and second text encoder as the base's."""
+    pipe = build_random_refiner(MODEL_CONFIG_ROOT / "sdxl-arch-refiner", MODEL_CONFIG_ROOT / "sdxl-arch", 0, torch.device("meta"), torch.float16)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 2_259_526_660
+    assert pipe.unet.config.cross_attention_dim == 1280 and pipe.unet.config.projection_class_embeddings_input_dim == 2560
+    assert pipe.config.requires_aesthetics_score and pipe.text_encoder is None and pipe.unet.dtype == torch.float16
+
+
+def test_the_tiny_refiner_loads_its_weights_and_shares_the_base_components(tiny_pipe, tmp_path):
+    """`source: tiny` reads the shipped UNet and takes the base's VAE and second text encoder;
+    the same refiner saved whole loads through the real-weights path (`source: pretrained`)."""
+    refiner = load_refiner(TinyRefinerSpec(), TinySpec(device="cpu"))
+    shipped = load_file(TINY_REFINER_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(refiner.unet.state_dict()[name], weight) for name, weight in shipped.items())
+    for part in ("vae", "text_encoder_2"):
+        ours, base = getattr(refiner, part).state_dict(), getattr(tiny_pipe, part).state_dict()
+        assert all(torch.equal(ours[name], base[name]) for name in base)
+    refiner.save_pretrained(tmp_path)
+    whole = load_refiner(PretrainedRefinerSpec(source="pretrained", path=str(tmp_path), local_files_only=True), TinySpec(device="cpu"))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    args = dict(prompt="a red circle", image=latents, num_inference_steps=4, denoising_start=0.5, output_type="np")
+    ours = whole(generator=torch.Generator().manual_seed(1), **args).images
+    expected = refiner(generator=torch.Generator().manual_seed(1), **args).images
+    assert np.abs(ours - expected).max() <= 1e-6
 
 
 def test_byte_level_tokenizer_round_trips_text():

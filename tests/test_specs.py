@@ -151,13 +151,26 @@ def test_the_builder_binds_one_engine_deployment_per_variant():
     from serve_app.builder import engine_roles
 
     config = AppArgs.model_validate(
-        {"controlnets": {"canny": {"models": {"canny": {"source": "tiny"}}, "engine": {"num_gpus": 0.5, "num_replicas": 2}}}}
+        {
+            "controlnets": {"canny": {"models": {"canny": {"source": "tiny"}}, "engine": {"num_gpus": 0.5, "num_replicas": 2}}},
+            "refiner": {"engine": {"num_gpus": 0.25}},
+        }
     ).with_state_paths()
     roles = engine_roles(config)
-    assert list(roles) == ["base", "controlnet:canny"]
-    name, placement, models = roles["controlnet:canny"]
-    assert name == "SDXLControlNet-canny" and placement.num_gpus == 0.5 and placement.num_replicas == 2
-    assert models == {"canny": {"source": "tiny", "map": "canny"}} and roles["base"][2] is None
+    assert list(roles) == ["base", "controlnet:canny", "refiner"]
+    variant = roles["controlnet:canny"]
+    assert variant.name == "SDXLControlNet-canny" and variant.placement.num_gpus == 0.5 and variant.placement.num_replicas == 2
+    assert variant.controlnets == {"canny": {"source": "tiny", "map": "canny"}} and roles["base"].controlnets is None
+    assert roles["refiner"].name == "SDXLRefiner" and roles["refiner"].refiner == {"source": "tiny"}
+    assert roles["refiner"].placement.num_gpus == 0.25 and roles["base"].refiner is None
+
+
+def test_the_refiner_defaults_to_the_tiny_one_for_the_tiny_model_only():
+    assert AppArgs().with_state_paths().refiner.model.source == "tiny"
+    assert AppArgs.model_validate({"refiner": False}).with_state_paths().refiner is False
+    assert AppArgs.model_validate({"model": {"source": "sdxl-arch"}}).with_state_paths().refiner is False
+    with pytest.raises(ValueError, match="must match its base model"):
+        AppArgs.model_validate({"refiner": {"model": {"source": "sdxl-arch"}}})
 
 
 def test_a_single_file_controlnet_loads_as_the_folder(tmp_path):

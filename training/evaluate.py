@@ -20,21 +20,24 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TINY_CONTROLNET_DIRS, TINY_LORA_DIR, TINY_MODEL_DIR
+from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TINY_CONTROLNET_DIRS, TINY_LORA_DIR, TINY_MODEL_DIR, TINY_REFINER_DIR
 from deployments.canny import canny
 from training import judge, shapes
 
 STEPS = 20
+#: The refiner comparison: steps of the whole schedule, and where the base hands over to the refiner.
+REFINER_STEPS = 30
+HANDOVER = 0.8
 
 
 def held_out_scenes(n: int, seed: int) -> shapes.Scene:
     return shapes.sample_scenes(n, torch.Generator().manual_seed(seed), held_out=True)
 
 
-def generate(pipe, prompts: list[str], seed: int = 0, **kwargs) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1]; request i is seeded `seed + i`, as the service does."""
+def generate(pipe, prompts: list[str], seed: int = 0, *, steps: int = STEPS, output_type: str = "pt", **kwargs) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] (or latents); request i is seeded `seed + i`, as the service does."""
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-    return pipe(prompt=prompts, generator=generators, num_inference_steps=STEPS, output_type="pt", **kwargs).images
+    return pipe(prompt=prompts, generator=generators, num_inference_steps=steps, output_type=output_type, **kwargs).images
 
 
 def text_to_image(pipe, scene: shapes.Scene, images: torch.Tensor | None = None) -> dict:
@@ -122,6 +125,34 @@ def img2img(pipe, scene: shapes.Scene, strengths=(0.2, 0.6, 0.95)) -> dict:
     }
 
 
+def load_refiner(pipe: StableDiffusionXLPipeline) -> StableDiffusionXLImg2ImgPipeline:
+    """The tiny refiner, sharing the base's VAE and second text encoder as SDXL's refiner does."""
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        TINY_REFINER_DIR, text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, vae=pipe.vae, dtype=torch.float32
+    )
+    refiner.set_progress_bar_config(disable=True)
+    return refiner
+
+
+def refiner_sharpness(pipe, refiner: StableDiffusionXLImg2ImgPipeline, scene: shapes.Scene, **refiner_kwargs) -> dict:
+    """The base alone (REFINER_STEPS steps) against the base to `denoising_end=HANDOVER` and the
+    refiner from there, on the same prompts and seeds: mean `judge.edge_sharpness` both ways, the
+    share of images the refiner made sharper, and whether the prompt's colours and shape stay."""
+    prompts = [shapes.caption(scene, i) for i in range(len(scene))]
+    alone = generate(pipe, prompts, steps=REFINER_STEPS)
+    latents = generate(pipe, prompts, steps=REFINER_STEPS, denoising_end=HANDOVER, output_type="latent")
+    refined = generate(refiner, prompts, steps=REFINER_STEPS, image=latents, denoising_start=HANDOVER, **refiner_kwargs)
+    sharp_alone, sharp_refined = judge.edge_sharpness(alone), judge.edge_sharpness(refined)
+    scores = {
+        "sharpness_base": sharp_alone.nanmean().item(),
+        "sharpness_refined": sharp_refined.nanmean().item(),
+        "sharper_share": (sharp_refined > sharp_alone).float().mean().item(),  # NaN (no shape) counts as not sharper
+    }
+    for name, images in (("base", alone), ("refined", refined)):
+        scores |= {f"{key}_{name}": value for key, value in text_to_image(pipe, scene, images).items()}
+    return scores
+
+
 def lora_palette(scene: shapes.Scene, plain: torch.Tensor) -> dict:
     """The pastel LoRA on the same prompts and seeds as `plain`: saturation with and without, and
     whether the backgrounds keep their (pastel) colour."""
@@ -155,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "inpainting": inpainting(pipe),
         "img2img_distance": img2img(pipe, held_out_scenes(8, seed=7)),
         "lora": lora_palette(scene, plain),
+        "refiner": refiner_sharpness(pipe, load_refiner(pipe), scene),
     }
     for group, values in scores.items():
         print(f"{group:<18}" + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))

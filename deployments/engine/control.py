@@ -28,7 +28,22 @@ class RunOutput:
     run_s: float
 
 
-Outcome = Union[RunOutput, ServiceError]
+@dataclass
+class LatentsOutput:
+    """The base stage of a refined request: its final latents (1, C, h, w) and its generator's
+    state, for the refiner stage (`deployments.types.Handoff`)."""
+
+    latents: np.ndarray
+    generator_state: np.ndarray
+    #: Denoising steps the row ran.
+    steps: int
+    seed: int
+    batch_size: int
+    queue_s: float
+    run_s: float
+
+
+Outcome = Union[RunOutput, LatentsOutput, ServiceError]
 
 
 class RequestControl:

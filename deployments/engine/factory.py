@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from pydantic import TypeAdapter
 
 from configs.app_args import BatchingConfig, LorasConfig
-from configs.model_spec import ControlNetSpec, ModelSpec
+from configs.model_spec import ControlNetSpec, ModelSpec, RefinerSpec
 from deployments.lora_registry import lora_registry
 from deployments.types import GenerationRequest
 
@@ -31,19 +31,27 @@ class EngineFactory:
     #: The ControlNets this engine hosts: name → `ControlNetSpec` as a dict (a ControlNet variant's
     #: deployment); None: the base engine.
     controlnets: Optional[dict[str, dict[str, Any]]] = None
-    #: spec → `StableDiffusionXLPipeline`; None: `deployments.pipelines.load_pipeline`.
+    #: A `RefinerSpec` as a dict: this engine is the refiner (its pipeline from `load_refiner`,
+    #: on the base spec's device and dtype; no LoRAs, no ControlNets); None: a base engine.
+    refiner: Optional[dict[str, Any]] = None
+    #: spec → `StableDiffusionXLPipeline`; None: `deployments.pipelines.load_pipeline` (or
+    #: `load_refiner` for a refiner).
     pipeline_factory: Optional[Callable[[Any], Any]] = None
 
     def __call__(self, observer: Any = None) -> Any:
         from deployments.engine.lora import AdapterCache
         from deployments.engine.loop import StepEngine
         from deployments.optimize import compile_cache_counts
-        from deployments.pipelines import load_controlnet, load_pipeline
+        from deployments.pipelines import load_controlnet, load_pipeline, load_refiner
 
         spec = TypeAdapter(ModelSpec).validate_python(self.model_spec)
         batching = BatchingConfig.model_validate(self.batching)
         started = time.perf_counter()
-        pipeline = (self.pipeline_factory or load_pipeline)(spec)
+        if self.refiner is not None:
+            refiner = TypeAdapter(RefinerSpec).validate_python(self.refiner)
+            pipeline = (self.pipeline_factory or (lambda base: load_refiner(refiner, base)))(spec)
+        else:
+            pipeline = (self.pipeline_factory or load_pipeline)(spec)
         controlnets = {
             name: load_controlnet(TypeAdapter(ControlNetSpec).validate_python(net), pipeline.device, pipeline.unet.dtype)
             for name, net in (self.controlnets or {}).items()
@@ -68,13 +76,15 @@ class EngineFactory:
             scheduling=batching.scheduling,
             batch_wait_s=batching.batch_wait_timeout_s,
             max_waiting=self.max_waiting,
-            buckets=spec.optimize.buckets(),
+            # The speed switches are the base's: the refiner runs eager, at any batch size.
+            buckets=None if self.refiner is not None else spec.optimize.buckets(),
             adapters=adapters,
             controlnets=controlnets,
+            refiner=self.refiner is not None,
             observer=observer,
         )
         compile_cache = None
-        if spec.optimize.compile != "off":
+        if spec.optimize.compile != "off" and self.refiner is None:
             # Compile every bucket now (or load it from the compile cache), not on user requests;
             # two steps compile the same graphs as thirty.
             before = compile_cache_counts()

@@ -13,7 +13,9 @@ Each `step()`:
    due earliest (admission step + their steps) first and the others waiting a step;
 4. advances the rows that took the step, each with its own scheduler (guidance and inpainting's
    blend per row), and reports their progress;
-5. retires the rows that finished: one VAE pass per shape, then each caller is answered.
+5. retires the rows that finished: one VAE pass per shape, then each caller is answered; the base
+   stage of a refined request is answered with its latents and generator state instead (no
+   decode), which a refiner engine (`refiner=True`) continues as a row of its own.
 
 Two admission policies share this loop: `step` (the default) admits between any two steps;
 `request` admits only into an empty engine, after waiting up to `batch_wait_s` for a batch to form
@@ -35,7 +37,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionXLPipeline
 
 from deployments.engine.calls import CallPlanner
-from deployments.engine.control import RequestControl, RunOutput
+from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
 from deployments.engine.controlnets import check_hosted, residuals
 from deployments.engine.lora import AdapterCache, rows_on_slots
 from deployments.engine.rows import Row, RowFactory, decode, to_pixels
@@ -89,6 +91,7 @@ class StepEngine:
         buckets: Optional[Sequence[int]] = None,
         adapters: Optional[AdapterCache] = None,
         controlnets: Optional[Mapping[str, ControlNetModel]] = None,
+        refiner: bool = False,
         observer: Optional[EngineObserver] = None,
     ):
         """`max_rows`: most requests denoising at once. `max_waiting`: most requests waiting to be
@@ -96,7 +99,8 @@ class StepEngine:
         sizes compiled graphs exist for; a forward of guided rows runs at twice these (each image
         is an unconditional and a conditional UNet row), a decode at these. `adapters`: the LoRA
         sets rows may use (None: requests with LoRAs are refused). `controlnets`: the ControlNets
-        this engine hosts, by name (requests naming another are refused)."""
+        this engine hosts, by name (requests naming another are refused). `refiner`: `pipeline` is a
+        refiner, which runs the refiner stage of requests (those with a `handoff`) and nothing else."""
         if scheduling not in ("step", "request"):
             raise ValueError(f"scheduling {scheduling!r} must be 'step' or 'request'")
         self._pipe = pipeline
@@ -109,6 +113,7 @@ class StepEngine:
         self.decode_calls = CallPlanner(buckets)
         self.adapters = adapters
         self.controlnets = dict(controlnets or {})
+        self.refiner = refiner
         self._warm_slot: Optional[int] = None  # the slot every row takes while warming up adapters
         self._observer = observer or _NoObserver()
         self._lock = threading.Condition()
@@ -135,6 +140,9 @@ class StepEngine:
         if not _is_resolved(request):
             raise ValueError(f"request {request.request_id} has unresolved settings; call with_defaults(spec) first")
         check_hosted(request.controlnets, self.controlnets)
+        if (request.handoff is not None) != self.refiner:
+            stage = "a refiner stage (a request with a handoff)" if self.refiner else "a base stage (no handoff)"
+            raise InvalidRequestError(f"this engine runs {stage} only", param="handoff", code="wrong_stage")
         control = control or RequestControl(deadline=request.deadline)
         with self._lock:
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
@@ -373,7 +381,15 @@ class StepEngine:
         self._active = [row for row in self._active if not row.done]
         for row in finished:
             self._release(row)
-        for rows in _sharing_groups(finished):  # one decode per shape
+        for row in finished:
+            if row.hands_off:  # no decode: the refiner stage continues from the latents
+                self._finish(row, LatentsOutput(
+                    latents=row.latents[0].float().cpu().numpy(),
+                    generator_state=row.generator.get_state().numpy(),
+                    steps=len(row.timesteps),
+                    **self._output_fields(row, time.perf_counter()),
+                ))
+        for rows in _sharing_groups([row for row in finished if not row.hands_off]):  # one decode per shape
             try:
                 images = self._decode(torch.cat([row.latents for row in rows]))
                 pixels = [to_pixels(self._pipe, row, image) for row, image in zip(rows, images)]
@@ -384,16 +400,21 @@ class StepEngine:
                 continue
             done_at = time.perf_counter()
             for row, image in zip(rows, pixels):
-                outcome = RunOutput(
-                    image=image,
-                    seed=row.request.seed,
-                    batch_size=row.shared_with,
-                    queue_s=row.admitted_at - row.submitted_at,
-                    run_s=done_at - row.admitted_at,
-                )
-                with self._lock:
-                    self._stats.count("completed")
-                row.control.finish(outcome)
+                self._finish(row, RunOutput(image=image, **self._output_fields(row, done_at)))
+
+    @staticmethod
+    def _output_fields(row: Row, done_at: float) -> dict[str, Any]:
+        return {
+            "seed": row.request.seed,
+            "batch_size": row.shared_with,
+            "queue_s": row.admitted_at - row.submitted_at,
+            "run_s": done_at - row.admitted_at,
+        }
+
+    def _finish(self, row: Row, outcome: Any) -> None:
+        with self._lock:
+            self._stats.count("completed")
+        row.control.finish(outcome)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         images, start = [], 0

@@ -8,7 +8,8 @@ pasted back into. Preparation calls the kind's diffusers pipeline (`prepare_late
 `prepare_mask_latents`, `_get_add_time_ids`, the image and mask processors) built over the
 engine's one set of components with the row's own scheduler, in the order the pipeline itself
 calls them: a row consumes its generator exactly as a lone diffusers call would, which is what
-makes a row's image equal that call's.
+makes a row's image equal that call's. The refiner stage is a row too (`refine`): the img2img
+pipeline over the refiner's components, started from the base stage's latents and generator.
 """
 
 import time
@@ -38,6 +39,7 @@ PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "txt2img": StableDiffusionXLPipeline,
     "img2img": StableDiffusionXLImg2ImgPipeline,
     "inpaint": StableDiffusionXLInpaintPipeline,
+    "refine": StableDiffusionXLImg2ImgPipeline,  # the refiner stage: img2img from latents
 }
 
 
@@ -99,6 +101,11 @@ class Row:
         return self.index >= len(self.timesteps)
 
     @property
+    def hands_off(self) -> bool:
+        """The base stage of a refined request: it ends as latents for the refiner, not pixels."""
+        return self.request.refiner is not None and self.request.handoff is None
+
+    @property
     def timestep(self) -> torch.Tensor:
         return self.timesteps[self.index]
 
@@ -150,10 +157,14 @@ class RowFactory:
         ~0.2 ms) owning the request's own scheduler."""
         base = self._base
         components = {**self._components, "scheduler": make_scheduler(request.scheduler, base.scheduler.config)}
-        pipe = PIPELINE_CLASSES[request.kind](
+        options = {}
+        if "requires_aesthetics_score" in base.config:  # a refiner (or an img2img-built base)
+            options["requires_aesthetics_score"] = base.config.requires_aesthetics_score
+        pipe = PIPELINE_CLASSES[_kind(request)](
             **components,
             force_zeros_for_empty_prompt=base.config.force_zeros_for_empty_prompt,
             add_watermarker=getattr(base, "watermark", None) is not None,
+            **options,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -189,9 +200,12 @@ class RowFactory:
     ) -> Row:
         """The row of a (defaults-resolved) request, in the steps its diffusers pipeline takes."""
         pipe = self.pipeline_for(request)
-        # CPU generators: the same seed gives the same noise on any device.
+        # CPU generators: the same seed gives the same noise on any device. The refiner stage
+        # continues the base stage's generator.
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        prepared = _PREPARE[request.kind](self, pipe, request, generator)
+        if request.handoff is not None:
+            generator.set_state(torch.from_numpy(request.handoff.generator_state))
+        prepared = _PREPARE[_kind(request)](self, pipe, request, generator)
         time_ids = prepared.pop("time_ids")
         if request.guidance_scale > 1.0:
             negative_time_ids = prepared.pop("negative_time_ids", time_ids)
@@ -220,6 +234,7 @@ class RowFactory:
     def _txt2img(self, pipe: StableDiffusionXLPipeline, request: GenerationRequest, generator: torch.Generator) -> dict:
         height, width = request.height, request.width
         timesteps, _ = retrieve_timesteps(pipe.scheduler, request.num_inference_steps, self.device)
+        timesteps = _until_switch(pipe, timesteps, request)
         latents = pipe.prepare_latents(
             1, pipe.unet.config.in_channels, height, width, self.dtype, self.device, generator
         )
@@ -234,6 +249,23 @@ class RowFactory:
         image = pipe.image_processor.preprocess(Image.fromarray(request.init_image))
         timesteps = self._partial_timesteps(pipe, request)
         latents = pipe.prepare_latents(image, timesteps[:1], 1, 1, self.dtype, self.device, generator)
+        timesteps = _until_switch(pipe, timesteps, request)
+        return {"timesteps": timesteps, "latents": latents, **self._partial_time_ids(pipe, request)}
+
+    def _refine(self, pipe: StableDiffusionXLImg2ImgPipeline, request: GenerationRequest, generator: torch.Generator) -> dict:
+        """The refiner stage, as `StableDiffusionXLImg2ImgPipeline` runs with `image` = the base's
+        latents: from `denoising_start = switch_at` without new noise (ensemble), or re-noised to
+        `strength` (post)."""
+        settings = request.refiner
+        ensemble = settings.mode == "ensemble"
+        latents = torch.from_numpy(request.handoff.latents)[None]
+        retrieve_timesteps(pipe.scheduler, settings.steps, self.device)
+        timesteps, _ = pipe.get_timesteps(
+            settings.steps, settings.strength or 0.0, self.device, denoising_start=settings.switch_at if ensemble else None
+        )
+        latents = pipe.prepare_latents(
+            latents, timesteps[:1], 1, 1, self.dtype, self.device, generator, add_noise=not ensemble
+        )
         return {"timesteps": timesteps, "latents": latents, **self._partial_time_ids(pipe, request)}
 
     def _inpaint(self, pipe: StableDiffusionXLInpaintPipeline, request: GenerationRequest, generator: torch.Generator) -> dict:
@@ -298,8 +330,11 @@ class RowFactory:
 
     def _partial_time_ids(self, pipe: DiffusionPipeline, request: GenerationRequest) -> dict:
         size = (request.height, request.width)
+        # The aesthetic scores count only for a UNet conditioned on them (`requires_aesthetics_score`):
+        # the refiner's; diffusers' defaults otherwise.
+        scores = (6.0, 2.5) if request.handoff is None else (request.refiner.aesthetic_score, request.refiner.negative_aesthetic_score)
         time_ids, negative_time_ids = pipe._get_add_time_ids(
-            size, (0, 0), size, 6.0, 2.5, size, (0, 0), size, dtype=self.dtype,
+            size, (0, 0), size, *scores, size, (0, 0), size, dtype=self.dtype,
             text_encoder_projection_dim=self._projection_dim(),
         )
         return {"time_ids": time_ids, "negative_time_ids": negative_time_ids}
@@ -308,7 +343,27 @@ class RowFactory:
         return self._base.text_encoder_2.config.projection_dim
 
 
-_PREPARE = {"txt2img": RowFactory._txt2img, "img2img": RowFactory._img2img, "inpaint": RowFactory._inpaint}
+_PREPARE = {
+    "txt2img": RowFactory._txt2img,
+    "img2img": RowFactory._img2img,
+    "inpaint": RowFactory._inpaint,
+    "refine": RowFactory._refine,
+}
+
+
+def _kind(request: GenerationRequest) -> str:
+    """How a row is prepared: the request's kind, or `refine` for a refiner stage."""
+    return "refine" if request.handoff is not None else request.kind
+
+
+def _until_switch(pipe: DiffusionPipeline, timesteps: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+    """The base stage of an ensemble stops at `switch_at`: the timesteps at or above the cut-off,
+    as diffusers' `denoising_end` keeps them."""
+    if request.refiner is None or request.refiner.mode != "ensemble":
+        return timesteps
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    cutoff = int(round(train_steps - request.refiner.switch_at * train_steps))
+    return timesteps[: int((timesteps >= cutoff).sum())]
 
 
 def decode(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from deployments.types import (
     ServiceError,
     TooManyRequestsError,
     engine_handle,
+    refiner_handle,
     unwrap_error,
 )
 from serve_app.jobs import webhooks
@@ -115,7 +116,7 @@ class JobManager:
             owner=owner,
             max_attempts=self._config.max_attempts,
             images=len(payload.requests),
-            progress_total=sum(r.denoising_steps() for r in payload.requests),
+            progress_total=sum(r.progress_steps() for r in payload.requests),
             webhook_url=webhook_url,
             payload=payload.to_json(),
         )
@@ -215,7 +216,7 @@ class JobManager:
 
         # A retried job starts again from step 0: what the store shows is held until this attempt
         # passes it, so progress never goes down.
-        progress = _Progress(write_progress, [r.denoising_steps() for r in requests], floor=job.progress_percent)
+        progress = _Progress(write_progress, [r.progress_steps() for r in requests], floor=job.progress_percent)
         async with asyncio.TaskGroup() as group:  # one image failing cancels the others
             tasks = [group.create_task(self._run_one(r, index, progress)) for index, r in enumerate(requests)]
         results = [task.result() for task in tasks]
@@ -233,15 +234,32 @@ class JobManager:
             self._notify(done)
 
     async def _run_one(self, request: GenerationRequest, index: int, progress: "_Progress") -> GenerationResult:
-        wait_s = _BUSY_RETRY_S[0]
+        """One image: its engine's stage, then (a refined request) the refiner's, with progress
+        counted over both: the refiner's steps are estimated until its stage reports them."""
         engine = engine_handle(self._engines, request, self._controlnet_roles)
+        refiner = refiner_handle(self._engines, request)
+        if refiner is None:
+            return await self._stream(engine, request, lambda step, total: progress.report(index, step, total))
+        later = request.refiner.refiner_steps()
+        handoff = await self._stream(engine, request, lambda step, total: progress.report(index, step, total + later))
+        done = handoff.steps
+        return await self._stream(
+            refiner, request, lambda step, total: progress.report(index, done + step, done + total), handoff
+        )
+
+    async def _stream(
+        self, engine: Any, request: GenerationRequest, report: Callable[[int, int], Awaitable], *args: Any
+    ) -> Any:
+        """One engine call, streaming its progress to `report`; a full engine is waited out with
+        backoff until the request's deadline."""
+        wait_s = _BUSY_RETRY_S[0]
         while True:
             stream = None
             try:
-                stream = engine.options(stream=True).generate_stream.remote(request)
+                stream = engine.options(stream=True).generate_stream.remote(request, *args)
                 async for event in stream:
                     if isinstance(event, ProgressEvent):
-                        await progress.report(index, event.step, event.total)
+                        await report(event.step, event.total)
                     else:
                         return event
                 raise RuntimeError("the engine stream ended without a result")

@@ -15,9 +15,10 @@ from PIL import Image
 from deployments.types import GenerationRequest
 
 #: Bump when the layout below changes; `from_json` refuses versions it does not know. 2 added
-#: `controlnets` (settings, image as PNG); a version-1 payload is read as one without them.
-PAYLOAD_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+#: `controlnets` (settings, image as PNG), 3 `refiner` (its settings); an older payload is read
+#: as one without them.
+PAYLOAD_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
 
 _IMAGE_FIELDS = ("init_image", "mask_image")
 
@@ -54,7 +55,8 @@ class JobPayload:
 
 
 def _request_to_json(request: GenerationRequest) -> dict[str, Any]:
-    data = request.model_dump(mode="json", exclude={*_IMAGE_FIELDS, "controlnets"})
+    # `handoff` is the refiner stage's input, made while a job runs: never stored.
+    data = request.model_dump(mode="json", exclude={*_IMAGE_FIELDS, "controlnets", "handoff"})
     for name in _IMAGE_FIELDS:
         pixels = getattr(request, name)
         data[name] = None if pixels is None else _png_base64(pixels)

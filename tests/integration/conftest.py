@@ -20,9 +20,9 @@ def served(app_args):
 
     from serve_app.builder import build_app
 
-    # Logical CPUs (the machine has two cores): the default graph reserves 4 — ingress 0.5, job
-    # manager 0.5, the base engine 1 and the canny and silhouette ControlNet variants 1 each.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs (the machine has two cores): the default graph reserves 5 — ingress 0.5, job
+    # manager 0.5, the base engine 1, the canny and silhouette ControlNet variants and the refiner 1 each.
+    ray.init(address="local", num_cpus=5, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")

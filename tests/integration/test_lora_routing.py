@@ -26,6 +26,7 @@ def two_replicas(served, tmp_path_factory):
     args["ingress"] = {**args["ingress"], "num_cpus": 0}
     args["jobs"] = {**args["jobs"], "num_cpus": 0}
     args["controlnets"] = {}  # no ControlNet deployment: not what this app tests
+    args["refiner"] = False  # no refiner deployment: not what this app tests
     serve.run(build_app(args), name="lora-routing", route_prefix="/routing")
     yield serve.get_deployment_handle("SDXLBase", app_name="lora-routing")
     serve.delete("lora-routing")

@@ -25,6 +25,7 @@ def overload_url(served, tmp_path):
         "ingress": {"num_cpus": 0, "max_ongoing_requests": 10, "max_queued_requests": 4},
         "jobs": {"num_cpus": 0},
         "controlnets": {},  # no ControlNet deployment: not what this app tests
+        "refiner": False,  # no refiner deployment: not what this app tests
     }
     serve.run(build_app(args), name="overload", route_prefix="/overload")
     try:
