@@ -20,8 +20,9 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TINY_CONTROLNET_DIRS, TINY_LORA_DIR, TINY_MODEL_DIR, TINY_REFINER_DIR
+from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TINY_CONTROLNET_DIRS, TINY_LORA_DIR, TINY_MODEL_DIR, TinyRefinerSpec, TinySpec
 from deployments.canny import canny
+from deployments.pipelines import load_refiner
 from training import judge, shapes
 
 STEPS = 20
@@ -125,15 +126,6 @@ def img2img(pipe, scene: shapes.Scene, strengths=(0.2, 0.6, 0.95)) -> dict:
     }
 
 
-def load_refiner(pipe: StableDiffusionXLPipeline) -> StableDiffusionXLImg2ImgPipeline:
-    """The tiny refiner, sharing the base's VAE and second text encoder as SDXL's refiner does."""
-    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        TINY_REFINER_DIR, text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2, vae=pipe.vae, dtype=torch.float32
-    )
-    refiner.set_progress_bar_config(disable=True)
-    return refiner
-
-
 def refiner_sharpness(pipe, refiner: StableDiffusionXLImg2ImgPipeline, scene: shapes.Scene, **refiner_kwargs) -> dict:
     """The base alone (REFINER_STEPS steps) against the base to `denoising_end=HANDOVER` and the
     refiner from there, on the same prompts and seeds: mean `judge.edge_sharpness` both ways, the
@@ -186,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         "inpainting": inpainting(pipe),
         "img2img_distance": img2img(pipe, held_out_scenes(8, seed=7)),
         "lora": lora_palette(scene, plain),
-        "refiner": refiner_sharpness(pipe, load_refiner(pipe), scene),
+        "refiner": refiner_sharpness(pipe, load_refiner(TinyRefinerSpec(), TinySpec(device="cpu")), scene),
     }
     for group, values in scores.items():
         print(f"{group:<18}" + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
