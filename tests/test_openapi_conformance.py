@@ -50,8 +50,12 @@ schemathesis.openapi.format("binary", st.sampled_from(_UPLOADS))
 schemathesis.openapi.format("byte", st.sampled_from([base64.b64encode(data).decode() for data in _UPLOADS]))
 
 
+#: The served model's default steps (the refiner's post-pass counts from it).
+DEFAULT_STEPS = 4
+
+
 def _config(state_dir) -> AppArgs:
-    model = {"source": "tiny", "default_steps": 4, "default_size": [64, 64]}
+    model = {"source": "tiny", "default_steps": DEFAULT_STEPS, "default_size": [64, 64]}
     return AppArgs.model_validate(
         {"state_dir": str(state_dir), "model": model, "limits": LIMITS, "jobs": JOBS}
     ).with_state_paths()
@@ -114,7 +118,7 @@ def _unstatable(case) -> bool:
     for item in items:
         refiner = item.get("refiner")
         if isinstance(refiner, dict) and refiner.get("mode") == "post":
-            steps = refiner.get("steps") or item.get("num_inference_steps") or params.get("num_inference_steps") or 20
+            steps = refiner.get("steps") or item.get("num_inference_steps") or params.get("num_inference_steps") or DEFAULT_STEPS
             if int(steps * (refiner.get("strength") or 0.3)) < 1:
                 return True
         controls = item.get("controlnet")

@@ -72,6 +72,7 @@ def test_serve_deploy_status_and_request(head_node, tmp_path):
         "SDXLBase": "HEALTHY",
         "SDXLControlNet-canny": "HEALTHY",  # one deployment per ControlNet variant
         "SDXLControlNet-silhouette": "HEALTHY",
+        "SDXLRefiner": "HEALTHY",
     }
 
     response = httpx.post(
