@@ -9,7 +9,7 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 
 from configs.model_spec import TINY_MODEL_DIR, TINY_REFINER_DIR
 from training import judge, shapes
-from training.train_tiny import SOFT_SCORE, main as train_main
+from training.train_tiny import SOFT_SCORE, main as train_main, soft_render
 
 
 def _blur(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -23,8 +23,22 @@ def test_edge_sharpness_ranks_renders_above_softened_ones_and_ignores_noise():
     sharp, soft, softer = (judge.edge_sharpness(x) for x in (images, _blur(images, 3), _blur(images, 7)))
     assert 0.4 < sharp.mean() < 0.5  # one pixel of anti-aliasing: about half the contrast per pixel
     assert (sharp > soft + 0.1).all() and (soft > softer + 0.05).all()
+    assert (judge.edge_sharpness(soft_render(scene, torch.full((16,), 3.0), 128)) < sharp - 0.15).all()
     assert (judge.edge_sharpness((images + noise).clamp(0, 1)) - sharp).abs().max() < 0.05
     assert (judge.edge_sharpness((_blur(images, 3) + noise).clamp(0, 1)) < sharp - 0.1).all()
+
+
+def test_soft_renders_keep_the_outline():
+    """Soft edges without moving the outline: the pixels at least half way to the shape's colour
+    are the silhouette's, the ramp reaches past it, and every shape still reads as itself."""
+    scene = shapes.sample_scenes(16, torch.Generator().manual_seed(2))
+    soft = soft_render(scene, torch.full((16,), 5.0), 128)
+    foreground, background = (shapes.palette()[index][:, :, None, None] for index in (scene.colour, scene.background))
+    share = ((soft - background) * (foreground - background)).sum(1) / (foreground - background).pow(2).sum(1)
+    silhouette = shapes.silhouette(scene)[:, 0] > 0
+    assert judge.mask_iou(share >= 0.5, silhouette).min() > 0.95
+    assert (share > 0.01).sum() > 1.3 * silhouette.sum()
+    assert torch.equal(judge.classify_shapes(soft), scene.shape)
 
 
 def test_refiner_stage_writes_only_its_folder(tmp_path):

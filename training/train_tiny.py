@@ -26,7 +26,8 @@ Stages, in order (``--stages`` picks some; a stage that is not run reads its inp
    the last 20% of denoising (timesteps below 200) with the base, VAE and text encoders frozen.
    Sharp renders are labelled aesthetic score 6.0 and soft-edged ones 2.5, diffusers' default
    ``aesthetic_score`` and ``negative_aesthetic_score``, so classifier-free guidance with the
-   defaults steers away from soft edges. It starts from the trained base UNet's weights.
+   defaults steers away from soft edges. It starts from the trained base UNet's weights; its
+   scenes are encoded once by the frozen VAE into a latent pool, each drawn about 10 times.
 
 Everything is seeded: the initial weights (``--seed``), each stage's scene stream and noise. The
 same command on the same device type gives the same weights; GPU kernels may differ in the last
