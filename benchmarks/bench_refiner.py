@@ -7,8 +7,9 @@ and how the base and refiner deployments' replica counts should relate.
 
 One Serve app: the base deployment and the refiner deployment, each replica given --engine-gpus
 (0.5: both on one GPU). Then:
-1. `alone`: one client, --requests base-only requests, then as many refined (ensemble at
-   --switch-at): each kind's latency with nothing else running;
+1. `alone`: one client, --requests base-only and as many refined requests (ensemble at
+   --switch-at), taking turns so that clocks and caches warming up weigh on both kinds alike:
+   each kind's latency with nothing else running;
 2. `half`: --clients clients in a closed loop, every other request refined: throughput, each
    kind's latency, and each deployment's busy seconds (the engines' summed UNet-forward time,
    from their stats): their ratio is the replica ratio that keeps both equally busy.
@@ -67,7 +68,7 @@ def main() -> None:
         asyncio.run(closed_loop(url, path, 2, [{**body, "seed": i} for i, body in enumerate([plain, refined] * 2)]))  # warm-up
 
         # 1. One request at a time.
-        bodies = [{**plain, "seed": i} for i in range(args.requests)] + [{**refined, "seed": i} for i in range(args.requests)]
+        bodies = [{**body, "seed": i} for i in range(args.requests) for body in (plain, refined)]
         answers, _ = asyncio.run(closed_loop(url, path, 1, bodies))
         report["rows"].append({"workload": "alone", "p50_s": _by_kind(answers)})
         save()
@@ -83,6 +84,7 @@ def main() -> None:
         after = busy()
         steps = {role: after[role]["row_steps"] - before[role]["row_steps"] for role in handles}
         forwards = {role: after[role]["forwards"] - before[role]["forwards"] for role in handles}
+        busy_s = {role: round(after[role]["forward_s"] - before[role]["forward_s"], 3) for role in handles}
         report["rows"].append(
             {
                 "workload": "half",
@@ -91,6 +93,9 @@ def main() -> None:
                 "row_steps": steps,
                 "forwards": forwards,
                 "rows_per_forward": {role: round(steps[role] / forwards[role], 2) if forwards[role] else None for role in handles},
+                "busy_s": busy_s,
+                # Replicas of the base per refiner replica that keep both equally busy at this mix.
+                "base_per_refiner": round(busy_s["base"] / busy_s["refiner"], 2) if busy_s["refiner"] else None,
                 "mean_batch": round(statistics.fmean(int(r.headers["x-batch-size"]) for _, _, r in answers), 2),
             }
         )
@@ -100,7 +105,8 @@ def main() -> None:
     print(f"ready in {report['ready_s']} s; {args.size}², {args.steps} steps, switch at {args.switch_at}, engine GPUs {args.engine_gpus}")
     print(f"alone: p50 base {alone['p50_s'].get('base')} s, refined {alone['p50_s'].get('refined')} s")
     print(f"half refined, {args.clients} clients: {half['req_per_s']} req/s, p50 {half['p50_s']}, "
-          f"row-steps {half['row_steps']}, rows/forward {half['rows_per_forward']}")
+          f"row-steps {half['row_steps']}, rows/forward {half['rows_per_forward']}, busy s {half['busy_s']} "
+          f"(base replicas per refiner replica: {half['base_per_refiner']})")
     print(f"wrote {args.out / 'bench_refiner.json'}")
 
 

@@ -202,6 +202,6 @@ refiner)
   # The full-size base and refiner (random weights) at num_gpus 0.5 each on one GPU, eager fp16,
   # 1024², 30 steps, ensemble at 0.8.
   python3 benchmarks/bench_refiner.py --model "$base" --refiner '{"source": "sdxl-arch"}' --size 1024 --steps 30 \
-    --switch-at 0.8 --requests 4 --clients 16 --rounds 2 --engine-gpus 0.5 --engine-cpus 4 --ray-cpus 10 --out "$OUT/refiner"
+    --switch-at 0.8 --requests ${REQUESTS:-8} --clients 16 --rounds 2 --engine-gpus 0.5 --engine-cpus 4 --ray-cpus 10 --out "$OUT/refiner"
   ;;
 esac
