@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_suite.sh controlnet # in-process: step-time overhead of ControlNet rows, full-size ControlNet (needs no Ray)
 #   bash benchmarks/gpu_suite.sh controlnet_http # over HTTP: a ControlNet variant under load, base + variant sharing one GPU
 #   bash benchmarks/gpu_suite.sh refiner    # over HTTP: base-only vs refined latency, half refined under load, replica ratio
+#   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
@@ -24,7 +25,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http or refiner}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner or hires}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -203,5 +204,11 @@ refiner)
   # 1024², 30 steps, ensemble at 0.8.
   python3 benchmarks/bench_refiner.py --model "$base" --refiner '{"source": "sdxl-arch"}' --size 1024 --steps 30 \
     --switch-at 0.8 --requests ${REQUESTS:-8} --clients 16 --rounds 2 --engine-gpus 0.5 --engine-cpus 4 --ray-cpus 10 --out "$OUT/refiner"
+  ;;
+hires)
+  # 30 steps at 1024², then 15 at 2048² (38 scheduler steps at strength 0.4), eager fp16: one image
+  # and a batch of 4, the VAE tiled above 1024² (the served default) and untiled.
+  python3 benchmarks/bench_hires.py --model "$base" --size 1024 --target 2048 --steps 30 --hires-steps 38 --strength 0.4 \
+    --batches 1,4 --repeats 2 --out "$OUT/hires"
   ;;
 esac

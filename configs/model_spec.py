@@ -58,6 +58,15 @@ class OptimizeConfig(BaseModel):
         ),
     )
     vae_slicing: bool = Field(False, description="Decode a batch one image at a time (less memory, slower).")
+    vae_tiling_above_pixels: Optional[int] = Field(
+        1024 * 1024,
+        ge=0,
+        description=(
+            "VAE encodes and decodes of images above this many pixels run in overlapping tiles of the "
+            "VAE's `sample_size` (diffusers' tiling): bounded memory for 2048² images, seams blended. "
+            "Null: never tiled."
+        ),
+    )
     fp8: bool = Field(
         False,
         description="Opt-in float8 (torchao dynamic activation + weight) for the UNet's linear layers; Hopper or newer.",

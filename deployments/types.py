@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Mapping, Optional, Protocol
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from configs.app_args import LimitsConfig
 from configs.schedulers import SCHEDULERS, canonical_scheduler
@@ -346,6 +346,103 @@ class RefinerSettings(BaseModel):
         return max(1, min(int(self.steps * self.strength), self.steps))
 
 
+HiresUpscaler = Literal["latent", "lanczos"]
+#: The hires pass's defaults: twice the first pass's size, 40% of the picture redrawn (enough to
+#: add detail at the new size, little enough to keep the first pass's composition), PIL's Lanczos.
+DEFAULT_HIRES_SCALE = 2.0
+DEFAULT_HIRES_STRENGTH = 0.4
+DEFAULT_HIRES_UPSCALER: HiresUpscaler = "lanczos"
+
+
+#: "width with height, and not with scale" in JSON Schema, so schema-valid bodies are the ones the
+#: server accepts.
+_HIRES_SIZE_GIVEN_ONCE = {
+    "dependentRequired": {"width": ["height"], "height": ["width"]},
+    "not": {"required": ["scale", "width"]},
+}
+
+
+class HiresSettings(BaseModel):
+    """A second, image-to-image pass at a larger size (a "hires fix"): the fields the HTTP schema
+    and this contract share."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_HIRES_SIZE_GIVEN_ONCE)
+
+    scale: Optional[float] = Field(
+        None,
+        gt=1.0,
+        le=4.0,
+        description=(
+            f"The second pass's size as a multiple of the first's, each side rounded to a multiple of 8. "
+            f"Absent (and no width/height): {DEFAULT_HIRES_SCALE}."
+        ),
+    )
+    width: Side = Field(None, description="The second pass's width in pixels (with height; instead of scale).")
+    height: Side = Field(None, description="The second pass's height in pixels (with width; instead of scale).")
+    strength: Optional[float] = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "How much of the upscaled image is noised and drawn again; runs int(steps × strength) steps. "
+            f"Absent: {DEFAULT_HIRES_STRENGTH} (the latent upscaler blurs: give it 0.5 or more)."
+        ),
+    )
+    steps: Steps = Field(None, description="The second pass's scheduler steps (its img2img schedule). Absent: the request's num_inference_steps.")
+    upscaler: Optional[HiresUpscaler] = Field(
+        None,
+        description=(
+            "lanczos: the first pass is decoded, resized with PIL's Lanczos filter and encoded again; "
+            f"latent: its latents are resized (bilinear), no VAE round trip. Absent: {DEFAULT_HIRES_UPSCALER}."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self) -> "HiresSettings":
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give hires.width and hires.height together")
+        if self.scale is not None and self.width is not None:
+            raise ValueError("give hires.scale or hires.width and hires.height, not both")
+        return self
+
+    def resolved(self, width: int, height: int, steps: int) -> "HiresSettings":
+        """These settings with defaults filled in and the target size set, for a first pass of
+        `width` x `height` and `steps` steps. Raises 400s naming the field."""
+        if self.width is None:
+            scale = self.scale or DEFAULT_HIRES_SCALE
+            target = (max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8))
+        else:
+            target = (self.width, self.height)
+        for name, side, first in (("width", target[0], width), ("height", target[1], height)):
+            if side < first:
+                raise InvalidRequestError(
+                    f"hires.{name} {side} is below the first pass's {name} {first}; the hires pass enlarges",
+                    param=f"hires.{name}",
+                    code="invalid_size",
+                )
+        resolved = self.model_copy(  # the target size replaces the scale: stored jobs read it back
+            update={
+                "scale": None,
+                "width": target[0],
+                "height": target[1],
+                "strength": self.strength or DEFAULT_HIRES_STRENGTH,
+                "steps": self.steps or steps,
+                "upscaler": self.upscaler or DEFAULT_HIRES_UPSCALER,
+            }
+        )
+        if int(resolved.steps * resolved.strength) < 1:
+            raise InvalidRequestError(
+                f"hires.strength {resolved.strength!r} × hires.steps {resolved.steps} is below one step; raise either",
+                param="hires.strength",
+                code="invalid_value",
+            )
+        return resolved
+
+    def pass_steps(self) -> int:
+        """Steps the second pass runs (resolved settings): img2img's int(steps × strength)."""
+        return min(int(self.steps * self.strength), self.steps)
+
+
 @dataclass
 class Handoff:
     """What the base stage of a refined request hands the refiner: its latents (as diffusers'
@@ -406,6 +503,9 @@ class GenerationRequest(BaseModel):
     handoff: Optional[Handoff] = Field(
         None, description="Set by the router for the refiner stage only: the base stage's latents and generator."
     )
+    hires: Optional[HiresSettings] = Field(
+        None, description="txt2img: a second, image-to-image pass at a larger size on the same engine; absent: one pass."
+    )
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     deadline: Optional[float] = Field(
         None,
@@ -423,6 +523,16 @@ class GenerationRequest(BaseModel):
         names = [control.name for control in value]
         if len(set(names)) < len(names):
             raise ValueError(f"names a ControlNet more than once ({names}); give each once")
+        return value
+
+    @field_validator("hires")
+    @classmethod
+    def _hires_fits(cls, value: Optional[HiresSettings], info: ValidationInfo) -> Optional[HiresSettings]:
+        # A field validator (kind and refiner are validated before it), so the error names `hires`.
+        if value is not None and info.data.get("kind") != "txt2img":
+            raise ValueError("hires applies to kind 'txt2img' only")
+        if value is not None and info.data.get("refiner") is not None:
+            raise ValueError("hires and refiner cannot be combined (yet): ask for one")
         return value
 
     @field_validator("mask_image")
@@ -500,11 +610,14 @@ class GenerationRequest(BaseModel):
                 param="refiner.strength",
                 code="invalid_value",
             )
+        width = self.width if self.width is not None else width
+        height = self.height if self.height is not None else height
         return self.model_copy(
             update={
                 "refiner": refiner,
-                "width": self.width if self.width is not None else width,
-                "height": self.height if self.height is not None else height,
+                "hires": None if self.hires is None else self.hires.resolved(width, height, steps),
+                "width": width,
+                "height": height,
                 "strength": self.strength if self.strength is not None else DEFAULT_STRENGTH.get(self.kind),
                 "num_inference_steps": steps,
                 "guidance_scale": (
@@ -527,10 +640,12 @@ class GenerationRequest(BaseModel):
         return max(1, min(int(steps * self.strength), steps))
 
     def progress_steps(self) -> int:
-        """Steps of both stages (resolved request): what progress totals count. Before the switch
+        """Steps of both stages or passes (resolved request): what progress totals count. Before the switch
         the base runs `switch_at` of its schedule (rounded as diffusers' cut-off rounds it for
         first-order schedulers); the engines' own counts replace the estimate as stages run."""
         steps = self.denoising_steps()
+        if self.hires is not None:
+            return steps + self.hires.pass_steps()
         if self.refiner is None:
             return steps
         if self.refiner.mode == "ensemble":
@@ -729,13 +844,16 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig) -> None:
             raise InvalidRequestError(
                 f"{name} {side} is below the minimum of {limits.min_side}", param=name, code="invalid_size"
             )
-    if request.width * request.height > limits.max_pixels:
-        raise InvalidRequestError(
-            f"size {request.width}x{request.height} is {request.width * request.height} pixels; "
-            f"the limit is {limits.max_pixels}",
-            param="width",
-            code="invalid_size",
-        )
+    sizes = {"width": (request.width, request.height)}
+    if request.hires is not None:
+        sizes["hires.width"] = (request.hires.width, request.hires.height)
+    for param, (width, height) in sizes.items():
+        if width * height > limits.max_pixels:
+            raise InvalidRequestError(
+                f"size {width}x{height} is {width * height} pixels; the limit is {limits.max_pixels}",
+                param=param,
+                code="invalid_size",
+            )
     if len(request.loras) > limits.max_loras:
         raise InvalidRequestError(
             f"{len(request.loras)} LoRAs were asked for; the limit is {limits.max_loras}", param="loras", code="too_many_loras"
@@ -743,6 +861,8 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig) -> None:
     steps = {"num_inference_steps": request.num_inference_steps}
     if request.refiner is not None:
         steps["refiner.steps"] = request.refiner.steps
+    if request.hires is not None:
+        steps["hires.steps"] = request.hires.steps
     for name, count in steps.items():
         if count > limits.max_steps:
             raise InvalidRequestError(

@@ -99,7 +99,7 @@ def _deployment_constraints(args: AppArgs) -> dict[str, dict[str, Any]]:
     items = {"maxItems": args.jobs.max_batch_items}
     return {
         "num_inference_steps": {"maximum": limits.max_steps},
-        "steps": {"maximum": limits.max_steps},  # the refiner's
+        "steps": {"maximum": limits.max_steps},  # the refiner's and the hires pass's
         "n": {"maximum": limits.max_n},
         "prompt": text,
         "negative_prompt": text,

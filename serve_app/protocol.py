@@ -36,6 +36,7 @@ from deployments.types import (
     MaskBlur,
     NegativePrompt,
     PaddingMaskCrop,
+    HiresSettings,
     RefinerSettings,
     Preprocessor,
     Prompt,
@@ -190,6 +191,19 @@ class _Refined(_Strict):
     )
 
 
+class _Hires(_Strict):
+    """The hires pass, for text-to-image."""
+
+    hires: Annotated[Optional[HiresSettings], json_form_part("a JSON object")] = Field(
+        None,
+        description=(
+            "A second, image-to-image pass at a larger size (a \"hires fix\"): `{scale | width + height, "
+            "strength, steps, upscaler: \"lanczos\" | \"latent\"}`; the first pass runs at width x height. "
+            "In multipart forms: the same JSON as a text part."
+        ),
+    )
+
+
 class _Img2Img(_Strict):
     image: ImageUpload = Field(..., description="The starting image.")
     strength: Strength = None
@@ -216,7 +230,7 @@ class _NativeResponse(_Strict):
 # Field order in the schema follows the bases from last to first: the prompt comes first.
 
 
-class Txt2ImgRequest(_NativeResponse, _Encoded, _Sized, _Refined, _Settings, _Prompted):
+class Txt2ImgRequest(_NativeResponse, _Encoded, _Sized, _Hires, _Refined, _Settings, _Prompted):
     """Native `POST /v1/txt2img` body."""
 
 
@@ -257,7 +271,7 @@ class _OpenAIImageOptions(_Strict):
         return int(width), int(height)
 
 
-class ImageGenerationRequest(_OpenAIImageOptions, _Encoded, _Refined, _Settings, _Prompted):
+class ImageGenerationRequest(_OpenAIImageOptions, _Encoded, _Hires, _Refined, _Settings, _Prompted):
     """OpenAI-compatible `POST /v1/images/generations` body."""
 
 
@@ -315,7 +329,7 @@ class ErrorResponse(BaseModel):
 # item also leaves the encoding to the batch (`output_format` once, at the top level).
 
 
-class Txt2ImgJobParams(_Encoded, _Sized, _Refined, _Settings, _Prompted):
+class Txt2ImgJobParams(_Encoded, _Sized, _Hires, _Refined, _Settings, _Prompted):
     """`params` of a txt2img job: the `/v1/txt2img` body without `response_format`."""
 
 
@@ -327,7 +341,7 @@ class InpaintJobParams(_Encoded, _Sized, _Inpaint, _Settings, _Prompted):
     """`params` of an inpaint job (base64 `image` and `mask`)."""
 
 
-class Txt2ImgItemParams(_Sized, _Refined, _Settings, _Prompted):
+class Txt2ImgItemParams(_Sized, _Hires, _Refined, _Settings, _Prompted):
     """A txt2img request in a batch."""
 
 
@@ -339,7 +353,7 @@ class InpaintItemParams(_Sized, _Inpaint, _Settings, _Prompted):
     """An inpaint request in a batch (base64 `image` and `mask`)."""
 
 
-class SharedTxt2ImgParams(_Sized, _Refined, _Settings):
+class SharedTxt2ImgParams(_Sized, _Hires, _Refined, _Settings):
     """Settings every prompt of a `prompts` batch shares (everything but the prompt)."""
 
 

@@ -96,10 +96,10 @@ class ImageServing:
         self.check_n(body.n)
         with _size_is_one_field():
             width, height = _checked_size(body.parsed_size())
-            return self._requests(body, "txt2img", width, height, n=body.n, refiner=body.refiner)
+            return self._requests(body, "txt2img", width, height, n=body.n, refiner=body.refiner, hires=body.hires)
 
     def requests_for_txt2img(self, body: Any, n: int = 1) -> list[GenerationRequest]:
-        return self._requests(body, "txt2img", body.width, body.height, n=n, refiner=body.refiner)
+        return self._requests(body, "txt2img", body.width, body.height, n=n, refiner=body.refiner, hires=body.hires)
 
     def requests_for_img2img(self, body: Any, n: int = 1) -> list[GenerationRequest]:
         image = image_inputs.open_image(body.image, "image", self._args.limits)

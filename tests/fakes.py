@@ -113,7 +113,8 @@ class FakeEngine:
         arrived = time.perf_counter()
         async with self._slots:
             started = time.perf_counter()
-            steps = request.denoising_steps()
+            # A hires request's two passes run on one engine: its progress counts both.
+            steps = request.progress_steps() if request.hires is not None else request.denoising_steps()
             for step in range(1, steps + 1):
                 await asyncio.sleep(self.delay_s / steps)
                 yield ProgressEvent(step, steps)
@@ -124,7 +125,8 @@ class FakeEngine:
                 return
             if request.handoff is not None:
                 colour = 255 - int(request.handoff.latents.flat[0])
-            image = np.full((request.height, request.width, 3), colour, dtype=np.uint8)
+            size = request.hires or request
+            image = np.full((size.height, size.width, 3), colour, dtype=np.uint8)
             yield GenerationResult(
                 request.request_id,
                 image,

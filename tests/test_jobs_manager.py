@@ -10,7 +10,7 @@ import pytest
 
 from configs.model_spec import TinySpec
 from deployments.types import EngineError, GenerationRequest, GenerationResult, InvalidRequestError, OverloadedError, ProgressEvent
-from deployments.types import ConflictError, ControlRef, NotFoundError, RefinerSettings, TooManyRequestsError
+from deployments.types import ConflictError, ControlRef, NotFoundError, HiresSettings, RefinerSettings, TooManyRequestsError
 from serve_app.jobs.manager import JobManager
 from serve_app.jobs.payload import JobPayload
 from serve_app.jobs.store import JobRecord, SqliteJobStore
@@ -390,12 +390,17 @@ def test_jobs_are_stored_as_versioned_json_in_private_files(tmp_path):
     job_id = asyncio.run(scenario())
     (raw,) = sqlite3.connect(tmp_path / "jobs.sqlite3").execute("SELECT payload FROM jobs WHERE id = ?", (job_id,)).fetchone()
     stored = json.loads(raw)
-    assert stored["version"] == 3 and stored["output_format"] == "webp" and "handoff" not in stored["requests"][0]
+    assert stored["version"] == 4 and stored["output_format"] == "webp" and "handoff" not in stored["requests"][0]
     restored = JobPayload.from_json(stored).requests[0]
     assert np.array_equal(restored.init_image, image) and restored.seed == 4 and restored.strength == 0.75
     assert restored.refiner == RefinerSettings(mode="post", strength=0.5, steps=4)  # stored resolved
     version_2 = {**stored, "version": 2, "requests": [{k: v for k, v in stored["requests"][0].items() if k != "refiner"}]}
     assert JobPayload.from_json(version_2).requests[0].refiner is None
+    version_3 = {**stored, "version": 3, "requests": [{k: v for k, v in stored["requests"][0].items() if k != "hires"}]}
+    assert JobPayload.from_json(version_3).requests[0].hires is None
+    hires = GenerationRequest(prompt="p", width=64, height=64, hires=HiresSettings(scale=1.5)).with_defaults(TinySpec())
+    (hires_back,) = JobPayload.from_json(json.loads(json.dumps(JobPayload([hires]).to_json()))).requests
+    assert hires_back.hires == hires.hires and hires_back.hires.width == 96  # stored resolved: the size, not the scale
     (restored_control,) = restored.controlnets
     assert np.array_equal(restored_control.image, control.image)
     assert restored_control.model_dump(exclude={"image"}) == control.model_dump(exclude={"image"})

@@ -50,12 +50,13 @@ schemathesis.openapi.format("binary", st.sampled_from(_UPLOADS))
 schemathesis.openapi.format("byte", st.sampled_from([base64.b64encode(data).decode() for data in _UPLOADS]))
 
 
-#: The served model's default steps (the refiner's post-pass counts from it).
+#: The served model's default steps (the refiner's post-pass counts from it) and size.
 DEFAULT_STEPS = 4
+DEFAULT_SIZE = (64, 64)
 
 
 def _config(state_dir) -> AppArgs:
-    model = {"source": "tiny", "default_steps": DEFAULT_STEPS, "default_size": [64, 64]}
+    model = {"source": "tiny", "default_steps": DEFAULT_STEPS, "default_size": list(DEFAULT_SIZE)}
     return AppArgs.model_validate(
         {"state_dir": str(state_dir), "model": model, "limits": LIMITS, "jobs": JOBS}
     ).with_state_paths()
@@ -111,7 +112,7 @@ def _unstatable(case) -> bool:
     closes (`guidance_start < guidance_end`, a comparison of two fields), a request names each
     ControlNet once and only ControlNets hosted together (here each is a variant of its own, so
     one name; a rule across items), and a refiner post-pass runs at least one step (a product of
-    fields and a model default); such bodies get a 400."""
+    fields and a model default), as does a hires pass (`_hires_refused`); such bodies get a 400."""
     body = case.body if isinstance(case.body, dict) else {}
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
     items = [body, params, *(r.get("params", r) for r in body.get("requests", []) if isinstance(r, dict))]
@@ -121,6 +122,8 @@ def _unstatable(case) -> bool:
             steps = refiner.get("steps") or item.get("num_inference_steps") or params.get("num_inference_steps") or DEFAULT_STEPS
             if int(steps * (refiner.get("strength") or 0.3)) < 1:
                 return True
+        if isinstance(item.get("hires"), dict) and _hires_refused(item, params):
+            return True
         controls = item.get("controlnet")
         controls = controls if isinstance(controls, list) else [controls]
         names = [control.get("name") for control in controls if isinstance(control, dict)]
@@ -130,6 +133,33 @@ def _unstatable(case) -> bool:
             if isinstance(control, dict) and control.get("guidance_start", 0.0) >= control.get("guidance_end", 1.0):
                 return True
     return False
+
+
+def _hires_refused(item: dict, params: dict) -> bool:
+    """The hires rules across fields: not with the refiner, width with height and not with scale
+    (given as values), its size at least the first pass's and within `max_pixels`, at least one
+    step."""
+    hires = item["hires"]
+    if item.get("refiner") is not None or params.get("refiner") is not None:
+        return True
+    # The schema says which keys go together; a null among them counts as absent to the server.
+    if (hires.get("width") is None) != (hires.get("height") is None) or None not in (hires.get("scale"), hires.get("width")):
+        return True
+    width, height = DEFAULT_SIZE
+    size = item.get("size")
+    if isinstance(size, str) and "x" in size:
+        width, height = (int(side) for side in size.split("x"))
+    width, height = item.get("width") or params.get("width") or width, item.get("height") or params.get("height") or height
+    if hires.get("width") is not None:
+        target = hires["width"], hires["height"]
+    else:
+        scale = hires.get("scale") or 2.0
+        target = max(8, round(width * scale / 8) * 8), max(8, round(height * scale / 8) * 8)
+    steps = hires.get("steps") or item.get("num_inference_steps") or params.get("num_inference_steps") or DEFAULT_STEPS
+    return (
+        target[0] < width or target[1] < height or target[0] * target[1] > LIMITS["max_pixels"]
+        or int(steps * (hires.get("strength") or 0.4)) < 1
+    )
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=[operation.label for operation in OPERATIONS])

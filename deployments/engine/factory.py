@@ -81,6 +81,7 @@ class EngineFactory:
             adapters=adapters,
             controlnets=controlnets,
             refiner=self.refiner is not None,
+            vae_tiling_above=spec.optimize.vae_tiling_above_pixels,
             observer=observer,
         )
         compile_cache = None

@@ -16,7 +16,9 @@ Each `step()`:
    blend per row), and reports their progress;
 5. retires the rows that finished: one VAE pass per shape, then each caller is answered; the base
    stage of a refined request is answered with its latents and generator state instead (no
-   decode), which a refiner engine (`refiner=True`) continues as a row of its own.
+   decode), which a refiner engine (`refiner=True`) continues as a row of its own; the first pass
+   of a hires request becomes its second pass's row, active from the next step (images above
+   `vae_tiling_above` pixels are encoded and decoded in tiles).
 
 Two admission policies share this loop: `step` (the default) admits between any two steps;
 `request` admits only into an empty engine, after waiting up to `batch_wait_s` for a batch to form
@@ -41,7 +43,7 @@ from deployments.engine.calls import CallPlanner
 from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
 from deployments.engine.controlnets import check_hosted, residuals
 from deployments.engine.lora import AdapterCache, rows_on_slots
-from deployments.engine.rows import Row, RowFactory, decode, to_pixels
+from deployments.engine.rows import Row, RowFactory, decode, to_pixels, vae_tiling
 from deployments.engine.sharing import forward_key
 from deployments.types import ControlRef, EngineError, GenerationRequest, InvalidRequestError, OverloadedError, ServiceError
 
@@ -95,6 +97,7 @@ class StepEngine:
         adapters: Optional[AdapterCache] = None,
         controlnets: Optional[Mapping[str, ControlNetModel]] = None,
         refiner: bool = False,
+        vae_tiling_above: Optional[int] = None,
         observer: Optional[EngineObserver] = None,
     ):
         """`max_rows`: most requests denoising at once. `max_waiting`: most requests waiting to be
@@ -103,7 +106,8 @@ class StepEngine:
         is an unconditional and a conditional UNet row), a decode at these. `adapters`: the LoRA
         sets rows may use (None: requests with LoRAs are refused). `controlnets`: the ControlNets
         this engine hosts, by name (requests naming another are refused). `refiner`: `pipeline` is a
-        refiner, which runs the refiner stage of requests (those with a `handoff`) and nothing else."""
+        refiner, which runs the refiner stage of requests (those with a `handoff`) and nothing else.
+        `vae_tiling_above`: VAE encodes and decodes of images above this many pixels run tiled."""
         if scheduling not in ("step", "request"):
             raise ValueError(f"scheduling {scheduling!r} must be 'step' or 'request'")
         self._pipe = pipeline
@@ -117,6 +121,7 @@ class StepEngine:
         self.adapters = adapters
         self.controlnets = dict(controlnets or {})
         self.refiner = refiner
+        self.vae_tiling_above = vae_tiling_above
         self._warm_slot: Optional[int] = None  # the slot every row takes while warming up adapters
         self._observer = observer or _NoObserver()
         self._lock = threading.Condition()
@@ -348,7 +353,7 @@ class StepEngine:
         for row, noise_pred in zip(rows, noise_preds):
             row.advance(noise_pred)
             row.shared_with = max(row.shared_with, len(rows))
-            row.control.report(row.index, len(row.timesteps))
+            row.report()
         seconds = time.perf_counter() - started
         with self._lock:
             self._stats.forwarded(len(rows), seconds)
@@ -398,7 +403,11 @@ class StepEngine:
             return
         self._active = [row for row in self._active if not row.done]
         for row in finished:
-            self._release(row)
+            if not row.upscales:  # a hires first pass hands its LoRA slot to its second pass
+                self._release(row)
+        for row in finished:
+            if row.upscales and row.request.hires.upscaler == "latent":
+                self._start_hires(row)
         for row in finished:
             if row.hands_off:  # no decode: the refiner stage continues from the latents
                 self._finish(row, LatentsOutput(
@@ -407,18 +416,43 @@ class StepEngine:
                     steps=len(row.timesteps),
                     **self._output_fields(row, time.perf_counter()),
                 ))
-        for rows in _sharing_groups([row for row in finished if not row.hands_off]):  # one decode per shape
+        decoded = [row for row in finished if not row.hands_off and not (row.upscales and row.request.hires.upscaler == "latent")]
+        for rows in _sharing_groups(decoded):  # one decode per shape
             try:
                 images = self._decode(torch.cat([row.latents for row in rows]))
-                pixels = [to_pixels(self._pipe, row, image) for row, image in zip(rows, images)]
+                pixels = [None if row.upscales else to_pixels(self._pipe, row, image) for row, image in zip(rows, images)]
             except Exception:
                 logger.exception("decoding %d image(s) failed", len(rows))
                 for row in rows:
+                    self._release_if_upscaling(row)
                     self._fail(row.control)
                 continue
             done_at = time.perf_counter()
-            for row, image in zip(rows, pixels):
-                self._finish(row, RunOutput(image=image, **self._output_fields(row, done_at)))
+            for row, image, pixel in zip(rows, images, pixels):
+                if row.upscales:
+                    self._start_hires(row, image)
+                else:
+                    self._finish(row, RunOutput(image=pixel, **self._output_fields(row, done_at)))
+
+    def _start_hires(self, first: Row, image: Optional[torch.Tensor] = None) -> None:
+        """Replace a hires request's finished first pass with its second pass, active from the
+        next step (it keeps the first pass's place: no admission, no text encoding)."""
+        hires = first.request.hires
+        try:
+            with vae_tiling(self._pipe.vae, hires.width * hires.height, self.vae_tiling_above):
+                row = self._rows.prepare_hires(first, image)
+        except Exception:
+            logger.exception("preparing the hires pass of request %s failed", first.request.request_id)
+            self._release_if_upscaling(first)
+            self._fail(first.control)
+            return
+        row.admitted_at, row.due, row.shared_with = first.admitted_at, self._steps + len(row.timesteps), first.shared_with
+        self._active.append(row)
+
+    def _release_if_upscaling(self, row: Row) -> None:
+        """A hires first pass that ends without a second pass gives its LoRA slot back here."""
+        if row.upscales:
+            self._release(row)
 
     @staticmethod
     def _output_fields(row: Row, done_at: float) -> dict[str, Any]:
@@ -436,10 +470,12 @@ class StepEngine:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         images, start = [], 0
-        for size in self.decode_calls.split(latents.shape[0]):
-            end = start + size
-            images.append(decode(self._pipe, _pad(latents[start:end], self.decode_calls.padded(size)))[:size])
-            start = end
+        pixels = latents.shape[-2] * latents.shape[-1] * self._pipe.vae_scale_factor**2
+        with vae_tiling(self._pipe.vae, pixels, self.vae_tiling_above):
+            for size in self.decode_calls.split(latents.shape[0]):
+                end = start + size
+                images.append(decode(self._pipe, _pad(latents[start:end], self.decode_calls.padded(size)))[:size])
+                start = end
         return torch.cat(images)
 
     def _fail(self, control: RequestControl) -> None:

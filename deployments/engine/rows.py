@@ -9,16 +9,19 @@ pasted back into. Preparation calls the kind's diffusers pipeline (`prepare_late
 engine's one set of components with the row's own scheduler, in the order the pipeline itself
 calls them: a row consumes its generator exactly as a lone diffusers call would, which is what
 makes a row's image equal that call's. The refiner stage is a row too (`refine`): the img2img
-pipeline over the refiner's components, started from the base stage's latents and generator.
+pipeline over the refiner's components, started from the base stage's latents and generator; and
+so is a hires request's second pass (`prepare_hires`): img2img at the larger size from the first
+pass's upscaled image or latents, continuing its generator.
 """
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import (
     DiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -90,6 +93,10 @@ class Row:
     due: int = 0
     #: The most rows (requests) that shared one forward with this row so far.
     shared_with: int = 1
+    #: Steps of the request's other pass before and after this row's (hires): progress counts
+    #: both passes.
+    steps_before: int = 0
+    steps_after: int = 0
 
     @property
     def guided(self) -> bool:
@@ -106,8 +113,18 @@ class Row:
         return self.request.refiner is not None and self.request.handoff is None
 
     @property
+    def upscales(self) -> bool:
+        """The first pass of a hires request: it ends by becoming its second pass's row."""
+        return self.request.hires is not None
+
+    @property
     def timestep(self) -> torch.Tensor:
         return self.timesteps[self.index]
+
+    def report(self) -> None:
+        """Progress over every pass of the request."""
+        before = self.steps_before
+        self.control.report(before + self.index, before + len(self.timesteps) + self.steps_after)
 
     def unet_rows(self) -> int:
         return 2 if self.guided else 1
@@ -196,16 +213,26 @@ class RowFactory:
         return embeds
 
     def prepare(
-        self, request: GenerationRequest, control: RequestControl, embeds: TextEmbeds, submitted_at: float, slot: int = 0
+        self,
+        request: GenerationRequest,
+        control: RequestControl,
+        embeds: TextEmbeds,
+        submitted_at: float,
+        slot: int = 0,
+        generator: Optional[torch.Generator] = None,
+        **inputs: Any,
     ) -> Row:
-        """The row of a (defaults-resolved) request, in the steps its diffusers pipeline takes."""
+        """The row of a (defaults-resolved) request, in the steps its diffusers pipeline takes.
+        `generator`: continue this one (a hires pass) instead of seeding a new one; `inputs`: what
+        the kind's preparation takes besides the request (a hires pass's `init_latents`)."""
         pipe = self.pipeline_for(request)
         # CPU generators: the same seed gives the same noise on any device. The refiner stage
         # continues the base stage's generator.
-        generator = torch.Generator("cpu").manual_seed(request.seed)
-        if request.handoff is not None:
-            generator.set_state(torch.from_numpy(request.handoff.generator_state))
-        prepared = _PREPARE[_kind(request)](self, pipe, request, generator)
+        if generator is None:
+            generator = torch.Generator("cpu").manual_seed(request.seed)
+            if request.handoff is not None:
+                generator.set_state(torch.from_numpy(request.handoff.generator_state))
+        prepared = _PREPARE[_kind(request)](self, pipe, request, generator, **inputs)
         time_ids = prepared.pop("time_ids")
         if request.guidance_scale > 1.0:
             negative_time_ids = prepared.pop("negative_time_ids", time_ids)
@@ -226,6 +253,7 @@ class RowFactory:
             step_kwargs=pipe.prepare_extra_step_kwargs(generator, 0.0),
             embeds=TextEmbeds(embeds.prompt.to(self.device), embeds.pooled.to(self.device)),
             time_ids=time_ids.to(self.device),
+            steps_after=request.hires.pass_steps() if request.hires is not None else 0,
             **prepared,
         )
 
@@ -245,8 +273,16 @@ class RowFactory:
             pipe.scheduler.set_begin_index(0)
         return {"timesteps": timesteps, "latents": latents, "time_ids": time_ids}
 
-    def _img2img(self, pipe: StableDiffusionXLImg2ImgPipeline, request: GenerationRequest, generator: torch.Generator) -> dict:
-        image = pipe.image_processor.preprocess(Image.fromarray(request.init_image))
+    def _img2img(
+        self,
+        pipe: StableDiffusionXLImg2ImgPipeline,
+        request: GenerationRequest,
+        generator: torch.Generator,
+        init_latents: Optional[torch.Tensor] = None,
+    ) -> dict:
+        """From `request.init_image`, or from `init_latents` (a hires pass's upscaled latents),
+        which diffusers' img2img takes as `image` when it has the latent channels."""
+        image = init_latents if init_latents is not None else pipe.image_processor.preprocess(Image.fromarray(request.init_image))
         timesteps = self._partial_timesteps(pipe, request)
         latents = pipe.prepare_latents(image, timesteps[:1], 1, 1, self.dtype, self.device, generator)
         timesteps = _until_switch(pipe, timesteps, request)
@@ -342,6 +378,27 @@ class RowFactory:
     def _projection_dim(self) -> int:
         return self._base.text_encoder_2.config.projection_dim
 
+    def prepare_hires(self, first: Row, image: Optional[torch.Tensor] = None) -> Row:
+        """The second pass of a hires request whose first pass `first` just finished, as diffusers'
+        img2img pipeline runs it after the txt2img call with the same generator: from the first
+        pass's decoded `image` (3, h, w) in [-1, 1] resized with PIL's Lanczos (`lanczos`), or
+        from its latents resized bilinearly (`latent`). Keeps the first pass's text embeddings
+        (the same prompts) and LoRA slot; its ControlNets steer the first pass only."""
+        hires = first.request.hires
+        request = hires_pass_request(first.request)
+        inputs = {}
+        if hires.upscaler == "lanczos":
+            (pil,) = first.pipe.image_processor.postprocess(image[None], output_type="pil")
+            request = request.model_copy(
+                update={"init_image": np.asarray(pil.resize((hires.width, hires.height), Image.LANCZOS))}
+            )
+        else:
+            size = (hires.height // self._base.vae_scale_factor, hires.width // self._base.vae_scale_factor)
+            inputs["init_latents"] = F.interpolate(first.latents, size=size, mode="bilinear")
+        row = self.prepare(request, first.control, first.embeds, first.submitted_at, first.slot, first.generator, **inputs)
+        row.steps_before = first.steps_before + len(first.timesteps)
+        return row
+
 
 _PREPARE = {
     "txt2img": RowFactory._txt2img,
@@ -354,6 +411,35 @@ _PREPARE = {
 def _kind(request: GenerationRequest) -> str:
     """How a row is prepared: the request's kind, or `refine` for a refiner stage."""
     return "refine" if request.handoff is not None else request.kind
+
+
+def hires_pass_request(request: GenerationRequest) -> GenerationRequest:
+    """The image-to-image request a hires request's second pass runs (the init image or latents
+    are the engine's to add): the target size, the pass's strength and steps, no ControlNets."""
+    hires = request.hires
+    return request.model_copy(
+        update={
+            "kind": "img2img",
+            "width": hires.width,
+            "height": hires.height,
+            "strength": hires.strength,
+            "num_inference_steps": hires.steps,
+            "controlnets": (),
+            "hires": None,
+        }
+    )
+
+
+@contextmanager
+def vae_tiling(vae: Any, pixels: int, above: Optional[int]) -> Iterator[None]:
+    """Run the VAE tiled (diffusers' `enable_tiling`: overlapping tiles of its `sample_size`,
+    blended) while an image of `pixels` is encoded or decoded, when that is above `above`."""
+    previous = vae.use_tiling
+    vae.use_tiling = above is not None and pixels > above
+    try:
+        yield
+    finally:
+        vae.use_tiling = previous
 
 
 def _until_switch(pipe: DiffusionPipeline, timesteps: torch.Tensor, request: GenerationRequest) -> torch.Tensor:

@@ -15,10 +15,10 @@ from PIL import Image
 from deployments.types import GenerationRequest
 
 #: Bump when the layout below changes; `from_json` refuses versions it does not know. 2 added
-#: `controlnets` (settings, image as PNG), 3 `refiner` (its settings); an older payload is read
-#: as one without them.
-PAYLOAD_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)
+#: `controlnets` (settings, image as PNG), 3 `refiner` (its settings), 4 `hires` (its resolved
+#: settings); an older payload is read as one without them.
+PAYLOAD_VERSION = 4
+_READABLE_VERSIONS = (1, 2, 3, 4)
 
 _IMAGE_FIELDS = ("init_image", "mask_image")
 
