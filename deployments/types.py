@@ -628,6 +628,12 @@ class GenerationRequest(BaseModel):
             }
         )
 
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the image this (resolved) request answers: the hires pass's when it
+        has one."""
+        size = self.hires or self
+        return size.width, size.height
+
     def denoising_steps(self) -> int:
         """Scheduler steps this (resolved) request runs: img2img and inpaint skip the first
         `1 - strength` of the schedule, as diffusers' `get_timesteps` does

@@ -157,7 +157,7 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
             created=int(time.time()),
             data=data,
             output_format=body.output_format,
-            size=f"{requests[0].width}x{requests[0].height}",
+            size="{}x{}".format(*requests[0].output_size()),
             model=images.model_id,
         )
 

@@ -219,8 +219,7 @@ class ImageServing:
         logger.info(
             "generating %d image(s) %dx%d, %d steps, user=%r",
             len(requests),
-            requests[0].width,
-            requests[0].height,
+            *requests[0].output_size(),
             requests[0].num_inference_steps,
             user,
         )

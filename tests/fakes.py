@@ -125,8 +125,8 @@ class FakeEngine:
                 return
             if request.handoff is not None:
                 colour = 255 - int(request.handoff.latents.flat[0])
-            size = request.hires or request
-            image = np.full((size.height, size.width, 3), colour, dtype=np.uint8)
+            width, height = request.output_size()
+            image = np.full((height, width, 3), colour, dtype=np.uint8)
             yield GenerationResult(
                 request.request_id,
                 image,

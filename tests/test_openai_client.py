@@ -32,6 +32,15 @@ def test_images_generate_returns_decodable_images_of_the_requested_size(client):
     assert [item.model_extra["seed"] for item in result.data] == [1234, 1235]
 
 
+def test_images_generate_takes_hires_as_an_extra_field(client):
+    result = client.images.generate(
+        prompt="a red circle on a blue background", size="64x64",
+        extra_body={"seed": 3, "num_inference_steps": 2, "hires": {"scale": 1.5, "strength": 0.5, "steps": 2}},
+    )
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.size == (96, 96) and result.size == "96x96"
+
+
 def test_images_generate_with_output_format(client):
     result = client.images.generate(
         prompt="a green star", size="64x64", output_format="webp", output_compression=60,
