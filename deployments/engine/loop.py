@@ -398,26 +398,31 @@ class StepEngine:
         return list(torch.cat(outputs).split([row.unet_rows() for row in rows]))
 
     def _retire(self) -> None:
+        """The rows that finished leave the batch:
+        1. their LoRA slots are released (a hires first pass hands its slot to its second pass);
+        2. hires first passes with the latent upscaler become their second passes;
+        3. refined requests' base stages are answered with their latents (no decode);
+        4. the rest are decoded, one VAE pass per shape: their callers get the images, and hires
+           first passes with the Lanczos upscaler become their second passes."""
         finished = [row for row in self._active if row.done]
         if not finished:
             return
         self._active = [row for row in self._active if not row.done]
         for row in finished:
-            if not row.upscales:  # a hires first pass hands its LoRA slot to its second pass
+            if not row.upscales:
                 self._release(row)
         for row in finished:
-            if row.upscales and row.request.hires.upscaler == "latent":
+            if row.upscales_latents:
                 self._start_hires(row)
         for row in finished:
-            if row.hands_off:  # no decode: the refiner stage continues from the latents
+            if row.hands_off:
                 self._finish(row, LatentsOutput(
                     latents=row.latents[0].float().cpu().numpy(),
                     generator_state=row.generator.get_state().numpy(),
                     steps=len(row.timesteps),
                     **self._output_fields(row, time.perf_counter()),
                 ))
-        decoded = [row for row in finished if not row.hands_off and not (row.upscales and row.request.hires.upscaler == "latent")]
-        for rows in _sharing_groups(decoded):  # one decode per shape
+        for rows in _sharing_groups([row for row in finished if not (row.hands_off or row.upscales_latents)]):
             try:
                 images = self._decode(torch.cat([row.latents for row in rows]))
                 pixels = [None if row.upscales else to_pixels(self._pipe, row, image) for row, image in zip(rows, images)]

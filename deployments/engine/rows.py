@@ -118,6 +118,11 @@ class Row:
         return self.request.hires is not None
 
     @property
+    def upscales_latents(self) -> bool:
+        """A hires first pass whose second pass starts from its latents (no decode)."""
+        return self.upscales and self.request.hires.upscaler == "latent"
+
+    @property
     def timestep(self) -> torch.Tensor:
         return self.timesteps[self.index]
 
