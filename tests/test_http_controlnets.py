@@ -6,6 +6,7 @@ and every mistake is a 400 naming the field."""
 import base64
 import io
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from deployments.canny import canny
+from tests.fakes import post_concurrently
 from training import judge, shapes
 from training.evaluate import held_out_scenes
 
@@ -48,42 +50,61 @@ def test_the_served_controlnets_are_listed(local_server):
     ]
 
 
-def test_the_image_follows_a_control_map_the_prompt_does_not_describe(local_server):
+#: Held-out scenes of the two measures below: their prompts leave out position and size, so only a
+#: map can say where the shape goes and how large it is.
+SCENES = 6
+
+
+@pytest.fixture(scope="module")
+def scene() -> shapes.Scene:
+    return held_out_scenes(SCENES, seed=99)
+
+
+def _bodies(scene: shapes.Scene, control: Callable[[int], dict] = lambda i: {}) -> list[dict]:
+    return [
+        {"prompt": shapes.caption(scene, i, with_size=False, with_position=False), "seed": i, "num_inference_steps": 20, **control(i)}
+        for i in range(len(scene))
+    ]
+
+
+def _images(local_server, bodies: list[dict]) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1]: the bodies posted at once (rows equal their solo images)."""
+    responses = post_concurrently(local_server, "/v1/txt2img", bodies)
+    for response in responses:
+        assert response.status_code == 200, response.text
+    return torch.stack([torch.from_numpy(_pixels(r.content).copy()).permute(2, 0, 1) for r in responses]).float() / 255
+
+
+@pytest.fixture(scope="module")
+def uncontrolled(local_server, scene) -> torch.Tensor:
+    """The scene's images without a ControlNet: what both measures compare against (the same
+    prompts and seeds, drawn once)."""
+    return _images(local_server, _bodies(scene))
+
+
+def _map_image(pixels: torch.Tensor) -> str:
+    """A (H, W) map in {0, 1} as the base64 PNG a request carries."""
+    grey = (pixels.numpy() * 255).astype(np.uint8)
+    return _b64(np.repeat(grey[..., None], 3, 2))
+
+
+def test_the_image_follows_a_control_map_the_prompt_does_not_describe(local_server, scene, uncontrolled):
     """The README's measure through HTTP: the map's edges found again (within 2 px) in the output,
     with the ControlNet and without it, prompts without position or size."""
-    scene = held_out_scenes(6, seed=99)
     maps = canny(shapes.render(scene))  # (B, 1, 128, 128) in {0, 1}
-    recalls = {"with": [], "without": []}
-    for i in range(len(scene)):
-        edges = (maps[i, 0].numpy() * 255).astype(np.uint8)
-        prompt = shapes.caption(scene, i, with_size=False, with_position=False)
-        body = {"prompt": prompt, "seed": i, "num_inference_steps": 20}
-        for label, extra in (("with", {"controlnet": {"name": "canny", "image": _b64(np.repeat(edges[..., None], 3, 2))}}), ("without", {})):
-            response = local_server.client.post("/v1/txt2img", json={**body, **extra})
-            assert response.status_code == 200, response.text
-            image = torch.from_numpy(_pixels(response.content)).permute(2, 0, 1)[None].float() / 255
-            recalls[label].append(judge.edge_recall(canny(image), maps[i : i + 1]).item())
-    with_control, without = np.mean(recalls["with"]), np.mean(recalls["without"])
+    steered = _images(local_server, _bodies(scene, lambda i: {"controlnet": {"name": "canny", "image": _map_image(maps[i, 0])}}))
+    recalls = {label: judge.edge_recall(canny(images), maps) for label, images in (("with", steered), ("without", uncontrolled))}
+    with_control, without = recalls["with"].mean().item(), recalls["without"].mean().item()
     assert with_control >= 0.5 and with_control >= 2 * without, recalls
 
 
-def test_the_image_fills_a_silhouette_the_prompt_does_not_describe(local_server):
+def test_the_image_fills_a_silhouette_the_prompt_does_not_describe(local_server, scene, uncontrolled):
     """The second variant's measure through HTTP: intersection over union of the silhouette map
     and the output's foreground, with the ControlNet and without it."""
-    scene = held_out_scenes(6, seed=99)
     maps = shapes.silhouette(scene)  # (B, 1, 128, 128) in {0, 1}
-    ious = {"with": [], "without": []}
-    for i in range(len(scene)):
-        area = (maps[i, 0].numpy() * 255).astype(np.uint8)
-        prompt = shapes.caption(scene, i, with_size=False, with_position=False)
-        body = {"prompt": prompt, "seed": i, "num_inference_steps": 20}
-        control = {"controlnet": {"name": "silhouette", "image": _b64(np.repeat(area[..., None], 3, 2))}}
-        for label, extra in (("with", control), ("without", {})):
-            response = local_server.client.post("/v1/txt2img", json={**body, **extra})
-            assert response.status_code == 200, response.text
-            image = torch.from_numpy(_pixels(response.content)).permute(2, 0, 1)[None].float() / 255
-            ious[label].append(judge.mask_iou(judge.foreground_mask(image), maps[i : i + 1, 0] > 0).item())
-    with_control, without = np.mean(ious["with"]), np.mean(ious["without"])
+    steered = _images(local_server, _bodies(scene, lambda i: {"controlnet": {"name": "silhouette", "image": _map_image(maps[i, 0])}}))
+    ious = {label: judge.mask_iou(judge.foreground_mask(images), maps[:, 0] > 0) for label, images in (("with", steered), ("without", uncontrolled))}
+    with_control, without = ious["with"].mean().item(), ious["without"].mean().item()
     assert with_control >= IOU_WITH and with_control >= 2 * without, ious
 
 

@@ -215,7 +215,7 @@ def test_n_images_share_their_forwards(local_server, http):
     assert max(after["rows_per_forward"][len(before["rows_per_forward"]) :]) == 4
 
 
-def test_default_model_draws_the_requested_colours_and_shapes(http):
+def test_default_model_draws_the_requested_colours_and_shapes(local_server):
     """`serve run` as shipped: held-out captions at the model's defaults (size, steps, guidance)
     come back in the named colours, recognisably shaped."""
     import torch
@@ -223,9 +223,9 @@ def test_default_model_draws_the_requested_colours_and_shapes(http):
     from training import judge, shapes
 
     scene = shapes.sample_scenes(6, torch.Generator().manual_seed(5), held_out=True)
+    bodies = [{"prompt": shapes.caption(scene, i), "seed": i} for i in range(len(scene))]
     images = []
-    for i in range(len(scene)):
-        response = http.post("/v1/images/generations", json={"prompt": shapes.caption(scene, i), "seed": i})
+    for response in post_concurrently(local_server, "/v1/images/generations", bodies):  # rows equal their solo images
         assert response.status_code == 200, response.text
         images.append(torch.from_numpy(_decode_b64(response.json()["data"][0]).copy()).permute(2, 0, 1) / 255)
     batch = torch.stack(images)

@@ -82,7 +82,7 @@ def test_job_image_equals_the_synchronous_image(http):
 
 
 def test_progress_rises_monotonically_to_100(http):
-    view = submit(http, num_inference_steps=60, width=128, height=128)
+    view = submit(http, num_inference_steps=30, width=128, height=128)  # about a second: polled many times
     seen = []
     while True:
         job = http.get(f"/v1/jobs/{view['id']}").json()
@@ -123,7 +123,7 @@ def test_n_images_give_a_zip_with_manifest(http):
 
 
 def test_cancel_running_job_leaves_its_batch_neighbour_unchanged(local_server, http):
-    params = {"num_inference_steps": 80, "width": 128, "height": 128}
+    params = {"num_inference_steps": 40, "width": 128, "height": 128}  # seconds: the cancel lands mid-run
     bodies = [{"kind": "txt2img", "params": {"prompt": p, "seed": s, **params}} for p, s in (("keep", 1), ("drop", 2))]
     before = local_server.replica.stats()
     keep, drop = (response.json() for response in post_concurrently(local_server, "/v1/jobs", bodies))

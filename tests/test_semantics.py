@@ -11,6 +11,17 @@ from diffusers import ControlNetModel
 
 from configs.model_spec import TINY_CONTROLNET_CANNY_DIR
 from training import evaluate
+from training.shapes import Scene
+
+#: Scenes per ControlNet measure: the first 8 of the README's 16 (each drawn with and without the
+#: map), and held-out prompts the LoRA redraws (the first 16 of the 48): the margins above the
+#: thresholds (noted at each assert) leave room for a scene or two either way.
+CONTROL_SCENES = 8
+LORA_SCENES = 16
+
+
+def _first(scene: Scene, n: int) -> Scene:
+    return Scene(*(getattr(scene, name)[:n] for name in Scene.__dataclass_fields__))
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +45,8 @@ def test_held_out_captions_get_their_colours_and_shapes(tiny_pipe, held_out, pla
 
 def test_canny_controlnet_makes_the_output_follow_the_edges(tiny_pipe):
     controlnet = ControlNetModel.from_pretrained(TINY_CONTROLNET_CANNY_DIR)
-    scores = evaluate.controlnet_edges(tiny_pipe, controlnet, evaluate.held_out_scenes(16, seed=99))
-    assert scores["recall_with"] >= 0.5
+    scores = evaluate.controlnet_edges(tiny_pipe, controlnet, _first(evaluate.held_out_scenes(16, seed=99), CONTROL_SCENES))
+    assert scores["recall_with"] >= 0.5  # measured 0.98 / 0.08 (README, 16 scenes); 0.99 / 0.08 on these 8
     assert scores["recall_with"] >= 2 * scores["recall_without"]
 
 
@@ -56,7 +67,9 @@ def test_img2img_moves_further_from_the_init_image_as_strength_grows(tiny_pipe):
 
 
 def test_the_pastel_lora_shifts_the_palette_as_trained(held_out, plain_images):
-    scores = evaluate.lora_palette(held_out, plain_images)
+    """On the first LORA_SCENES held-out prompts: saturation 0.60 -> 0.27, backgrounds 94% (README,
+    all 48: 0.64 -> 0.29, 96%)."""
+    scores = evaluate.lora_palette(_first(held_out, LORA_SCENES), plain_images[:LORA_SCENES])
     assert scores["saturation_lora"] <= scores["saturation_plain"] - 0.2
     assert scores["pastel_background"] >= 0.8  # the same colours, paler
 
@@ -65,6 +78,6 @@ def test_silhouette_controlnet_puts_the_shape_where_the_map_says(tiny_pipe):
     from configs.model_spec import TINY_CONTROLNET_DIRS
 
     controlnet = ControlNetModel.from_pretrained(TINY_CONTROLNET_DIRS["silhouette"])
-    scores = evaluate.controlnet_silhouettes(tiny_pipe, controlnet, evaluate.held_out_scenes(16, seed=99))
-    assert scores["iou_with"] >= 0.6  # measured 0.86 (README)
+    scores = evaluate.controlnet_silhouettes(tiny_pipe, controlnet, _first(evaluate.held_out_scenes(16, seed=99), CONTROL_SCENES))
+    assert scores["iou_with"] >= 0.6  # measured 0.86 / 0.13 (README, 16 scenes); 0.87 / 0.14 on these 8
     assert scores["iou_with"] >= 2 * scores["iou_without"]

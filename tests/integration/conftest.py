@@ -1,4 +1,6 @@
-"""The real Ray Serve app, started once per session on a local 2-CPU cluster."""
+"""The real Ray Serve app, started once on a local 2-CPU cluster for the integration tests and
+shut down after the last of them (package scope: they run first, and the unit tests after them
+then have both cores to themselves instead of sharing them with an idle cluster)."""
 
 from types import SimpleNamespace
 
@@ -8,12 +10,12 @@ import pytest
 from tests.app_config import app_args_for, free_port
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def app_args(tmp_path_factory) -> dict:
     return app_args_for(tmp_path_factory.mktemp("state"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def served(app_args):
     import ray
     from ray import serve
@@ -27,17 +29,18 @@ def served(app_args):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")
     yield SimpleNamespace(base_url=f"http://127.0.0.1:{port}", app_name="sdxl")
-    serve.shutdown()
+    # No `serve.shutdown()` first: its graceful drain of every replica costs seconds, and the
+    # cluster this process started ends with all its processes (controller and replicas too).
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def http(served):
     with httpx.Client(base_url=served.base_url, timeout=120) as client:
         yield client
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def engine(served):
     from ray import serve
 

@@ -55,15 +55,18 @@ def test_serve_deploy_status_and_request(head_node, tmp_path):
     deployed = _cli("serve", "deploy", str(config_file), "-a", head_node)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
-    status = {}
+    # Wait on the dashboard's endpoint that `serve status` reads (a `serve status` process per poll
+    # costs a second of CPU the replicas starting beside it need), then ask the CLI once.
     for _ in range(120):
-        shown = _cli("serve", "status", "-a", head_node)
-        status = yaml.safe_load(shown.stdout) or {}
-        app = (status.get("applications") or {}).get("sdxl", {})
+        answer = httpx.get(f"{head_node}/api/serve/applications/", timeout=30)
+        details = answer.json() if answer.status_code == 200 else {}
+        app = (details.get("applications") or {}).get("sdxl", {})
         if app.get("status") == "RUNNING":
             break
-        assert app.get("status") != "DEPLOY_FAILED", shown.stdout
+        assert app.get("status") != "DEPLOY_FAILED", details
         time.sleep(1)
+    shown = _cli("serve", "status", "-a", head_node)
+    status = yaml.safe_load(shown.stdout) or {}
     app = status["applications"]["sdxl"]
     assert app["status"] == "RUNNING"
     assert {name: d["status"] for name, d in app["deployments"].items()} == {

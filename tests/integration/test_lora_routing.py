@@ -29,7 +29,7 @@ def two_replicas(served, tmp_path_factory):
     args["refiner"] = False  # no refiner deployment: not what this app tests
     serve.run(build_app(args), name="lora-routing", route_prefix="/routing")
     yield serve.get_deployment_handle("SDXLBase", app_name="lora-routing")
-    serve.delete("lora-routing")
+    serve.delete("lora-routing", _blocking=False)  # its replicas drain while the next tests run
 
 
 def _stats_by_replica(handle) -> dict:

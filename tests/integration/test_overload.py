@@ -31,7 +31,7 @@ def overload_url(served, tmp_path):
     try:
         yield f"{served.base_url}/overload"
     finally:
-        serve.delete("overload")
+        serve.delete("overload", _blocking=False)  # its replicas drain while the next tests run
 
 
 def test_past_the_bounds_requests_get_fast_503s_and_admitted_ones_finish(overload_url):

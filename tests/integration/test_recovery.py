@@ -1,6 +1,8 @@
 """Replicas die; jobs and results do not. Kills Serve replica actors, so it runs last (file order)."""
 
+import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,15 +21,27 @@ def _replicas(deployment: str) -> list[str]:
     ]
 
 
-def _kill(deployment: str) -> None:
-    (name,) = _replicas(deployment)
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    for _ in range(200):  # wait until the controller has replaced it
+def _kill(*deployments: str) -> None:
+    """Kill each deployment's one replica, all at once, then wait until the controller has replaced
+    every one (it notices a dead replica at its next health check, up to 10 s later: killed
+    together, those waits overlap)."""
+    names = {}
+    for deployment in deployments:
+        (names[deployment],) = _replicas(deployment)
+    for name in names.values():
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+    def replaced(deployment: str) -> bool:
         replicas = _replicas(deployment)
-        if replicas and replicas != [name]:
+        return bool(replicas) and replicas != [names[deployment]]
+
+    waiting = set(deployments)
+    for _ in range(200):  # wait until the controller has replaced them
+        waiting = {deployment for deployment in waiting if not replaced(deployment)}
+        if not waiting:
             return
         time.sleep(0.1)
-    raise AssertionError(f"{deployment} was not restarted")
+    raise AssertionError(f"{sorted(waiting)} not restarted")
 
 
 def _until_ok(http, path: str, timeout_s: float = 120):
@@ -46,32 +60,16 @@ def _until_ok(http, path: str, timeout_s: float = 120):
 def test_results_survive_ingress_and_job_store_restarts(http):
     job = wait(http, submit(http, seed=21)["id"])
     before = http.get(f"/v1/jobs/{job['id']}/result").content
-    _kill("JobManager")
-    _kill("ImageIngress")
+    _kill("JobManager", "ImageIngress")
     after = _until_ok(http, f"/v1/jobs/{job['id']}/result").content
     assert after == before
     assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
 
 
-def test_killing_the_gpu_replica_mid_job_never_leaves_it_running(http):
-    view = submit(http, num_inference_steps=150, width=128, height=128)
-    while http.get(f"/v1/jobs/{view['id']}").json()["progress"]["percent"] == 0:
-        time.sleep(0.05)
-    _kill("SDXLBase")
-    job = wait(http, view["id"], timeout_s=180)
-    assert job["status"] in ("succeeded", "failed")
-    if job["status"] == "succeeded":
-        assert job["attempts"] == 2  # the first attempt died with the replica
-    else:
-        assert job["error"]["message"]
-    assert _until_ok(http, "/healthz").json()["status"] == "ok"
-
-
-def test_a_sync_request_whose_replica_dies_gets_503_with_retry_after(served, http):
-    """The replica running a synchronous request is killed: the client gets a 503 it can retry
-    (was: 500 `internal_error` from `ActorDiedError`)."""
-    import threading
-
+@pytest.fixture(scope="module")
+def base_killed_mid_work(served, http, engine) -> SimpleNamespace:
+    """The base engine's replica killed once while it denoises both a synchronous request and a
+    job: the restart is what costs, so the two tests below (one for each) share it."""
     answer = {}
 
     def post():
@@ -80,10 +78,32 @@ def test_a_sync_request_whose_replica_dies_gets_503_with_retry_after(served, htt
 
     thread = threading.Thread(target=post)
     thread.start()
-    time.sleep(1.5)  # the request is on the engine (150 steps at 128² take several seconds)
+    # Seconds of denoising at 128², so the kill lands mid-job; the retry on the restarted replica
+    # runs every step again.
+    view = submit(http, num_inference_steps=100, width=128, height=128)
+    deadline = time.time() + 60
+    while engine.stats.remote().result()["active"] < 2:  # both rows are denoising on the replica
+        assert time.time() < deadline, "the request and the job never ran together"
+        time.sleep(0.05)
     _kill("SDXLBase")
     thread.join(120)
-    response = answer["response"]
+    return SimpleNamespace(job=wait(http, view["id"], timeout_s=180), response=answer["response"])
+
+
+def test_killing_the_gpu_replica_mid_job_never_leaves_it_running(http, base_killed_mid_work):
+    job = base_killed_mid_work.job
+    assert job["status"] in ("succeeded", "failed")
+    if job["status"] == "succeeded":
+        assert job["attempts"] == 2  # the first attempt died with the replica
+    else:
+        assert job["error"]["message"]
+    assert _until_ok(http, "/healthz").json()["status"] == "ok"
+
+
+def test_a_sync_request_whose_replica_dies_gets_503_with_retry_after(http, base_killed_mid_work):
+    """The replica running a synchronous request is killed: the client gets a 503 it can retry
+    (was: 500 `internal_error` from `ActorDiedError`)."""
+    response = base_killed_mid_work.response
     assert response.status_code == 503, response.text
     assert response.headers["retry-after"].isdigit()
     assert response.json()["error"]["code"] == "engine_unavailable"
