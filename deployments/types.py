@@ -34,6 +34,25 @@ Kind = Literal["txt2img", "img2img", "inpaint"]
 DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}
 
 
+def img2img_steps(steps: int, strength: float) -> int:
+    """Scheduler steps an image-to-image pass of `steps` at `strength` runs: the tail diffusers'
+    `get_timesteps` takes (`min(int(steps * strength), steps)`), but at least the last step:
+    diffusers fails when the product is below 1 (steps 4 at strength 0.2), while the least change
+    a request can mean is one step at the lowest noise level."""
+    return max(1, min(int(steps * strength), steps))
+
+
+def check_one_step(field: str, steps: int, strength: float) -> None:
+    """A 400 naming `<field>.strength` when a second stage (the refiner's post-pass, the hires
+    pass) would run less than one step: its own settings say so, unlike a request's `strength`."""
+    if int(steps * strength) < 1:
+        raise InvalidRequestError(
+            f"{field}.strength {strength!r} × {field}.steps {steps} is below one step; raise either",
+            param=f"{field}.strength",
+            code="invalid_value",
+        )
+
+
 def _utf8_text(value: Optional[str]) -> Optional[str]:
     # JSON may carry lone surrogates ("\ud800"); they cannot be encoded for the tokenizer, so
     # they are refused here rather than failing inside an engine.
@@ -343,7 +362,7 @@ class RefinerSettings(BaseModel):
         are corrected by the engine's own counts as each stage runs."""
         if self.mode == "ensemble":
             return max(1, self.steps - round(self.steps * self.switch_at))
-        return max(1, min(int(self.steps * self.strength), self.steps))
+        return img2img_steps(self.steps, self.strength)
 
 
 HiresUpscaler = Literal["latent", "lanczos"]
@@ -430,17 +449,12 @@ class HiresSettings(BaseModel):
                 "upscaler": self.upscaler or DEFAULT_HIRES_UPSCALER,
             }
         )
-        if int(resolved.steps * resolved.strength) < 1:
-            raise InvalidRequestError(
-                f"hires.strength {resolved.strength!r} × hires.steps {resolved.steps} is below one step; raise either",
-                param="hires.strength",
-                code="invalid_value",
-            )
+        check_one_step("hires", resolved.steps, resolved.strength)
         return resolved
 
     def pass_steps(self) -> int:
         """Steps the second pass runs (resolved settings): img2img's int(steps × strength)."""
-        return min(int(self.steps * self.strength), self.steps)
+        return img2img_steps(self.steps, self.strength)
 
 
 @dataclass
@@ -603,13 +617,8 @@ class GenerationRequest(BaseModel):
                 )
         steps = self.num_inference_steps or spec.default_steps
         refiner = None if self.refiner is None else self.refiner.resolved(steps)
-        if refiner is not None and refiner.mode == "post" and int(refiner.steps * refiner.strength) < 1:
-            raise InvalidRequestError(
-                f"refiner.strength {refiner.strength!r} × refiner.steps {refiner.steps} is below one step; "
-                "raise either",
-                param="refiner.strength",
-                code="invalid_value",
-            )
+        if refiner is not None and refiner.mode == "post":
+            check_one_step("refiner", refiner.steps, refiner.strength)
         width = self.width if self.width is not None else width
         height = self.height if self.height is not None else height
         return self.model_copy(
@@ -636,14 +645,11 @@ class GenerationRequest(BaseModel):
 
     def denoising_steps(self) -> int:
         """Scheduler steps this (resolved) request runs: img2img and inpaint skip the first
-        `1 - strength` of the schedule, as diffusers' `get_timesteps` does
-        (`min(int(steps * strength), steps)`), but run at least the last step: diffusers fails
-        when the product is below 1 (steps 4 at strength 0.2), while the least change the request
-        can mean is one step at the lowest noise level. Progress totals count these steps."""
+        `1 - strength` of the schedule (`img2img_steps`). Progress totals count these steps."""
         steps = self.num_inference_steps or 1
         if self.kind == "txt2img" or self.strength is None:
             return steps
-        return max(1, min(int(steps * self.strength), steps))
+        return img2img_steps(steps, self.strength)
 
     def progress_steps(self) -> int:
         """Steps of both stages or passes (resolved request): what progress totals count. Before the switch
