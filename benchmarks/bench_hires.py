@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tile-above", type=int, default=1024 * 1024, help="pixels above which `tiled` tiles")
+    parser.add_argument("--vae", type=lambda s: s.split(","), default=["tiled", "untiled"], help="tiled, untiled or both")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,8 @@ def main() -> None:
     images = {}
     for batch in args.batches:
         for tiling, above in (("tiled", args.tile_above), ("untiled", None)):
+            if tiling not in args.vae:
+                continue
             engine = StepEngine(pipe, max_rows=batch, vae_tiling_above=above)
             requests = _requests(args, spec, batch)
             row = {"batch": batch, "vae": tiling}

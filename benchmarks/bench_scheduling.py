@@ -5,6 +5,7 @@
         --model "$(compiled spec JSON)" --out $OUT                             # GPU (gpu_suite.sh scheduling)
 
 The same Serve app is started once per policy (`request` first, then `step`), and each faces:
+0. `lone`: one client, four requests one after another: the replica's own service time;
 1. `closed`: --clients clients in a closed loop: throughput at saturation and latency;
 2. `open`: Poisson arrivals at each of --loads × the capacity the `request` policy measured in
    (1), the same seeded arrival times for both policies;
@@ -52,6 +53,8 @@ def _row(policy: str, workload: str, answers: list, wall_s: float, before: dict,
         "mean_batch_size": round(statistics.fmean(int(r.headers["x-batch-size"]) for _, _, r in ok), 2),
         "rows_per_forward_mean": round((after["row_steps"] - before["row_steps"]) / forwards, 2) if forwards else None,
         "admitted_into_running": after["admitted_into_running"] - before["admitted_into_running"],
+        # Seconds per forward: whether the GPU ran slower in this workload, not only the queue.
+        "forward_ms_mean": round(1000 * (after["forward_s"] - before["forward_s"]) / forwards, 1) if forwards else None,
         "mean_split_s": {name: round(statistics.fmean(t[name] for t in timings), 4) for name in timings[0]},
     }
     by_steps: dict[int, list[float]] = {}
@@ -95,6 +98,9 @@ def bench_policy(args, policy: str, spec: dict, capacity: float, report: dict, s
 
     try:
         asyncio.run(closed_loop(base_url, path, 2, [_body(args, i, args.steps) for i in range(4)]))  # warm-up
+        # A lone client's requests, one after another: this replica's own service time, against
+        # which the loaded workloads' latencies read (two runs' replicas can differ).
+        measure("lone", closed_loop(base_url, path, 1, [_body(args, i, args.steps) for i in range(4)]), clients=1)
         total = args.clients * args.rounds
         closed = measure("closed", closed_loop(base_url, path, args.clients, [_body(args, i, args.steps) for i in range(total)]), clients=args.clients)
         capacity = capacity or closed["req_per_s"]
