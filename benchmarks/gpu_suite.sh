@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_suite.sh controlnet_http # over HTTP: a ControlNet variant under load, base + variant sharing one GPU
 #   bash benchmarks/gpu_suite.sh refiner    # over HTTP: base-only vs refined latency, half refined under load, replica ratio
 #   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
+#   bash benchmarks/gpu_suite.sh training   # in-process: LoRA training steps/s (rank 16, 64), pause latency (needs no Ray)
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
@@ -25,7 +26,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner or hires}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, hires or training}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -220,5 +221,11 @@ hires)
     python3 benchmarks/bench_hires.py --model "$(compiled "$CACHE" | sed 's/unet+vae/unet/')" --size 1024 --target 2048 \
       --steps 30 --hires-steps 38 --strength 0.4 --batches 1 --repeats 3 --vae tiled --out "$OUT/hires-compiled"
   fi
+  ;;
+training)
+  # LoRA training on the full-size base (random weights), eager fp16, 1024²: steps/s at rank 16
+  # and 64, a request's wait for its first step while a job trains, latency with a job paused.
+  python3 benchmarks/bench_training.py --model "$base" --resolution 1024 --ranks 16,64 --steps 10 --requests 8 \
+    --out "$OUT/training"
   ;;
 esac

@@ -278,6 +278,38 @@ class JobsConfig(_Strict):
     webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one webhook POST.")
 
 
+class TrainingConfig(_Strict):
+    """LoRA fine-tuning (`POST /v1/loras/train`) on the base engine's replicas, while they are idle."""
+
+    enabled: bool = Field(True, description="Accept training jobs (false: `POST /v1/loras/train` answers 404).")
+    hours: Optional[str] = Field(
+        None,
+        pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$",
+        description=(
+            "Train only inside these hours of the replica's local time, e.g. `22:00-06:00` (wrapping midnight); "
+            "default any time. Either way a training step runs only when the engine has no request to serve."
+        ),
+    )
+    idle_s: float = Field(
+        1.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Seconds the engine must have had no request before a training step runs: a burst's gaps do not "
+            "start training, so a request rarely waits for a step in progress."
+        ),
+    )
+    dir: Optional[str] = Field(None, description="Folder of training checkpoints; default `<state_dir>/training`.")
+    checkpoint_every: int = Field(
+        50, ge=1, le=100_000, description="Steps between checkpoints (a restarted replica resumes from the last)."
+    )
+    max_steps: int = Field(5000, ge=1, le=100_000, description="Most steps one job may ask for.")
+    max_images: int = Field(200, ge=1, le=1000, description="Most examples one job may upload.")
+    max_upload_bytes: int = Field(
+        512 * 1024**2, ge=1024, le=16 * 1024**3, description="Largest `POST /v1/loras/train` body (413 beyond)."
+    )
+
+
 class AppArgs(_Strict):
     """Everything `build_app` needs; the defaults serve the tiny model on CPU."""
 
@@ -290,6 +322,7 @@ class AppArgs(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request bounds.")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Async jobs and stored results.")
     loras: LorasConfig = Field(default_factory=LorasConfig, description="LoRA registry and adapter cache.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="LoRA fine-tuning jobs.")
     controlnets: Optional[dict[str, ControlNetVariantConfig]] = Field(
         None,
         description=(
@@ -333,6 +366,7 @@ class AppArgs(_Strict):
                 "examples": self.model.source == "tiny" if self.loras.examples is None else self.loras.examples,
             }
         )
+        training = self.training.model_copy(update={"dir": self.training.dir or str(root / "training")})
         controlnets = self.controlnets
         if controlnets is None:
             tiny = {name: ControlNetVariantConfig(models={name: TinyControlNetSpec(map=name)}) for name in ("canny", "silhouette")}
@@ -341,8 +375,16 @@ class AppArgs(_Strict):
         if refiner is None:
             refiner = RefinerConfig() if self.model.source == "tiny" else False
         return self.model_copy(
-            update={"jobs": jobs, "model": model, "loras": loras, "controlnets": controlnets, "refiner": refiner}
+            update={
+                "jobs": jobs, "model": model, "loras": loras, "training": training, "controlnets": controlnets,
+                "refiner": refiner,
+            }
         )
+
+    def trains_loras(self) -> bool:
+        """Whether the app accepts LoRA training jobs (the base engine then trains when idle):
+        `training.enabled`, and LoRAs served to use them (`limits.max_loras` > 0)."""
+        return self.training.enabled and self.limits.max_loras > 0
 
     def controlnet_roles(self) -> dict[str, str]:
         """Each served ControlNet's name → the role of the deployment hosting it (resolved args)."""

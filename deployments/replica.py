@@ -23,7 +23,9 @@ from ray.serve.metrics import Histogram
 from configs.app_args import LimitsConfig
 from configs.model_spec import ModelSpec
 from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
+from deployments.engine.training_queue import TrainingControl
 from deployments.logs import quiet_client_errors
+from deployments.training import LoraTrainingSettings, TrainingExample
 from deployments.types import (
     ControlRef,
     GenerationRequest,
@@ -130,6 +132,49 @@ class EngineReplica:
         if isinstance(outcome, ServiceError):
             raise outcome
         return _to_result(request, outcome)
+
+    async def train_stream(
+        self, job_id: str, settings: LoraTrainingSettings, examples: list[TrainingExample]
+    ) -> AsyncIterator[Any]:
+        """Train a LoRA while this replica has nothing to serve, streaming `TrainingProgress`
+        events, then the `TrainingResult` (the LoRA is published in the registry by then). A job
+        id this replica (or another) checkpointed resumes from there. Refused as `overloaded`
+        while a run is in progress here. Cancelling the stream stops the run at its next step
+        (its checkpoint stays until `discard_training`)."""
+        training = self._training()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        done: asyncio.Future = loop.create_future()
+        control = TrainingControl(
+            on_progress=lambda progress: loop.call_soon_threadsafe(events.put_nowait, progress),
+            on_done=lambda outcome: loop.call_soon_threadsafe(_resolve, done, outcome),
+        )
+        training.submit(job_id, settings, examples, control)
+        try:
+            while not done.done():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({done, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            if isinstance(done.result(), ServiceError):
+                raise done.result()
+            yield done.result()
+        finally:
+            if not done.done():
+                control.cancel()
+
+    def discard_training(self, job_id: str) -> None:
+        """Remove the checkpoints of a training job given up (cancelled, out of attempts)."""
+        self._training().discard(job_id)
+
+    def _training(self) -> Any:
+        if self._engine.background is None:
+            raise InvalidRequestError("this deployment trains no LoRAs", param="kind", code="training_disabled")
+        return self._engine.background
 
     def cancel(self, request_id: str) -> bool:
         """Cancel an in-flight request on this replica; False when it is not here (or done)."""

@@ -32,6 +32,7 @@ from serve_app.jobs.manager import JobManagerDeployment
 
 #: Requests an engine replica accepts, in batches: one running, one waiting to join it.
 _BATCHES_IN_FLIGHT = 2
+BASE_DEPLOYMENT = "SDXLBase"
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> Application:
@@ -66,7 +67,7 @@ class EngineRole(NamedTuple):
 def engine_roles(config: AppArgs) -> dict[str, EngineRole]:
     """The registry the graph binds, from resolved args: role → deployment. The base, one
     deployment per ControlNet variant, and the refiner when there is one."""
-    roles = {BASE_ROLE: EngineRole("SDXLBase", config.engine)}
+    roles = {BASE_ROLE: EngineRole(BASE_DEPLOYMENT, config.engine)}
     for variant, variant_config in (config.controlnets or {}).items():
         models = {name: spec.model_dump(mode="json") for name, spec in variant_config.models.items()}
         roles[controlnet_role(variant)] = EngineRole(controlnet_deployment_name(variant), variant_config.engine, controlnets=models)
@@ -103,6 +104,9 @@ def _engine_deployment(config: AppArgs, deployment: EngineRole) -> Application:
     # The refiner takes no LoRAs (they are trained for the base's UNet): its stage runs without.
     serves_loras = config.limits.max_loras > 0 and deployment.refiner is None
     loras = config.loras.model_dump(mode="json") if serves_loras else None
+    # The base deployment trains LoRAs when idle (`POST /v1/loras/train`): a variant's ControlNets
+    # and the refiner play no part in a base LoRA, and each training run loads its own pipeline.
+    trains = deployment.name == BASE_DEPLOYMENT and config.trains_loras()
     factory = EngineFactory(
         model,
         config.batching.model_dump(mode="json"),
@@ -110,5 +114,6 @@ def _engine_deployment(config: AppArgs, deployment: EngineRole) -> Application:
         loras=loras,
         controlnets=deployment.controlnets,
         refiner=deployment.refiner,
+        training=config.training.model_dump(mode="json") if trains else None,
     )
     return EngineDeployment.options(**options).bind(model, config.limits.model_dump(mode="json"), factory)

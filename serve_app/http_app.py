@@ -15,15 +15,16 @@ from typing import Annotated, Any, Mapping, Optional, Union
 from fastapi import Body, FastAPI, Query, Request
 from fastapi import Path as FastAPIPath
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi_offline import FastAPIOffline
 
 from configs.app_args import AppArgs
-from deployments.types import BASE_ROLE, LORA_NAME_PATTERN, InvalidRequestError
+from deployments.types import BASE_ROLE, LORA_NAME_PATTERN, InvalidRequestError, UnsupportedMediaTypeError
 from serve_app.encoding import MEDIA_TYPES, encode_image, to_base64
 from serve_app.errors import engine_call_error, error_response, install_error_handlers
 from serve_app.job_events import job_event_stream
-from serve_app.openapi import body_schema, install_openapi
+from serve_app.openapi import TRAINING_PATH, body_schema, install_openapi, training_body
 from serve_app.protocol import (
     BatchRequest,
     ControlNetList,
@@ -36,6 +37,7 @@ from serve_app.protocol import (
     Img2ImgRequest,
     InpaintJob,
     InpaintRequest,
+    JobView,
     LoraInfo,
     LoraList,
     ModelCard,
@@ -49,6 +51,7 @@ from serve_app.serving_controlnets import ControlNetServing
 from serve_app.serving_images import Generated, ImageServing
 from serve_app.serving_jobs import JobServing, links
 from serve_app.serving_loras import LoraServing
+from serve_app.serving_training import TrainingServing
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 410, 413, 415, 429, 500, 503, 504)}
 _IMAGES_JSON = {"schema": {"$ref": "#/components/schemas/ImagesResponse"}}
@@ -112,6 +115,24 @@ class _StampArrival:
         await self.app(scope, receive, send)
 
 
+async def _form(request: Request, **limits: int) -> FormData:
+    """The body as a form: multipart (or, with no file to carry, URL-encoded); 415 for another
+    content type. The parser's own refusals (too many parts, a text part over 1 MiB, a broken
+    body) are the envelope's 400s."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise UnsupportedMediaTypeError(
+            f"content type {content_type or 'none'!r} is not supported; send multipart/form-data",
+            code="unsupported_content_type",
+        )
+    try:
+        return await request.form(**limits)
+    except StarletteHTTPException as exc:
+        if exc.status_code != 400:  # e.g. the body limit's 413
+            raise
+        raise InvalidRequestError(f"the form cannot be read: {exc.detail}", code="invalid_form") from None
+
+
 async def _call(method: Any, *args: Any) -> Any:
     """`await method.remote(*args)` on a handle; Ray's own failures (also a refusal at `.remote()`)
     become the envelope's 503s (see `engine_call_error`)."""
@@ -129,6 +150,7 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     images = ImageServing(engines, args, loras)
     controlnets = ControlNetServing(args, engines[BASE_ROLE], _call)
     job_serving = JobServing(images, jobs, args)
+    training = TrainingServing(args, loras.registry, jobs, _call)
     created = int(time.time())
     # Swagger UI and ReDoc from files shipped in the `fastapi-offline` wheel: GPU hosts are often
     # offline, and the stock pages load from a CDN.
@@ -137,9 +159,11 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
         summary="SDXL image generation on Ray Serve, with an OpenAI-compatible images API.",
         version="0.1.0",
     )
-    # LoRA uploads are files of up to `loras.max_upload_bytes`; every other body holds images.
+    # LoRA uploads are files of up to `loras.max_upload_bytes`, training sets bodies of up to
+    # `training.max_upload_bytes`; every other body holds images.
     lora_body = args.loras.max_upload_bytes + 1024 * 1024
-    app.add_middleware(BodyLimit, limit=body_limit(args.limits), overrides={("POST", "/v1/loras"): lora_body})
+    overrides = {("POST", "/v1/loras"): lora_body, ("POST", TRAINING_PATH): args.training.max_upload_bytes}
+    app.add_middleware(BodyLimit, limit=body_limit(args.limits), overrides=overrides)
     app.add_middleware(_StampArrival)
     install_error_handlers(app)
     install_openapi(app, args)
@@ -301,6 +325,26 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
         name = form.get("name")
         described = await loras.upload(upload.file, upload.filename, name if isinstance(name, str) and name else None)
         return JSONResponse(described, status_code=201)
+
+    @app.post(
+        TRAINING_PATH,
+        status_code=202,
+        response_model=JobView,
+        responses=_ERRORS,
+        openapi_extra=training_body(args),
+        include_in_schema=training.enabled,
+    )
+    async def train_lora(request: Request) -> Any:
+        """Fine-tune a new LoRA on uploaded examples (multipart): the settings as text parts, the
+        examples as repeated `images` file parts with one `captions` text part each (in order), or
+        as one `dataset` ZIP of images with same-named `.txt` captions. Answers 202 with the
+        training job and its links; the LoRA is usable by name once the job succeeds."""
+        training.check_enabled()
+        form = await _form(request, **training.form_limits())
+        try:
+            return JSONResponse(await training.submit(form.multi_items()), status_code=202)
+        finally:
+            await form.close()
 
     @app.delete("/v1/loras/{name}", responses=_ERRORS)
     async def delete_lora(name: Annotated[str, FastAPIPath(pattern=LORA_NAME_PATTERN)]) -> Any:

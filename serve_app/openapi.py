@@ -6,7 +6,8 @@ FastAPI derives the schema from the pydantic models; what it cannot know is adde
   served model's name and the scheduler names the server knows;
 - multipart bodies, which have no `null` (an absent part is the default) and carry images as file
   parts: their schema is the JSON one without the null branches, with `format: binary` images;
-- the 422 responses FastAPI lists for every route: this server answers validation errors 400.
+- the 422 responses FastAPI lists for every route: this server answers validation errors 400;
+- the LoRA training form (`training_body`), whose `steps` are training steps with limits of their own.
 Schemathesis checks the result against the running app in `tests/test_openapi_conformance.py`.
 """
 
@@ -18,6 +19,10 @@ from fastapi import FastAPI
 
 from configs.app_args import AppArgs, LimitsConfig
 from configs.schedulers import SCHEDULERS
+from serve_app.protocol import TRAINING_EXAMPLE_PARTS, TRAINING_EXAMPLE_RULES, LoraTrainingForm
+
+#: The training route, whose form `install_openapi` states apart from the generation fields' limits.
+TRAINING_PATH = "/v1/loras/train"
 
 
 def body_schema(model: type) -> dict:
@@ -53,6 +58,21 @@ def _inlined(schema: dict) -> dict:
     return resolve(schema)
 
 
+def training_body(args: AppArgs) -> dict:
+    """`openapi_extra` of `POST /v1/loras/train`: a multipart form of the training settings (with
+    this deployment's `loras.max_rank` and `training.max_steps`/`max_images` written in) and the
+    examples, either repeated `images` + `captions` parts or one `dataset` ZIP."""
+    schema = _as_form(_inlined(LoraTrainingForm.model_json_schema()))
+    properties = schema["properties"]
+    properties["rank"]["maximum"] = min(properties["rank"]["maximum"], args.loras.max_rank)
+    properties["steps"]["maximum"] = min(properties["steps"]["maximum"], args.training.max_steps)
+    for name in ("images", "captions"):
+        properties[name] = {**copy.deepcopy(TRAINING_EXAMPLE_PARTS[name]), "maxItems": args.training.max_images}
+    properties["dataset"] = copy.deepcopy(TRAINING_EXAMPLE_PARTS["dataset"])
+    schema.update(copy.deepcopy(TRAINING_EXAMPLE_RULES))
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 def install_openapi(app: FastAPI, args: AppArgs) -> None:
     """Serve the schema with the deployment's settings written in and the 422s removed (built
     once, cached)."""
@@ -63,6 +83,9 @@ def install_openapi(app: FastAPI, args: AppArgs) -> None:
             schema = build()
             _drop_422(schema)
             _constrain_properties(schema, _deployment_constraints(args))
+            training = schema.get("paths", {}).get(TRAINING_PATH, {}).get("post")
+            if training is not None:  # its `steps` are training steps: not the denoising limits above
+                training["requestBody"] = training_body(args)["requestBody"]
             _name_served_controlnets(schema, sorted(args.controlnet_roles()))
             if not args.refiner:
                 _no_refiner(schema)

@@ -47,6 +47,7 @@ from deployments.types import (
     Strength,
     json_form_part,
 )
+from deployments.training import MAX_CAPTION_CHARS, LoraTrainingSettings
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 JobKind = Literal["txt2img", "img2img", "inpaint"]
@@ -488,3 +489,92 @@ class LoraInfo(BaseModel):
 class LoraList(BaseModel):
     object: Literal["list"] = "list"
     data: list[LoraInfo]
+
+
+# --- LoRA training -------------------------------------------------------------------------------
+
+
+class LoraTrainingForm(LoraTrainingSettings):
+    """The text fields of `POST /v1/loras/train` (multipart/form-data): the training settings
+    (the contract's `LoraTrainingSettings`, bounds defined there) and an optional webhook. The
+    examples are file parts: repeated `images` with one `captions` part each, or a `dataset` ZIP."""
+
+    webhook_url: Optional[WebhookUrl] = None
+
+
+#: What the form states about its examples (`serve_app.openapi.training_body` adds the limits).
+TRAINING_EXAMPLE_PARTS = {
+    "images": {
+        "type": "array",
+        "minItems": 1,
+        "items": {"type": "string", "format": "binary"},
+        "description": (
+            "The training images (PNG, JPEG or WEBP; each side at least half the resolution): one file part "
+            "named `images` per image, repeated. Each is resized so its short side is `resolution`, then "
+            "centre-cropped to a square."
+        ),
+    },
+    "captions": {
+        "type": "array",
+        "minItems": 1,
+        "items": {"type": "string", "maxLength": MAX_CAPTION_CHARS},
+        "description": (
+            "One text part named `captions` per image, repeated, in the images' order (the caption of the "
+            "i-th `images` part is the i-th `captions` part; surrounding whitespace is removed)."
+        ),
+    },
+    "dataset": {
+        "type": "string",
+        "format": "binary",
+        "description": (
+            "Instead of images and captions: one ZIP of images (.png, .jpg, .jpeg, .webp), each with a "
+            "caption file of the same name ending in .txt (UTF-8) in the same folder (cat.png + cat.txt); "
+            "folders are fine, other files are ignored."
+        ),
+    },
+}
+
+#: Examples come one way: images with captions, or a dataset ZIP.
+TRAINING_EXAMPLE_RULES = {
+    "oneOf": [
+        {"required": ["images", "captions"], "not": {"required": ["dataset"]}},
+        {"required": ["dataset"], "not": {"anyOf": [{"required": ["images"]}, {"required": ["captions"]}]}},
+    ],
+}
+
+
+class JobProgress(BaseModel):
+    step: int
+    total: int
+    percent: float
+
+
+class JobLinks(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    self_: str = Field(..., alias="self", description="The job (`GET`).")
+    result: str = Field(..., description="Its result once it succeeded.")
+    events: str = Field(..., description="Server-sent events of its progress.")
+    cancel: str = Field(..., description="`DELETE` cancels it.")
+
+
+class JobView(BaseModel):
+    """A job as `GET /v1/jobs/{id}` shows it, with its links."""
+
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    kind: str = Field(..., description="txt2img, img2img, inpaint, batch or lora_training.")
+    images: int
+    progress: JobProgress
+    created_at: float
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    attempts: int
+    error: Optional[dict[str, Any]] = None
+    seeds: list[int] = Field(default_factory=list)
+    result: Optional[dict[str, Any]] = None
+    training: Optional[dict[str, Any]] = Field(
+        None, description="A training job's latest loss, ETA and whether it is paused (training jobs only)."
+    )
+    links: JobLinks

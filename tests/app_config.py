@@ -16,6 +16,8 @@ def app_args_for(state_dir) -> dict:
         "limits": {"max_n": 10},
         "state_dir": str(state_dir),
         "jobs": {"max_attempts": 2, "webhook_backoff_s": 0.1, "cleanup_interval_s": 1.0},
+        # Checkpoints often enough that a replica killed a second into a run has one to resume.
+        "training": {"checkpoint_every": 10},
     }
 
 

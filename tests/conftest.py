@@ -62,7 +62,8 @@ def tiny_replica(local_config):
     config = local_config
     model = config.model.model_dump(mode="json")
     factory = EngineFactory(
-        model, config.batching.model_dump(mode="json"), loras=config.loras.model_dump(mode="json")
+        model, config.batching.model_dump(mode="json"), loras=config.loras.model_dump(mode="json"),
+        training=config.training.model_dump(mode="json"),
     )
     replica = EngineReplica(model, config.limits.model_dump(mode="json"), factory)
     yield replica

@@ -20,6 +20,7 @@ import numpy as np
 
 from configs.app_args import AppArgs
 from deployments.lora_registry import describe
+from deployments.training import LoraTrainingSettings, TrainingExample, TrainingProgress, TrainingResult
 from deployments.types import BASE_ROLE, ControlRef, GenerationRequest, GenerationResult, Handoff, ProgressEvent
 from serve_app.builder import engine_roles
 from serve_app.http_app import create_app
@@ -94,6 +95,8 @@ class FakeEngine:
         self.delay_s = delay_s
         self.failures: list[BaseException] = []
         self.requests: list[GenerationRequest] = []
+        self.trainings: list[tuple[str, LoraTrainingSettings, list[TrainingExample]]] = []
+        self.discarded: list[str] = []
         self._slots = asyncio.Semaphore(capacity)
 
     async def generate(self, request: GenerationRequest, handoff: Optional[Handoff] = None) -> Any:
@@ -154,6 +157,20 @@ class FakeEngine:
     async def check_lora(self, path: str, name: str) -> dict[str, Any]:
         """The file's header (no model to fit it to)."""
         return {**describe(Path(path), name, builtin=False).to_json(), "fits": True}
+
+    async def train_stream(self, job_id: str, settings: LoraTrainingSettings, examples: list[TrainingExample]):
+        """Progress for each step (after `delay_s` in all), then a result whose bytes name the
+        job; the LoRA is not published anywhere."""
+        self.trainings.append((job_id, settings, examples))
+        if self.failures:
+            raise self.failures.pop(0)
+        for step in range(1, settings.steps + 1):
+            await asyncio.sleep(self.delay_s / settings.steps)
+            yield TrainingProgress(step, settings.steps, 1.0 / step, float(settings.steps - step), paused=False)
+        yield TrainingResult(settings.name, job_id.encode(), settings.steps, 1.0 / settings.steps, self.delay_s, 0)
+
+    def discard_training(self, job_id: str) -> None:
+        self.discarded.append(job_id)
 
     def stats(self) -> dict[str, Any]:
         return {"requests": len(self.requests)}

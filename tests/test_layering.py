@@ -17,13 +17,16 @@ def _loaded(modules: list[str]) -> set[str]:
     return set(done.stdout.split())
 
 
-@pytest.mark.parametrize("modules", [["serve_app.ingress", "serve_app.builder", "serve_app.jobs.manager"]])
+@pytest.mark.parametrize("modules", [["serve_app.ingress", "serve_app.builder", "serve_app.jobs.manager", "serve_app.serving_training"]])
 def test_the_face_never_loads_torch(modules):
     loaded = _loaded(modules)
     assert not loaded & {"torch", "diffusers", "transformers"}, loaded & {"torch", "diffusers", "transformers"}
 
 
 def test_the_engine_and_models_never_load_ray_or_http():
-    loaded = _loaded(["deployments.engine.loop", "deployments.engine.factory", "deployments.pipelines"])
+    loaded = _loaded([
+        "deployments.engine.loop", "deployments.engine.factory", "deployments.pipelines",
+        "deployments.engine.lora_trainer", "deployments.engine.training_queue",
+    ])
     assert "torch" in loaded
     assert not loaded & {"ray", "serve_app", "fastapi", "starlette"}, loaded & {"ray", "serve_app", "fastapi", "starlette"}

@@ -102,9 +102,11 @@ SCHEMA = schemathesis.openapi.from_dict(_schema())
 OPERATIONS = [result.ok() for result in SCHEMA.get_all_operations()]
 
 
-#: A schema can say "a file" but not "a LoRA for this model": uploads of drawn bytes are
-#: refused (400 naming why), so only the other checks apply there.
-NO_POSITIVE_DATA = {"POST /v1/loras"}
+#: A schema can say "a file" but not "a LoRA for this model", nor "a ZIP of captioned images",
+#: nor rules across parts (as many captions as images, `batch_size` at most their number, each
+#: image at least half the `resolution`): such bodies are refused (400 naming why), so only the
+#: other checks apply there.
+NO_POSITIVE_DATA = {"POST /v1/loras", "POST /v1/loras/train"}
 
 
 def _unstatable(case) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import TypeAdapter
 
-from configs.app_args import BatchingConfig, LorasConfig
+from configs.app_args import BatchingConfig, LorasConfig, TrainingConfig
 from configs.model_spec import ControlNetSpec, ModelSpec, RefinerSpec
 from deployments.lora_registry import lora_registry
 from deployments.types import GenerationRequest
@@ -37,6 +37,9 @@ class EngineFactory:
     #: spec → `StableDiffusionXLPipeline`; None: `deployments.pipelines.load_pipeline` (or
     #: `load_refiner` for a refiner).
     pipeline_factory: Optional[Callable[[Any], Any]] = None
+    #: A resolved, enabled `TrainingConfig` (the base engine, with `loras`): the engine trains
+    #: LoRAs when idle, each run on a pipeline of its own from `pipeline_factory`; None: it does not.
+    training: Optional[dict[str, Any]] = None
 
     def __call__(self, observer: Any = None) -> Any:
         from deployments.engine.lora import AdapterCache
@@ -83,6 +86,7 @@ class EngineFactory:
             refiner=self.refiner is not None,
             vae_tiling_above=spec.optimize.vae_tiling_above_pixels,
             observer=observer,
+            background=self._training_queue(spec),
         )
         compile_cache = None
         if spec.optimize.compile != "off" and self.refiner is None:
@@ -98,3 +102,29 @@ class EngineFactory:
             "compile_cache": compile_cache,
         }
         return engine
+
+    def _training_queue(self, spec: Any) -> Any:
+        if self.training is None:
+            return None
+        from pathlib import Path
+
+        from configs.model_spec import OptimizeConfig
+        from deployments.engine.lora_trainer import LoraTrainer
+        from deployments.engine.training_queue import TrainingQueue
+        from deployments.pipelines import load_pipeline
+
+        training = TrainingConfig.model_validate(self.training)
+        if training.dir is None or self.loras is None:
+            raise ValueError("training needs a resolved training.dir and loras (AppArgs.with_state_paths)")
+        # The trainer's pipeline: the served weights without the speed switches (no compiled
+        # graph, fused projection or LoRA slot layer to train through).
+        plain = spec.model_copy(update={"optimize": OptimizeConfig()})
+        load = self.pipeline_factory or load_pipeline
+        return TrainingQueue(
+            lambda settings, examples, folder: LoraTrainer(lambda: load(plain), settings, examples, folder),
+            lora_registry(LorasConfig.model_validate(self.loras)),
+            Path(training.dir),
+            checkpoint_every=training.checkpoint_every,
+            hours=training.hours,
+            idle_s=training.idle_s,
+        )

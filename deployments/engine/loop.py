@@ -68,6 +68,22 @@ class EngineObserver(Protocol):
     def on_forward(self, rows: int, seconds: float) -> None: ...
 
 
+class BackgroundWork(Protocol):
+    """Work the loop runs a unit at a time while it has no request (LoRA training)."""
+
+    #: Seconds the engine must have been idle before a unit runs (a gap between two requests
+    #: of a burst is not idleness).
+    idle_s: float
+
+    def pending(self) -> bool: ...
+
+    def run_step(self) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
 class _NoObserver:
     def on_admit(self, queue_wait_s: float, into_running: bool) -> None:
         pass
@@ -102,6 +118,7 @@ class StepEngine:
         refiner: bool = False,
         vae_tiling_above: Optional[int] = None,
         observer: Optional[EngineObserver] = None,
+        background: Optional[BackgroundWork] = None,
     ):
         """`max_rows`: most requests denoising at once. `max_waiting`: most requests waiting to be
         admitted (beyond it `submit` raises a 503); None is unbounded. `buckets`: the image batch
@@ -110,7 +127,9 @@ class StepEngine:
         sets rows may use (None: requests with LoRAs are refused). `controlnets`: the ControlNets
         this engine hosts, by name (requests naming another are refused). `refiner`: `pipeline` is a
         refiner, which runs the refiner stage of requests (those with a `handoff`) and nothing else.
-        `vae_tiling_above`: VAE encodes and decodes of images above this many pixels run tiled."""
+        `vae_tiling_above`: VAE encodes and decodes of images above this many pixels run tiled.
+        `background`: work `run` does a unit at a time when no request is active or waiting (a
+        `TrainingQueue`); requests always go first."""
         if scheduling not in ("step", "request"):
             raise ValueError(f"scheduling {scheduling!r} must be 'step' or 'request'")
         self._pipe = pipeline
@@ -127,6 +146,8 @@ class StepEngine:
         self.vae_tiling_above = vae_tiling_above
         self._warm_slot: Optional[int] = None  # the slot every row takes while warming up adapters
         self._observer = observer or _NoObserver()
+        self.background = background
+        self._busy_until = 0.0  # when the loop last stepped: background work waits `idle_s` after it
         self._lock = threading.Condition()
         self._waiting: deque[_Waiting] = deque()
         self._active: list[Row] = []
@@ -169,19 +190,39 @@ class StepEngine:
             stats = {**self._stats.snapshot(), "waiting": len(self._waiting), "active": len(self._active)}
         if self.adapters is not None:
             stats["loras"] = self.adapters.stats()
+        if self.background is not None:
+            stats["training"] = self.background.stats()
         return stats
 
     # -- the loop (one thread) -------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Step while there is work, sleep while there is none, until `stop` is set."""
+        """Step while there is work, run a unit of background work when there is none (a
+        request arriving meanwhile waits for that unit only), sleep otherwise, until `stop`."""
+        background = self.background
         while not stop.is_set():
             with self._lock:
-                delay = self._idle_delay(time.perf_counter())
-                if delay != 0.0:
-                    self._lock.wait(timeout=0.5 if delay is None else min(delay, 0.5))
+                now = time.perf_counter()
+                delay = self._idle_delay(now)
+                background_in = None if delay is not None else self._background_delay(now)
+                if delay != 0.0 and background_in != 0.0:
+                    wait = min(x for x in (delay, background_in, 0.5) if x is not None)
+                    self._lock.wait(timeout=wait)
                     continue
+            if background_in == 0.0:
+                background.run_step()
+                continue
+            if background is not None:
+                background.pause()
             self.step()
+            self._busy_until = time.perf_counter()
+
+    def _background_delay(self, now: float) -> Optional[float]:
+        """With no request in sight: 0 when background work may run a unit now, seconds until it
+        may (the idle time it waits for after the last step), None when it has nothing to do."""
+        if self.background is None or not self.background.pending():
+            return None
+        return max(0.0, self._busy_until + self.background.idle_s - now)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list:
         """Submit (resolved) requests together and step until all are done, on this thread:

@@ -11,14 +11,16 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from configs.app_args import JobsConfig
 from deployments.logs import quiet_client_errors
+from deployments.training import TrainingProgress
 from deployments.types import (
+    BASE_ROLE,
     ConflictError,
     DeadlineExceededError,
     GenerationRequest,
@@ -37,6 +39,7 @@ from serve_app.jobs import webhooks
 from serve_app.jobs.archive import build_result
 from serve_app.jobs.payload import JobPayload
 from serve_app.jobs.store import JobRecord, SqliteJobStore
+from serve_app.jobs.training_payload import TRAINING_KIND, TrainingPayload
 
 logger = logging.getLogger("ray.serve")
 
@@ -66,6 +69,7 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "error": job.error,
         "seeds": job.seeds,
         "result": result,
+        **({"training": job.training} if job.kind == TRAINING_KIND else {}),
     }
 
 
@@ -104,25 +108,38 @@ class JobManager:
     # -- the API the ingress calls -------------------------------------------------------------
 
     async def submit(
-        self, payload: JobPayload, kind: str, webhook_url: Optional[str] = None, owner: Optional[str] = None
+        self, payload: Union[JobPayload, TrainingPayload], kind: str, webhook_url: Optional[str] = None, owner: Optional[str] = None
     ) -> dict[str, Any]:
         if await self._db(self._store.count, "queued") >= self._config.max_queued:
             raise TooManyRequestsError(
                 f"{self._config.max_queued} jobs are already queued; retry later", code="queue_full"
             )
+        if kind == TRAINING_KIND:
+            await self._check_name_free(payload.settings.name)
         job = JobRecord(
             id="job-" + uuid.uuid4().hex,
             kind=kind,
             owner=owner,
             max_attempts=self._config.max_attempts,
-            images=len(payload.requests),
-            progress_total=sum(r.progress_steps() for r in payload.requests),
+            images=0 if kind == TRAINING_KIND else len(payload.requests),
+            progress_total=payload.settings.steps if kind == TRAINING_KIND else sum(r.progress_steps() for r in payload.requests),
             webhook_url=webhook_url,
             payload=payload.to_json(),
         )
         await self._db(self._store.create, job)
         self._wake.set()
         return job_view(job)
+
+    async def _check_name_free(self, name: str) -> None:
+        """409 when an unfinished training job will publish a LoRA of this name (the registry's
+        own names are the ingress's to check)."""
+        for job in await self._db(self._store.unfinished, TRAINING_KIND):
+            if job.payload is not None and job.payload["settings"]["name"] == name:
+                raise ConflictError(
+                    f"training job {job.id} is already making LoRA {name!r}; choose another name or cancel it",
+                    param="name",
+                    code="lora_exists",
+                )
 
     async def get(self, job_id: str, owner: Optional[str] = None) -> dict[str, Any]:
         return job_view(await self._job(job_id, owner))
@@ -142,6 +159,8 @@ class JobManager:
         task = self._running.get(job_id)
         if task is not None:
             task.cancel()  # its streams close, and the engine stops these requests at the next step
+        if cancelled.kind == TRAINING_KIND:
+            await self._discard_training(job_id)
         self._notify(cancelled)
         return job_view(cancelled)
 
@@ -201,6 +220,8 @@ class JobManager:
             await self._fail_or_retry(job, unwrap_error(error))
 
     async def _attempt(self, job: JobRecord) -> None:
+        if job.kind == TRAINING_KIND:
+            return await self._train(job)
         payload = JobPayload.from_json(job.payload)
         deadline = time.time() + self._config.run_timeout_s
         requests = [
@@ -233,42 +254,92 @@ class JobManager:
         if done is not None:
             self._notify(done)
 
+    async def _train(self, job: JobRecord) -> None:
+        """A training job: one stream to a base engine replica, which trains while it has no
+        request to serve; its steps, loss and ETA go to the record as they come. No deadline:
+        an off-peak job may wait hours for its window. A retried attempt resumes from the
+        checkpoint the last one left."""
+        payload = TrainingPayload.from_json(job.payload)
+        settings = payload.settings
+        written = [0.0]
+
+        async def report(event: TrainingProgress) -> None:
+            now = time.monotonic()
+            if now - written[0] < _PROGRESS_WRITE_S and not event.paused:
+                return
+            written[0] = now
+            await self._db(
+                self._store.update, job.id, only_if=("running",), progress_step=event.step, progress_total=event.total,
+                progress_percent=100.0 * event.step / max(1, event.total),
+                training={"loss": event.loss, "eta_s": event.eta_s, "paused": event.paused},
+            )
+
+        result = await self._stream(
+            self._engines[BASE_ROLE], "train_stream", report, job.id, settings, payload.examples, deadline=None
+        )
+        expires_at = time.time() + self._config.result_ttl_s
+        await self._db(self._store.save_result, job.id, result.data, "application/octet-stream", f"{result.name}.safetensors", expires_at)
+        done = await self._db(
+            self._store.update, job.id, only_if=("running",), status="succeeded", finished_at=time.time(),
+            seeds=[settings.seed], progress_step=result.steps, progress_total=settings.steps, progress_percent=100.0,
+            training={"loss": round(result.loss, 5), "eta_s": 0.0, "paused": False, "lora": result.name,
+                      "train_s": result.train_s, "resumed_from": result.resumed_from},
+        )
+        if done is not None:
+            self._notify(done)
+
+    async def _discard_training(self, job_id: str) -> None:
+        """Best effort: a given-up training job's checkpoints go (any base replica can remove
+        them: they are in the shared `training.dir`)."""
+        try:
+            await self._engines[BASE_ROLE].discard_training.remote(job_id)
+        except Exception:  # noqa: BLE001 - a leftover folder is not worth failing a cancel for
+            logger.warning("could not discard the checkpoints of training job %s", job_id, exc_info=True)
+
     async def _run_one(self, request: GenerationRequest, index: int, progress: "_Progress") -> GenerationResult:
         """One image: its engine's stage, then (a refined request) the refiner's, with progress
         counted over both: the refiner's steps are estimated until its stage reports them."""
         engine = engine_handle(self._engines, request, self._controlnet_roles)
         refiner = refiner_handle(self._engines, request)
         if refiner is None:
-            return await self._stream(engine, request, lambda step, total: progress.report(index, step, total))
+            return await self._generate(engine, request, lambda step, total: progress.report(index, step, total))
         later = request.refiner.refiner_steps()
-        handoff = await self._stream(engine, request, lambda step, total: progress.report(index, step, total + later))
+        handoff = await self._generate(engine, request, lambda step, total: progress.report(index, step, total + later))
         done = handoff.steps
-        return await self._stream(
+        return await self._generate(
             refiner, request, lambda step, total: progress.report(index, done + step, done + total), handoff
         )
 
-    async def _stream(
+    async def _generate(
         self, engine: Any, request: GenerationRequest, report: Callable[[int, int], Awaitable], *args: Any
     ) -> Any:
-        """One engine call, streaming its progress to `report`; a full engine is waited out with
-        backoff until the request's deadline."""
+        async def on_event(event: ProgressEvent) -> None:
+            await report(event.step, event.total)
+
+        return await self._stream(engine, "generate_stream", on_event, request, *args, deadline=request.deadline)
+
+    async def _stream(
+        self, engine: Any, method: str, report: Callable[[Any], Awaitable], *args: Any, deadline: Optional[float]
+    ) -> Any:
+        """One streaming engine call (`method`), its progress events to `report`, its last item
+        returned; a full engine is waited out with backoff until `deadline` (None: no end)."""
         wait_s = _BUSY_RETRY_S[0]
         while True:
             stream = None
             try:
-                stream = engine.options(stream=True).generate_stream.remote(request, *args)
+                stream = getattr(engine.options(stream=True), method).remote(*args)
                 async for event in stream:
-                    if isinstance(event, ProgressEvent):
-                        await report(event.step, event.total)
+                    if isinstance(event, (ProgressEvent, TrainingProgress)):
+                        await report(event)
                     else:
                         return event
                 raise RuntimeError("the engine stream ended without a result")
             except Exception as exc:  # noqa: BLE001 - only a full engine is waited out here
                 if not _engine_busy(exc):
                     raise
-                if request.deadline is not None and time.time() + wait_s > request.deadline:
+                if deadline is not None and time.time() + wait_s > deadline:
                     raise DeadlineExceededError("the engines stayed full until the job's deadline", code="timeout") from None
-                logger.info("engine full; job request %s waits %.1fs", request.request_id, wait_s)
+                logger.info("engine full; job %s call waits %.1fs", method, wait_s)
             finally:
                 if stream is not None:  # no-op once finished; on cancel/failure it stops the engine's work
                     with contextlib.suppress(Exception):  # a refused call's cancel re-raises its refusal
@@ -287,6 +358,8 @@ class JobManager:
             self._store.update, job.id, only_if=("running",), status="failed", finished_at=time.time(),
             error=_error_dict(error),
         )
+        if failed is not None and failed.kind == TRAINING_KIND:
+            await self._discard_training(job.id)
         if failed is not None:
             self._notify(failed)
 

@@ -59,27 +59,27 @@ def _request_to_json(request: GenerationRequest) -> dict[str, Any]:
     data = request.model_dump(mode="json", exclude={*_IMAGE_FIELDS, "controlnets", "handoff"})
     for name in _IMAGE_FIELDS:
         pixels = getattr(request, name)
-        data[name] = None if pixels is None else _png_base64(pixels)
+        data[name] = None if pixels is None else png_base64(pixels)
     # Only the settings a request gave: defaults stay defaults, and a threshold stays "not given".
     data["controlnets"] = [
-        {**control.model_dump(mode="json", exclude={"image"}, exclude_unset=True), "image": _png_base64(control.image)}
+        {**control.model_dump(mode="json", exclude={"image"}, exclude_unset=True), "image": png_base64(control.image)}
         for control in request.controlnets
     ]
     return data
 
 
 def _request_from_json(data: dict[str, Any]) -> GenerationRequest:
-    images = {name: None if data.get(name) is None else _pixels(data[name]) for name in _IMAGE_FIELDS}
-    controlnets = [{**control, "image": _pixels(control["image"])} for control in data.get("controlnets", [])]
+    images = {name: None if data.get(name) is None else png_pixels(data[name]) for name in _IMAGE_FIELDS}
+    controlnets = [{**control, "image": png_pixels(control["image"])} for control in data.get("controlnets", [])]
     return GenerationRequest.model_validate({**data, **images, "controlnets": controlnets})
 
 
-def _png_base64(pixels: np.ndarray) -> str:
+def png_base64(pixels: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _pixels(text: str) -> np.ndarray:
+def png_pixels(text: str) -> np.ndarray:
     with Image.open(io.BytesIO(base64.b64decode(text))) as image:
         return np.asarray(image).copy()

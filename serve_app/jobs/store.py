@@ -5,7 +5,8 @@ file for records plus a folder for result and file bytes, both surviving restart
 that owns them. On a multi-node cluster, replace it with a store on shared infrastructure (e.g.
 PostgreSQL + an object store) that keeps the same contract:
 
-- `create` persists a new queued job; `get`/`list_jobs` read it back.
+- `create` persists a new queued job; `get`/`list_jobs` read it back; `unfinished(kind)` lists
+  the queued and running jobs of a kind.
 - `claim_next` atomically moves the oldest queued job to running, counting an attempt: no job is
   ever handed out twice.
 - `update` changes fields, optionally only while the status is one of `only_if` (so a cancel is
@@ -58,6 +59,8 @@ class JobRecord:
     result_name: Optional[str] = None
     expires_at: Optional[float] = None
     payload: Optional[dict[str, Any]] = None
+    #: A training job's latest loss, ETA and whether it is paused (None for image jobs).
+    training: Optional[dict[str, Any]] = None
 
     @property
     def done(self) -> bool:
@@ -69,6 +72,7 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Optional[JobRecord]: ...
     def list_jobs(self, limit: int, owner: Optional[str] = None) -> list[JobRecord]: ...
     def count(self, status: str) -> int: ...
+    def unfinished(self, kind: str) -> list[JobRecord]: ...
     def claim_next(self) -> Optional[JobRecord]: ...
     def update(self, job_id: str, only_if: Optional[tuple[str, ...]] = None, **fields: Any) -> Optional[JobRecord]: ...
     def requeue_running(self) -> tuple[int, int]: ...
@@ -80,12 +84,12 @@ class JobStore(Protocol):
 
 
 #: Columns stored as JSON text.
-_JSON_FIELDS = ("error", "seeds", "payload")
+_JSON_FIELDS = ("error", "seeds", "payload", "training")
 _COLUMNS = [name for name in JobRecord.__dataclass_fields__]
 
 #: `PRAGMA user_version` of the layout this code writes. 0: payloads were pickles (before
-#: 2026-12-01); such rows are not read back (see `_migrate`).
-_SCHEMA_VERSION = 1
+#: 2026-12-01); such rows are not read back (see `_migrate`). 2 added the `training` column.
+_SCHEMA_VERSION = 2
 
 
 class SqliteJobStore:
@@ -124,6 +128,10 @@ class SqliteJobStore:
                 (time.time(), error),
             )
             self._db.execute("UPDATE jobs SET payload = NULL WHERE typeof(payload) = 'blob'")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name in _COLUMNS:  # columns added since the file was made (all nullable)
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name}")
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     # -- records -------------------------------------------------------------------------------
@@ -153,6 +161,14 @@ class SqliteJobStore:
     def count(self, status: str) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()[0]
+
+    def unfinished(self, kind: str) -> list[JobRecord]:
+        """The queued and running jobs of `kind`."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE kind = ? AND status IN ('queued', 'running')", (kind,)
+            ).fetchall()
+        return [self._from_row(row) for row in rows]
 
     def claim_next(self) -> Optional[JobRecord]:
         with self._lock:

@@ -1,12 +1,15 @@
 """Replicas die; jobs and results do not. Kills Serve replica actors, so it runs last (file order)."""
 
+import io
 import threading
 import time
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
 import ray
+from PIL import Image
 
 from tests.test_http_jobs import submit, wait
 
@@ -108,3 +111,31 @@ def test_a_sync_request_whose_replica_dies_gets_503_with_retry_after(http, base_
     assert response.headers["retry-after"].isdigit()
     assert response.json()["error"]["code"] == "engine_unavailable"
     assert _until_ok(http, "/healthz").json()["status"] == "ok"
+
+
+def _training_form(count: int = 4) -> list:
+    files = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((128, 128, 3), 40 * i, dtype=np.uint8)).save(buffer, format="PNG")
+        files += [("images", (f"{i}.png", buffer.getvalue(), "image/png")), ("captions", (None, f"a grey square {i}"))]
+    return files
+
+
+def test_a_training_job_whose_replica_dies_resumes_from_its_checkpoint(http):
+    """The base replica killed mid-training (checkpoints every 10 steps, tests/app_config.py): the
+    job's second attempt, on the new replica, resumes from the last checkpoint, and its LoRA is
+    listed when it ends."""
+    data = {"name": "survivor", "rank": "4", "steps": "80", "learning_rate": "1e-3", "seed": "0"}
+    response = http.post("/v1/loras/train", data=data, files=_training_form())
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    deadline = time.time() + 120
+    while http.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] < 25:
+        assert time.time() < deadline, "training never reached step 25"
+        time.sleep(0.1)
+    _kill("SDXLBase")
+    job = wait(http, job_id, timeout_s=240)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2 and job["training"]["resumed_from"] >= 20, job
+    assert "survivor" in {item["name"] for item in http.get("/v1/loras").json()["data"]}
