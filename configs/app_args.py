@@ -118,6 +118,9 @@ class IngressConfig(_Strict):
     engine_timeout_s: float = Field(
         600.0, gt=0, le=86400, description="Most time a synchronous request may take end to end (504 after)."
     )
+    log_prompts: bool = Field(
+        False, description="Put each request's (first) prompt in its access-log line; off: prompts are never logged."
+    )
     public_base_url: Optional[str] = Field(
         None,
         pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
@@ -310,6 +313,55 @@ class TrainingConfig(_Strict):
     )
 
 
+#: What an API key may do. `generate`: the image endpoints (sync); `jobs`: async jobs and
+#: batches; `loras`: upload and delete LoRAs; `training`: LoRA training jobs; `admin`: all of
+#: them, and every tenant's jobs and LoRAs.
+Scope = Literal["generate", "jobs", "loras", "training", "admin"]
+API_KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ApiKeyConfig(_Strict):
+    """One API key: who it is (its name: logged, and the owner of what it makes), how to check it
+    (the secret itself is never in the config), what it may do and how much."""
+
+    name: str = Field(..., pattern=API_KEY_NAME_PATTERN, description="The key's name: the tenant its jobs and LoRAs belong to.")
+    key_env: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the key (read at start)."
+    )
+    key_sha256: Optional[str] = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="The key's SHA-256 in hex (`printf %s KEY | sha256sum`)."
+    )
+    scopes: list[Scope] = Field(
+        default_factory=lambda: ["generate", "jobs", "loras", "training"], min_length=1, description="What it may do."
+    )
+    requests_per_minute: Optional[int] = Field(None, ge=1, le=1_000_000, description="Most requests a minute (429 beyond).")
+    images_per_minute: Optional[int] = Field(None, ge=1, le=1_000_000, description="Most images a minute, jobs included (429 beyond).")
+    concurrent_jobs: Optional[int] = Field(None, ge=1, le=100_000, description="Most unfinished jobs at once (429 beyond).")
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> "ApiKeyConfig":
+        if (self.key_env is None) == (self.key_sha256 is None):
+            raise ValueError(f"auth key {self.name!r} needs exactly one of key_env and key_sha256")
+        return self
+
+
+class AuthConfig(_Strict):
+    """API keys (`Authorization: Bearer <key>`, as the OpenAI client sends it). Off by default:
+    the local default serves anyone who reaches the port."""
+
+    enabled: bool = Field(False, description="Require an API key on every endpoint but /healthz and the docs.")
+    keys: list[ApiKeyConfig] = Field(default_factory=list, description="The keys; names unique.")
+
+    @model_validator(mode="after")
+    def _keys_when_enabled(self) -> "AuthConfig":
+        if self.enabled and not self.keys:
+            raise ValueError("auth.enabled needs at least one key in auth.keys")
+        names = [key.name for key in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"auth.keys names must be unique: {names}")
+        return self
+
+
 class AppArgs(_Strict):
     """Everything `build_app` needs; the defaults serve the tiny model on CPU."""
 
@@ -323,6 +375,7 @@ class AppArgs(_Strict):
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="Async jobs and stored results.")
     loras: LorasConfig = Field(default_factory=LorasConfig, description="LoRA registry and adapter cache.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="LoRA fine-tuning jobs.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys, tenants and quotas.")
     controlnets: Optional[dict[str, ControlNetVariantConfig]] = Field(
         None,
         description=(

@@ -17,11 +17,11 @@ import struct
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Optional
 
 from configs.app_args import LorasConfig
 from configs.model_spec import TINY_LORA_DIR
-from configs.paths import PRIVATE_FILE_MODE, private_dir
+from configs.paths import PRIVATE_FILE_MODE, private_dir, write_private
 from deployments.types import LORA_NAME_PATTERN, ConflictError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 
 SUFFIX = ".safetensors"
@@ -41,6 +41,8 @@ _UNSUPPORTED = {
     r"\.hada_w1": "LoHa", r"\.lokr_w1": "LoKr", r"(dora_scale|lora_magnitude_vector)": "DoRA",
     r"\.oft_blocks": "OFT", r"^lora_.*\.diff$": "a full-weight difference",
 }
+#: Version of the owner record beside an uploaded LoRA (`.<name>.owner.json`).
+_OWNER_VERSION = 1
 _DOWN = re.compile(r"\.(lora_A|lora_down|lora\.down|lora_linear_layer\.down)\.weight$")
 
 
@@ -163,16 +165,37 @@ class LoraRegistry:
                         files.setdefault(path.stem, (path, builtin))
         return files
 
-    def names(self) -> list[str]:
-        return sorted(self._files())
+    def names(self, owner: Optional[str] = None) -> list[str]:
+        """Every LoRA's name; with `owner`, those it may see (`visible`)."""
+        return sorted(name for name in self._files() if self.visible(name, owner))
 
-    def path(self, name: str, param: str = "name") -> Path:
+    def path(self, name: str, param: str = "name", owner: Optional[str] = None) -> Path:
+        """The file of a LoRA `owner` may see (None: anyone's); 404 otherwise, the same answer as
+        for a name that does not exist."""
         stem = check_name(name, param)
         for folder in (*self.builtin, self.uploads):
             candidate = folder / f"{stem}{SUFFIX}"
-            if candidate.is_file():
+            if candidate.is_file() and (folder != self.uploads or self.visible(stem, owner)):
                 return candidate
         raise NotFoundError(f"LoRA {name!r} does not exist; GET /v1/loras lists them", param=param, code="lora_not_found")
+
+    def owner_of(self, name: str) -> Optional[str]:
+        """The API key an uploaded or trained LoRA belongs to (None: no one's, everyone's)."""
+        path = self._owner_path(name)
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("version") != _OWNER_VERSION:
+            raise ValueError(f"{path} has version {record.get('version')!r}, not {_OWNER_VERSION}")
+        return record["owner"]
+
+    def visible(self, name: str, owner: Optional[str]) -> bool:
+        """Whether `owner` (None: an admin, or auth off) may see and use LoRA `name`: the shipped
+        examples and LoRAs made without a key are everyone's, the rest their key's only."""
+        return owner is None or self.owner_of(name) in (None, owner)
+
+    def _owner_path(self, name: str) -> Path:
+        return self.uploads / f".{name}.owner.json"  # hidden: never listed as a LoRA
 
     def describe(self, name: str) -> LoraFile:
         path = self.path(name)
@@ -195,25 +218,28 @@ class LoraRegistry:
                 target.write(chunk)
         return path
 
-    def publish(self, staged: Path, name: str) -> Path:
-        """Give a checked upload its name; 409 when the name is taken. The staged file is removed
-        either way."""
+    def publish(self, staged: Path, name: str, owner: Optional[str] = None) -> Path:
+        """Give a checked upload its name (and its owner, the API key it belongs to); 409 when the
+        name is taken (names are unique across owners). The staged file is removed either way."""
         target = self.uploads / f"{name}{SUFFIX}"
         try:
             if name in self._files():
                 raise FileExistsError(name)
             os.link(staged, target)  # atomic, and refuses an existing name: two uploads race safely
+            if owner is not None:  # the winner of a race writes it (for the microseconds between, no one's)
+                write_private(self._owner_path(name), json.dumps({"version": _OWNER_VERSION, "owner": owner}).encode())
         except FileExistsError:
             raise ConflictError(f"LoRA {name!r} already exists; delete it first", param="name", code="lora_exists") from None
         finally:
             staged.unlink(missing_ok=True)
         return target
 
-    def delete(self, name: str) -> None:
-        path = self.path(name)
+    def delete(self, name: str, owner: Optional[str] = None) -> None:
+        path = self.path(name, owner=owner)
         if path.parent != self.uploads:
             raise ConflictError(f"LoRA {name!r} ships with the server and cannot be deleted", param="name", code="lora_builtin")
         path.unlink()
+        self._owner_path(name).unlink(missing_ok=True)
 
     def version(self, name: str, param: str = "name") -> int:
         """The file's modification time (ns): a LoRA replaced under the same name is a new one."""

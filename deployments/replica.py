@@ -134,13 +134,13 @@ class EngineReplica:
         return _to_result(request, outcome)
 
     async def train_stream(
-        self, job_id: str, settings: LoraTrainingSettings, examples: list[TrainingExample]
+        self, job_id: str, settings: LoraTrainingSettings, examples: list[TrainingExample], owner: Optional[str] = None
     ) -> AsyncIterator[Any]:
         """Train a LoRA while this replica has nothing to serve, streaming `TrainingProgress`
         events, then the `TrainingResult` (the LoRA is published in the registry by then). A job
         id this replica (or another) checkpointed resumes from there. Refused as `overloaded`
         while a run is in progress here. Cancelling the stream stops the run at its next step
-        (its checkpoint stays until `discard_training`)."""
+        (its checkpoint stays until `discard_training`). The LoRA is `owner`'s (an API key's tenant)."""
         training = self._training()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -149,7 +149,7 @@ class EngineReplica:
             on_progress=lambda progress: loop.call_soon_threadsafe(events.put_nowait, progress),
             on_done=lambda outcome: loop.call_soon_threadsafe(_resolve, done, outcome),
         )
-        training.submit(job_id, settings, examples, control)
+        training.submit(job_id, settings, examples, control, owner)
         try:
             while not done.done():
                 getter = asyncio.ensure_future(events.get())

@@ -712,6 +712,20 @@ class InvalidRequestError(ServiceError):
     error_type = "invalid_request_error"
 
 
+class UnauthorizedError(ServiceError):
+    """No API key, or one this server does not know (answered with `WWW-Authenticate: Bearer`)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class ForbiddenError(ServiceError):
+    """A known API key without the scope this endpoint needs."""
+
+    status_code = 403
+    error_type = "permission_error"
+
+
 class PayloadTooLargeError(ServiceError):
     status_code = 413
     error_type = "invalid_request_error"

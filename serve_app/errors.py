@@ -8,6 +8,7 @@ generic message and the traceback only in the log.
 
 import json
 import logging
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
@@ -24,6 +25,7 @@ from deployments.types import (
     OverloadedError,
     ServiceError,
     TooManyRequestsError,
+    UnauthorizedError,
     unwrap_error,
 )
 
@@ -65,9 +67,13 @@ def error_response(
 
 
 def service_error_response(exc: ServiceError) -> JSONResponse:
-    retry = isinstance(exc, (OverloadedError, TooManyRequestsError))
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
-    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers)
+    headers = {}
+    if isinstance(exc, (OverloadedError, TooManyRequestsError)):
+        # A quota's refusal knows when its window frees up; a full queue does not.
+        headers["Retry-After"] = str(max(1, math.ceil(getattr(exc, "retry_after_s", RETRY_AFTER_S))))
+    if isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, headers or None)
 
 
 def engine_call_error(exc: BaseException) -> BaseException:

@@ -9,18 +9,22 @@ parameters.
 """
 
 import asyncio
+import json
+import logging
 import time
+import uuid
 from typing import Annotated, Any, Mapping, Optional, Union
 
-from fastapi import Body, FastAPI, Query, Request
+from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi import Path as FastAPIPath
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi_offline import FastAPIOffline
 
-from configs.app_args import AppArgs
-from deployments.types import BASE_ROLE, LORA_NAME_PATTERN, InvalidRequestError, UnsupportedMediaTypeError
+from configs.app_args import AppArgs, Scope
+from deployments.types import BASE_ROLE, LORA_NAME_PATTERN, ForbiddenError, InvalidRequestError, UnsupportedMediaTypeError
+from serve_app.auth import ApiKeys, Principal
 from serve_app.encoding import MEDIA_TYPES, encode_image, to_base64
 from serve_app.errors import engine_call_error, error_response, install_error_handlers
 from serve_app.job_events import job_event_stream
@@ -47,13 +51,17 @@ from serve_app.protocol import (
     Txt2ImgRequest,
 )
 from serve_app.request_body import BodyLimit, body_limit, parse_body
+from serve_app.quotas import QuotaExceededError
 from serve_app.serving_controlnets import ControlNetServing
 from serve_app.serving_images import Generated, ImageServing
 from serve_app.serving_jobs import JobServing, links
 from serve_app.serving_loras import LoraServing
 from serve_app.serving_training import TrainingServing
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 409, 410, 413, 415, 429, 500, 503, 504)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 410, 413, 415, 429, 500, 503, 504)}
+#: One JSON line per answered request (`_AccessLog`), under Ray Serve's logger so it lands in the
+#: replica's log with the others.
+access_log = logging.getLogger("ray.serve.access")
 _IMAGES_JSON = {"schema": {"$ref": "#/components/schemas/ImagesResponse"}}
 _NATIVE_RESPONSES = {
     200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "application/json": _IMAGES_JSON}},
@@ -103,16 +111,38 @@ def server_timing(arrived: float, generated: Generated, encode_s: float) -> str:
     return ", ".join(f"{name};dur={seconds * 1e3:.1f}" for name, seconds in parts.items())
 
 
-class _StampArrival:
-    """ASGI middleware: the time a request reached this replica, before its body is read."""
+class _AccessLog:
+    """ASGI middleware: stamps the time a request reached this replica (before its body is read)
+    and an id (`X-Request-Id` on the answer), and logs one JSON line when it is answered: id,
+    API key name, method, path, status, milliseconds, plus what the route added to
+    `request.state.log` (kind, images, size, steps; the prompt only with `ingress.log_prompts`).
+    Never the key itself, nor a query string (webhook URLs and tokens live there)."""
 
     def __init__(self, app: Any):
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            scope.setdefault("state", {})["arrived"] = time.perf_counter()
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = "req-" + uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state.update(arrived=time.perf_counter(), log={})
+        status = [500]
+
+        async def sending(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            line = {
+                "event": "request", "id": request_id, "method": scope["method"], "path": scope["path"], "status": status[0],
+                "ms": round((time.perf_counter() - state["arrived"]) * 1e3, 1), **state["log"],
+            }
+            access_log.info(json.dumps(line, ensure_ascii=False))
 
 
 async def _form(request: Request, **limits: int) -> FormData:
@@ -133,6 +163,27 @@ async def _form(request: Request, **limits: int) -> FormData:
         raise InvalidRequestError(f"the form cannot be read: {exc.detail}", code="invalid_form") from None
 
 
+#: A client's own deadline for a synchronous image request, in seconds (at most
+#: `ingress.engine_timeout_s`): past it the answer is 504 and the engine drops the rows at its next step.
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def _request_timeout(value: Optional[str], most: float) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= most or seconds != seconds:
+        raise InvalidRequestError(
+            f"{TIMEOUT_HEADER} {value!r} must be seconds in (0, {most:g}] (ingress.engine_timeout_s)",
+            param=TIMEOUT_HEADER,
+            code="invalid_timeout",
+        )
+    return seconds
+
+
 async def _call(method: Any, *args: Any) -> Any:
     """`await method.remote(*args)` on a handle; Ray's own failures (also a refusal at `.remote()`)
     become the envelope's 503s (see `engine_call_error`)."""
@@ -151,6 +202,7 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     controlnets = ControlNetServing(args, engines[BASE_ROLE], _call)
     job_serving = JobServing(images, jobs, args)
     training = TrainingServing(args, loras.registry, jobs, _call)
+    keys = ApiKeys(args.auth)
     created = int(time.time())
     # Swagger UI and ReDoc from files shipped in the `fastapi-offline` wheel: GPU hosts are often
     # offline, and the stock pages load from a CDN.
@@ -164,9 +216,48 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     lora_body = args.loras.max_upload_bytes + 1024 * 1024
     overrides = {("POST", "/v1/loras"): lora_body, ("POST", TRAINING_PATH): args.training.max_upload_bytes}
     app.add_middleware(BodyLimit, limit=body_limit(args.limits), overrides=overrides)
-    app.add_middleware(_StampArrival)
+    app.add_middleware(_AccessLog)
     install_error_handlers(app)
     install_openapi(app, args)
+
+    async def charge(principal: Principal, **amounts: int) -> None:
+        """Take `amounts` (`requests`, `images`) from the key's per-minute quotas, kept by the job
+        manager for every ingress replica; 429 with `Retry-After` when they are spent."""
+        key = principal.key
+        limits = {} if key is None else {"requests": key.requests_per_minute, "images": key.images_per_minute}
+        if not any(limit is not None and amounts.get(what) for what, limit in limits.items()):
+            return
+        wait = await _call(jobs.admit, key.name, limits, amounts)
+        if wait:
+            spent = " and ".join(what for what, limit in limits.items() if limit is not None and amounts.get(what))
+            raise QuotaExceededError(f"the API key {key.name!r} has spent its {spent} per minute; retry in {wait:.0f} s", wait)
+
+    async def admitted(request: Request, principal: Principal, requests: list, user: Optional[str] = None) -> list:
+        """Images about to be made: charged to the key's image quota, described in the access log,
+        their deadline brought forward when the client asks (`X-Request-Timeout`)."""
+        await charge(principal, images=len(requests))
+        first = requests[0]
+        request.state.log.update(
+            kind=first.kind, images=len(requests), size="{}x{}".format(*first.output_size()), steps=first.num_inference_steps,
+            **({"user": user} if user else {}), **({"prompt": first.prompt} if args.ingress.log_prompts else {}),
+        )
+        timeout_s = _request_timeout(request.headers.get(TIMEOUT_HEADER), args.ingress.engine_timeout_s)
+        if timeout_s is None:
+            return requests
+        deadline = time.time() + timeout_s
+        return [r.model_copy(update={"deadline": min(deadline, r.deadline or deadline)}) for r in requests]
+
+    def authorized(scope: Optional[Scope] = None) -> Any:
+        """The route dependency: the request's principal (401 without a known key, 403 without
+        `scope`), one request charged to its quota."""
+
+        async def dependency(request: Request) -> Principal:
+            principal = keys.check(request.headers.get("authorization"), scope)
+            request.state.log["key"] = principal.name
+            await charge(principal, requests=1)
+            return principal
+
+        return Depends(dependency)
 
     async def images_response(body: Any, requests: list, results: list, request: Request) -> ImagesResponse:
         encoded = await asyncio.to_thread(_encode_all, results, body.output_format, body.output_compression)
@@ -208,45 +299,52 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     # -- images ----------------------------------------------------------------------------------
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
-    async def images_generations(body: ImageGenerationRequest, request: Request) -> Any:
+    async def images_generations(
+        body: ImageGenerationRequest, request: Request, principal: Principal = authorized("generate")
+    ) -> Any:
         """OpenAI-compatible text-to-image; images come back base64-encoded (or as stored
         `url`s) with their seeds."""
-        requests = images.requests_for_generations(body)
-        generated = await images.generate(requests, user=body.user)
+        requests = images.requests_for_generations(body, principal.owner)
+        requests = await admitted(request, principal, requests, body.user)
+        generated = await images.generate(requests)
         return await images_response(body, requests, generated.results, request)
 
     @app.post(
         "/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS, openapi_extra=body_schema(ImageEditRequest)
     )
-    async def images_edits(request: Request) -> Any:
+    async def images_edits(request: Request, principal: Principal = authorized("generate")) -> Any:
         """OpenAI-compatible edits (multipart): inpaint the mask's transparent area, or img2img."""
         body = await parse_body(request, ImageEditRequest, args.limits)
-        requests = await asyncio.to_thread(images.requests_for_edit, body)
-        generated = await images.generate(requests, user=body.user)
+        requests = await asyncio.to_thread(images.requests_for_edit, body, principal.owner)
+        requests = await admitted(request, principal, requests, body.user)
+        generated = await images.generate(requests)
         return await images_response(body, requests, generated.results, request)
 
     @app.post("/v1/txt2img", response_class=Response, responses=_NATIVE_RESPONSES)
-    async def txt2img(body: Txt2ImgRequest, request: Request) -> Response:
+    async def txt2img(body: Txt2ImgRequest, request: Request, principal: Principal = authorized("generate")) -> Response:
         """Text-to-image answering the image bytes (seed in `X-Seed`), or JSON with `b64_json`."""
-        requests = images.requests_for_txt2img(body)
+        requests = images.requests_for_txt2img(body, owner=principal.owner)
+        requests = await admitted(request, principal, requests)
         return await native_response(body, requests, await images.generate(requests), request)
 
     @app.post(
         "/v1/img2img", response_class=Response, responses=_NATIVE_RESPONSES, openapi_extra=body_schema(Img2ImgRequest)
     )
-    async def img2img(request: Request) -> Response:
+    async def img2img(request: Request, principal: Principal = authorized("generate")) -> Response:
         """Image-to-image from JSON (base64 `image`) or multipart/form-data."""
         body = await parse_body(request, Img2ImgRequest, args.limits)
-        requests = await asyncio.to_thread(images.requests_for_img2img, body)
+        requests = await asyncio.to_thread(images.requests_for_img2img, body, 1, principal.owner)
+        requests = await admitted(request, principal, requests)
         return await native_response(body, requests, await images.generate(requests), request)
 
     @app.post(
         "/v1/inpaint", response_class=Response, responses=_NATIVE_RESPONSES, openapi_extra=body_schema(InpaintRequest)
     )
-    async def inpaint(request: Request) -> Response:
+    async def inpaint(request: Request, principal: Principal = authorized("generate")) -> Response:
         """Inpainting (white mask = repaint) from JSON (base64 `image`/`mask`) or multipart/form-data."""
         body = await parse_body(request, InpaintRequest, args.limits)
-        requests = await asyncio.to_thread(images.requests_for_inpaint, body)
+        requests = await asyncio.to_thread(images.requests_for_inpaint, body, 1, principal.owner)
+        requests = await admitted(request, principal, requests)
         return await native_response(body, requests, await images.generate(requests), request)
 
     # -- async jobs, batches, stored files -------------------------------------------------------
@@ -254,37 +352,39 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, responses=_ERRORS)
     async def submit_job(
         body: Annotated[Union[Txt2ImgJob, Img2ImgJob, InpaintJob], Body(discriminator="kind")],
+        principal: Principal = authorized("jobs"),
     ) -> Any:
         """Queue any native request (`kind` says which; `params` is its body, images as base64);
         answers 202 with the job and its links."""
-        return JSONResponse(await job_serving.submit(body), status_code=202)
+        await charge(principal, images=body.n)
+        return JSONResponse(await job_serving.submit(body, principal), status_code=202)
 
     @app.get("/v1/jobs", responses=_ERRORS)
-    async def list_jobs(limit: int = Query(20, ge=1, le=100)) -> Any:
-        """Recent jobs, newest first."""
-        found = await _call(jobs.list_jobs, limit)
+    async def list_jobs(limit: int = Query(20, ge=1, le=100), principal: Principal = authorized("jobs")) -> Any:
+        """Recent jobs (the API key's own), newest first."""
+        found = await _call(jobs.list_jobs, limit, principal.owner)
         return {"object": "list", "data": [{**job, "links": links(job["id"])} for job in found]}
 
     @app.get("/v1/jobs/{job_id}", responses=_ERRORS)
-    async def get_job(job_id: str) -> Any:
+    async def get_job(job_id: str, principal: Principal = authorized("jobs")) -> Any:
         """Status, per-job progress (step/total/percent), timestamps, error, seeds."""
-        return {**await _call(jobs.get, job_id), "links": links(job_id)}
+        return {**await _call(jobs.get, job_id, principal.owner), "links": links(job_id)}
 
     @app.delete("/v1/jobs/{job_id}", responses=_ERRORS)
-    async def cancel_job(job_id: str) -> Any:
+    async def cancel_job(job_id: str, principal: Principal = authorized("jobs")) -> Any:
         """Cancel: a queued job never runs; a running one stops at its next denoising step."""
-        return {**await _call(jobs.cancel, job_id), "links": links(job_id)}
+        return {**await _call(jobs.cancel, job_id, principal.owner), "links": links(job_id)}
 
     @app.get("/v1/jobs/{job_id}/result", response_class=Response, responses=_FILE_RESPONSES)
-    async def job_result(job_id: str) -> Response:
+    async def job_result(job_id: str, principal: Principal = authorized("jobs")) -> Response:
         """The image, or a ZIP (images + manifest.json) when the job made several."""
-        data, media_type, name = await _call(jobs.result, job_id)
+        data, media_type, name = await _call(jobs.result, job_id, principal.owner)
         return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse, responses=_ERRORS)
-    async def job_events(job_id: str) -> Any:
+    async def job_events(job_id: str, principal: Principal = authorized("jobs")) -> Any:
         """Server-sent events: `progress` while the job changes, then one `done` with the final state."""
-        first = await _call(jobs.get, job_id)
+        first = await _call(jobs.get, job_id, principal.owner)
         return StreamingResponse(job_event_stream(jobs, first), media_type="text/event-stream")
 
     @app.post(
@@ -292,11 +392,15 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
         response_class=Response,
         responses={200: {"content": {"application/zip": {}}}, 202: {"description": "With `async: true`: the job."}, **_ERRORS},
     )
-    async def images_batch(body: BatchRequest) -> Response:
-        """Many requests, one ZIP (images + manifest.json); with `async: true`, a job making it."""
-        payload = await asyncio.to_thread(job_serving.batch_payload, body)
+    async def images_batch(body: BatchRequest, principal: Principal = authorized("generate")) -> Response:
+        """Many requests, one ZIP (images + manifest.json); with `async: true`, a job making it
+        (the key needs the `jobs` scope too)."""
+        if body.run_async and not principal.allows("jobs"):
+            raise ForbiddenError(f"the API key {principal.name!r} lacks the 'jobs' scope an async batch needs", code="missing_scope")
+        payload = await asyncio.to_thread(job_serving.batch_payload, body, principal.owner)
+        await charge(principal, images=len(payload.requests))
         if body.run_async:
-            return JSONResponse(await job_serving.submit_batch(payload, body.webhook_url), status_code=202)
+            return JSONResponse(await job_serving.submit_batch(payload, body.webhook_url, principal), status_code=202)
         data, media_type, name = await job_serving.run_batch(payload)
         return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
@@ -309,13 +413,13 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     # -- LoRA registry --------------------------------------------------------------------------
 
     @app.get("/v1/loras", response_model=LoraList, responses=_ERRORS)
-    async def list_loras() -> Any:
-        """Registered LoRAs: size, format, rank, the components they target, whether they fit the
-        served model."""
-        return await loras.list()
+    async def list_loras(principal: Principal = authorized()) -> Any:
+        """Registered LoRAs (the shipped examples and the API key's own): size, format, rank, the
+        components they target, whether they fit the served model."""
+        return await loras.list(principal.owner)
 
     @app.post("/v1/loras", status_code=201, response_model=LoraInfo, responses=_ERRORS, openapi_extra=_LORA_UPLOAD)
-    async def upload_lora(request: Request) -> Any:
+    async def upload_lora(request: Request, principal: Principal = authorized("loras")) -> Any:
         """Upload a LoRA (multipart `file`, `.safetensors` only; optional `name`): checked against
         the served model, then usable by name at once."""
         form = await request.form(max_files=1, max_fields=4)
@@ -323,7 +427,9 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
         if not isinstance(upload, UploadFile):
             raise InvalidRequestError("send the LoRA as a multipart file part named file", param="file", code="missing")
         name = form.get("name")
-        described = await loras.upload(upload.file, upload.filename, name if isinstance(name, str) and name else None)
+        described = await loras.upload(
+            upload.file, upload.filename, name if isinstance(name, str) and name else None, principal.owner
+        )
         return JSONResponse(described, status_code=201)
 
     @app.post(
@@ -334,7 +440,7 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
         openapi_extra=training_body(args),
         include_in_schema=training.enabled,
     )
-    async def train_lora(request: Request) -> Any:
+    async def train_lora(request: Request, principal: Principal = authorized("training")) -> Any:
         """Fine-tune a new LoRA on uploaded examples (multipart): the settings as text parts, the
         examples as repeated `images` file parts with one `captions` text part each (in order), or
         as one `dataset` ZIP of images with same-named `.txt` captions. Answers 202 with the
@@ -342,19 +448,21 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
         training.check_enabled()
         form = await _form(request, **training.form_limits())
         try:
-            return JSONResponse(await training.submit(form.multi_items()), status_code=202)
+            return JSONResponse(await training.submit(form.multi_items(), principal), status_code=202)
         finally:
             await form.close()
 
     @app.delete("/v1/loras/{name}", responses=_ERRORS)
-    async def delete_lora(name: Annotated[str, FastAPIPath(pattern=LORA_NAME_PATTERN)]) -> Any:
+    async def delete_lora(
+        name: Annotated[str, FastAPIPath(pattern=LORA_NAME_PATTERN)], principal: Principal = authorized("loras")
+    ) -> Any:
         """Remove an uploaded LoRA (the shipped examples stay); new requests can no longer name it."""
-        return await loras.delete(name)
+        return await loras.delete(name, principal.owner)
 
     # -- ControlNets ----------------------------------------------------------------------------
 
     @app.get("/v1/controlnets", response_model=ControlNetList, responses=_ERRORS)
-    async def list_controlnets() -> Any:
+    async def list_controlnets(principal: Principal = authorized()) -> Any:
         """Served ControlNets: the variant (deployment) hosting each, and which combine with it."""
         return controlnets.list()
 
@@ -364,14 +472,14 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
         responses={200: {"content": {"image/png": {}}}, **_ERRORS},
         openapi_extra=body_schema(PreprocessRequest),
     )
-    async def preprocess_control(request: Request) -> Response:
+    async def preprocess_control(request: Request, principal: Principal = authorized("generate")) -> Response:
         """The control map a preprocessor makes of a picture (PNG, white edges on black), from JSON
         (base64 `image`) or multipart/form-data: what `controlnet.preprocess` will follow."""
         body = await parse_body(request, PreprocessRequest, args.limits)
         return Response(await controlnets.preprocess(body), media_type="image/png")
 
     @app.get("/v1/models", response_model=ModelList)
-    async def models() -> ModelList:
+    async def models(principal: Principal = authorized()) -> ModelList:
         return ModelList(data=[ModelCard(id=images.model_id, created=created)])
 
     @app.get("/healthz", responses={503: {"model": ErrorResponse}})

@@ -89,10 +89,29 @@ def install_openapi(app: FastAPI, args: AppArgs) -> None:
             _name_served_controlnets(schema, sorted(args.controlnet_roles()))
             if not args.refiner:
                 _no_refiner(schema)
+            if args.auth.enabled:
+                _bearer_keys(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+#: Paths answered without an API key when auth is on.
+OPEN_PATHS = ("/healthz", "/v1/files/{file_id}")
+
+
+def _bearer_keys(schema: dict[str, Any]) -> None:
+    """Auth on: every operation takes `Authorization: Bearer <key>`, but the open paths."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key of `auth.keys`; answers 401 without one, 403 without the endpoint's scope.",
+    }
+    schema["security"] = [{"apiKey": []}]
+    for path in OPEN_PATHS:
+        for operation in schema.get("paths", {}).get(path, {}).values():
+            operation["security"] = []
 
 
 def side_bounds(limits: LimitsConfig) -> tuple[int, int]:

@@ -8,7 +8,6 @@ configured timeout.
 
 import asyncio
 import contextlib
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -39,7 +38,6 @@ from serve_app.protocol import (
     controlnet_list,
 )
 
-logger = logging.getLogger("ray.serve")
 
 @dataclass
 class Generated:
@@ -92,30 +90,35 @@ class ImageServing:
         its LoRA set (Ray Serve's multiplexed routing)."""
         return engine_handle(self._engines, request, self._controlnet_roles)
 
-    def requests_for_generations(self, body: ImageGenerationRequest) -> list[GenerationRequest]:
+    # Each `requests_for_*` builds the engine requests of a body for `owner` (the API key's
+    # tenant; None: everyone), whose LoRAs it may name.
+
+    def requests_for_generations(self, body: ImageGenerationRequest, owner: Optional[str] = None) -> list[GenerationRequest]:
         self.check_n(body.n)
         with _size_is_one_field():
             width, height = _checked_size(body.parsed_size())
-            return self._requests(body, "txt2img", width, height, n=body.n, refiner=body.refiner, hires=body.hires)
+            return self._requests(body, "txt2img", width, height, n=body.n, owner=owner, refiner=body.refiner, hires=body.hires)
 
-    def requests_for_txt2img(self, body: Any, n: int = 1) -> list[GenerationRequest]:
-        return self._requests(body, "txt2img", body.width, body.height, n=n, refiner=body.refiner, hires=body.hires)
+    def requests_for_txt2img(self, body: Any, n: int = 1, owner: Optional[str] = None) -> list[GenerationRequest]:
+        return self._requests(body, "txt2img", body.width, body.height, n=n, owner=owner, refiner=body.refiner, hires=body.hires)
 
-    def requests_for_img2img(self, body: Any, n: int = 1) -> list[GenerationRequest]:
+    def requests_for_img2img(self, body: Any, n: int = 1, owner: Optional[str] = None) -> list[GenerationRequest]:
         image = image_inputs.open_image(body.image, "image", self._args.limits)
         width, height = image_inputs.target_size(image.size, (body.width, body.height), self._args.limits, "image")
         prepared = image_inputs.prepare(image, None, (width, height))
-        return self._requests(body, "img2img", None, None, n=n, image=prepared, strength=body.strength, refiner=body.refiner)
+        return self._requests(
+            body, "img2img", None, None, n=n, owner=owner, image=prepared, strength=body.strength, refiner=body.refiner
+        )
 
-    def requests_for_inpaint(self, body: Any, n: int = 1) -> list[GenerationRequest]:
+    def requests_for_inpaint(self, body: Any, n: int = 1, owner: Optional[str] = None) -> list[GenerationRequest]:
         limits = self._args.limits
         image = image_inputs.open_image(body.image, "image", limits)
         mask = image_inputs.greyscale_mask(image_inputs.open_image(body.mask, "mask", limits))
         width, height = image_inputs.target_size(image.size, (body.width, body.height), limits, "image")
         prepared = image_inputs.prepare(image, mask, (width, height))
-        return self._requests(body, "inpaint", None, None, n=n, image=prepared, **_inpaint_options(body))
+        return self._requests(body, "inpaint", None, None, n=n, owner=owner, image=prepared, **_inpaint_options(body))
 
-    def requests_for_edit(self, body: ImageEditRequest) -> list[GenerationRequest]:
+    def requests_for_edit(self, body: ImageEditRequest, owner: Optional[str] = None) -> list[GenerationRequest]:
         """OpenAI edits: inpaint where the mask (or, without one, the image) is fully transparent;
         an opaque image without a mask is transformed as a whole (img2img)."""
         self.check_n(body.n)
@@ -142,8 +145,8 @@ class ImageServing:
                         raise InvalidRequestError(
                             f"{name} needs a mask (or transparent pixels in image)", param=name, code="unsupported_value"
                         )
-                return self._requests(body, "img2img", None, None, n=body.n, image=prepared, strength=body.strength)
-            return self._requests(body, "inpaint", None, None, n=body.n, image=prepared, **_inpaint_options(body))
+                return self._requests(body, "img2img", None, None, n=body.n, owner=owner, image=prepared, strength=body.strength)
+            return self._requests(body, "inpaint", None, None, n=body.n, owner=owner, image=prepared, **_inpaint_options(body))
 
     def check_n(self, n: int) -> None:
         """Reject more images per request than `limits.max_n` (400 naming `n`)."""
@@ -158,6 +161,7 @@ class ImageServing:
         height: Optional[int],
         n: int = 1,
         image: Optional[image_inputs.PreparedImage] = None,
+        owner: Optional[str] = None,
         **kind_fields: Any,
     ) -> list[GenerationRequest]:
         if body.model is not None and body.model != self.model_id:
@@ -210,20 +214,16 @@ class ImageServing:
         with renamed_params(_controlnet_param):  # a served name, hosted together: before any engine work
             engine_role(requests[0], self._controlnet_roles)
         refiner_handle(self._engines, requests[0])  # a 400 when it asks for a refiner none serves
-        self._loras.check_request(body.loras)  # after the count limit: a long list is a 400, not 404s
+        self._loras.check_request(body.loras, owner=owner)  # after the count limit: a long list is a 400, not 404s
         return requests
 
-    async def generate(self, requests: list[GenerationRequest], user: Optional[str] = None) -> Generated:
+    async def generate(self, requests: list[GenerationRequest]) -> Generated:
         """Run all requests concurrently on their engines; all succeed or the first error is raised
-        (the others are cancelled). Handle and replica failures become 503s with `Retry-After`."""
-        logger.info(
-            "generating %d image(s) %dx%d, %d steps, user=%r",
-            len(requests),
-            *requests[0].output_size(),
-            requests[0].num_inference_steps,
-            user,
-        )
+        (the others are cancelled) by their deadline (504 after). Handle and replica failures
+        become 503s with `Retry-After`."""
         sent = time.perf_counter()
+        deadline = requests[0].deadline
+        timeout_s = self._args.ingress.engine_timeout_s if deadline is None else max(0.0, deadline - time.time())
         responses, finals = [], []
         try:
             for request in requests:  # a full handle queue may refuse at `.remote()` already
@@ -234,11 +234,9 @@ class ImageServing:
                     # latents) from one replica to the other, not through this one.
                     responses.append(refiner.generate.remote(request, responses[-1]))
                 finals.append(responses[-1])
-            results = await asyncio.wait_for(asyncio.gather(*finals), timeout=self._args.ingress.engine_timeout_s)
+            results = await asyncio.wait_for(asyncio.gather(*finals), timeout=timeout_s)
         except asyncio.TimeoutError:
-            raise DeadlineExceededError(
-                f"the images were not ready within {self._args.ingress.engine_timeout_s}s", code="timeout"
-            ) from None
+            raise DeadlineExceededError(f"the images were not ready within {timeout_s:.0f}s", code="timeout") from None
         except Exception as exc:  # noqa: BLE001 - mapped to the one error type a client sees
             raise engine_call_error(exc) from None
         finally:

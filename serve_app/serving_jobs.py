@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from configs.app_args import AppArgs
 from deployments.types import GenerationRequest, InvalidRequestError
+from serve_app.auth import ANONYMOUS, Principal
 from serve_app.errors import renamed_params
 from serve_app.jobs.archive import build_result
 from serve_app.jobs.payload import JobPayload
@@ -24,15 +25,16 @@ class JobServing:
         self._manager = manager
         self._args = args
 
-    async def submit(self, body: JobSubmission) -> dict[str, Any]:
+    async def submit(self, body: JobSubmission, principal: Principal = ANONYMOUS) -> dict[str, Any]:
+        """Queue a job as `principal`'s (its tenant owns it; its `concurrent_jobs` quota holds)."""
         self._images.check_n(body.n)
         # Decoding uploaded images is CPU work: keep it off the event loop.
-        requests = await asyncio.to_thread(self._requests, body.kind, body.params, body.n, "params")
+        requests = await asyncio.to_thread(self._requests, body.kind, body.params, body.n, "params", principal.owner)
         payload = JobPayload(requests, body.params.output_format, body.params.output_compression)
-        view = await self._manager.submit.remote(payload, body.kind, _url(body.webhook_url))
+        view = await self._manager.submit.remote(payload, body.kind, _url(body.webhook_url), *job_owner(principal))
         return {**view, "links": links(view["id"])}
 
-    def batch_payload(self, body: BatchRequest) -> JobPayload:
+    def batch_payload(self, body: BatchRequest, owner: Optional[str] = None) -> JobPayload:
         items = self._batch_items(body)
         if len(items) > self._args.jobs.max_batch_items:
             raise InvalidRequestError(
@@ -44,7 +46,7 @@ class JobServing:
             raise InvalidRequestError("webhook_url needs async: true", param="webhook_url")
         requests: list[GenerationRequest] = []
         for kind, params, where in items:
-            requests.extend(self._requests(kind, params, 1, where))
+            requests.extend(self._requests(kind, params, 1, where, owner))
         return JobPayload(requests, body.output_format, body.output_compression, archive=True)
 
     async def run_batch(self, payload: JobPayload) -> tuple[bytes, str, str]:
@@ -53,8 +55,8 @@ class JobServing:
             build_result, payload.requests, generated.results, payload.output_format, payload.output_compression, True
         )
 
-    async def submit_batch(self, payload: JobPayload, webhook_url: Optional[Any]) -> dict[str, Any]:
-        view = await self._manager.submit.remote(payload, "batch", _url(webhook_url))
+    async def submit_batch(self, payload: JobPayload, webhook_url: Optional[Any], principal: Principal = ANONYMOUS) -> dict[str, Any]:
+        view = await self._manager.submit.remote(payload, "batch", _url(webhook_url), *job_owner(principal))
         return {**view, "links": links(view["id"])}
 
     @staticmethod
@@ -73,7 +75,7 @@ class JobServing:
             raise InvalidRequestError("params goes with prompts; each request has its own", param="params")
         return [(item.kind, item.params, f"requests.{i}.params") for i, item in enumerate(body.requests)]
 
-    def _requests(self, kind: str, params: Any, n: int, where: str) -> list[GenerationRequest]:
+    def _requests(self, kind: str, params: Any, n: int, where: str, owner: Optional[str] = None) -> list[GenerationRequest]:
         """Engine requests for a nested native body; errors name the field under `where`
         (e.g. params.width)."""
         with renamed_params(lambda param: where if param is None else f"{where}.{param}"):
@@ -83,7 +85,12 @@ class JobServing:
                 "inpaint": self._images.requests_for_inpaint,
             }[kind]
             # Stored work waits in a queue: the deadline is set per attempt by the job manager.
-            return [r.model_copy(update={"deadline": None}) for r in make(params, n)]
+            return [r.model_copy(update={"deadline": None}) for r in make(params, n, owner=owner)]
+
+
+def job_owner(principal: Principal) -> tuple[Optional[str], Optional[int]]:
+    """The `owner` and `concurrent_jobs` arguments of `JobManager.submit` for a principal."""
+    return principal.owner, None if principal.key is None else principal.key.concurrent_jobs
 
 
 def _url(value: Optional[Any]) -> Optional[str]:

@@ -24,11 +24,16 @@ class LoraServing:
         self._engine = engine
         self._call = call
 
-    async def list(self) -> dict[str, Any]:
-        return {"object": "list", "data": await self._call(self._engine.describe_loras)}
+    async def list(self, owner: Optional[str] = None) -> dict[str, Any]:
+        """The LoRAs `owner` may use (None: all)."""
+        described = await self._call(self._engine.describe_loras)
+        return {"object": "list", "data": [item for item in described if self.registry.visible(item["name"], owner)]}
 
-    async def upload(self, source: BinaryIO, file_name: Optional[str], name: Optional[str]) -> dict[str, Any]:
-        """Check, then publish an uploaded LoRA file under `name` (default: the file's name)."""
+    async def upload(
+        self, source: BinaryIO, file_name: Optional[str], name: Optional[str], owner: Optional[str] = None
+    ) -> dict[str, Any]:
+        """Check, then publish an uploaded LoRA file under `name` (default: the file's name), as
+        `owner`'s (None: everyone's)."""
         if file_name and not file_name.lower().endswith(SUFFIX):
             if file_name.lower().endswith(PICKLE_SUFFIXES):
                 check_name(file_name, "file")  # the pickle refusal
@@ -46,14 +51,14 @@ class LoraServing:
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
-        await asyncio.to_thread(self.registry.publish, staged, name)
+        await asyncio.to_thread(self.registry.publish, staged, name, owner)
         return described
 
-    async def delete(self, name: str) -> dict[str, Any]:
-        await asyncio.to_thread(self.registry.delete, name)
+    async def delete(self, name: str, owner: Optional[str] = None) -> dict[str, Any]:
+        await asyncio.to_thread(self.registry.delete, name, owner)
         return {"name": name, "object": "lora", "deleted": True}
 
-    def check_request(self, loras: tuple[LoraRef, ...], param: str = "loras") -> None:
-        """Every LoRA a request names exists (404 naming it otherwise)."""
+    def check_request(self, loras: tuple[LoraRef, ...], param: str = "loras", owner: Optional[str] = None) -> None:
+        """Every LoRA a request names exists and is `owner`'s to use (404 naming it otherwise)."""
         for index, lora in enumerate(loras):
-            self.registry.path(lora.name, param=f"{param}.{index}.name")
+            self.registry.path(lora.name, param=f"{param}.{index}.name", owner=owner)

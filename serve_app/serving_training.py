@@ -48,7 +48,8 @@ from serve_app.errors import invalid_request_from
 from serve_app.image_inputs import flatten, open_image
 from serve_app.jobs.training_payload import TRAINING_KIND, TrainingPayload
 from serve_app.protocol import LoraTrainingForm
-from serve_app.serving_jobs import links
+from serve_app.auth import ANONYMOUS, Principal
+from serve_app.serving_jobs import job_owner, links
 
 #: Image files a dataset ZIP may hold (decoded as PNG, JPEG or WEBP whatever their name says).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -99,14 +100,16 @@ class TrainingServing:
         most = self._args.training.max_images
         return {"max_files": 2 * most + 1, "max_fields": most + _MAX_SETTING_FIELDS}
 
-    async def submit(self, items: list[tuple[str, Any]]) -> dict[str, Any]:
-        """Queue a training job from the form's `(name, value)` parts (text as `str`, files as
-        objects with `.file` and `.size`); answers the job's view and links."""
+    async def submit(self, items: list[tuple[str, Any]], principal: Principal = ANONYMOUS) -> dict[str, Any]:
+        """Queue a training job of `principal` from the form's `(name, value)` parts (text as
+        `str`, files as objects with `.file` and `.size`); answers the job's view and links."""
         self.check_enabled()
         form = _split(items)
         # Decoding and resizing images is CPU work, and reading files blocks: off the event loop.
         settings, examples, webhook_url = await asyncio.to_thread(self._prepare, form)
-        view = await self._call(self._manager.submit, TrainingPayload(settings, examples), TRAINING_KIND, webhook_url)
+        view = await self._call(
+            self._manager.submit, TrainingPayload(settings, examples), TRAINING_KIND, webhook_url, *job_owner(principal)
+        )
         return {**view, "links": links(view["id"])}
 
     # -- settings --------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ class FakeEngine:
         """The file's header (no model to fit it to)."""
         return {**describe(Path(path), name, builtin=False).to_json(), "fits": True}
 
-    async def train_stream(self, job_id: str, settings: LoraTrainingSettings, examples: list[TrainingExample]):
+    async def train_stream(self, job_id: str, settings: LoraTrainingSettings, examples: list[TrainingExample], owner: Optional[str] = None):
         """Progress for each step (after `delay_s` in all), then a result whose bytes name the
         job; the LoRA is not published anywhere."""
         self.trainings.append((job_id, settings, examples))

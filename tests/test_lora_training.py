@@ -182,10 +182,11 @@ def test_hours_may_wrap_midnight(hours, hour, minute, inside):
 # -- the engine: training only while idle ------------------------------------------------------------
 
 
-def test_a_request_arriving_during_training_is_served_and_the_run_pauses_then_finishes(tmp_path, tiny_pipe):
+def test_a_request_arriving_during_training_is_served_and_the_run_pauses_then_finishes(tmp_path):
     queue = _queue(tmp_path)
     registry = queue.registry
-    engine = StepEngine(tiny_pipe, max_rows=4, adapters=AdapterCache(tiny_pipe, registry, size=4, max_rank=16), background=queue)
+    pipe = _load()  # its own: the adapter cache gives a pipeline's layers LoRA slots
+    engine = StepEngine(pipe, max_rows=4, adapters=AdapterCache(pipe, registry, size=4, max_rank=16), background=queue)
     events: list[TrainingProgress] = []
     control = TrainingControl(on_progress=events.append)
     queue.submit("job-1", _settings(steps=40), _examples(), control)

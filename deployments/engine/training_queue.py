@@ -62,6 +62,7 @@ class _Run:
     settings: LoraTrainingSettings
     examples: list[TrainingExample]
     control: TrainingControl
+    owner: Optional[str] = None
     trainer: Any = None
     started_at: float = field(default_factory=time.perf_counter)
     #: Remove its checkpoints when it ends, whatever the outcome (discarded while running).
@@ -96,13 +97,21 @@ class TrainingQueue:
 
     # -- the caller's side ---------------------------------------------------------------------
 
-    def submit(self, job_id: str, settings: LoraTrainingSettings, examples: list[TrainingExample], control: TrainingControl) -> None:
+    def submit(
+        self,
+        job_id: str,
+        settings: LoraTrainingSettings,
+        examples: list[TrainingExample],
+        control: TrainingControl,
+        owner: Optional[str] = None,
+    ) -> None:
+        """Start a run; its LoRA will be `owner`'s (the API key's tenant; None: everyone's)."""
         with self._lock:
             if self._run is not None:
                 raise OverloadedError(
                     f"this replica is training {self._run.settings.name!r}; retry later", code="overloaded"
                 )
-            self._run = _Run(job_id, settings, examples, control)
+            self._run = _Run(job_id, settings, examples, control, owner)
             self.counts["runs"] += 1
 
     def discard(self, job_id: str) -> None:
@@ -179,7 +188,7 @@ class TrainingQueue:
         self.registry.uploads.mkdir(parents=True, exist_ok=True)
         trainer.export(staged)
         data = staged.read_bytes()
-        self.registry.publish(staged, run.settings.name)
+        self.registry.publish(staged, run.settings.name, run.owner)
         return TrainingResult(
             name=run.settings.name,
             data=data,

@@ -40,6 +40,7 @@ from serve_app.jobs.archive import build_result
 from serve_app.jobs.payload import JobPayload
 from serve_app.jobs.store import JobRecord, SqliteJobStore
 from serve_app.jobs.training_payload import TRAINING_KIND, TrainingPayload
+from serve_app.quotas import RateLimiter
 
 logger = logging.getLogger("ray.serve")
 
@@ -100,6 +101,7 @@ class JobManager:
         # Webhook deliveries in flight: the event loop only keeps weak references to tasks.
         self._deliveries: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
+        self._rates = RateLimiter()
         requeued, failed = self._store.requeue_running()
         if requeued or failed:
             logger.warning("job manager restarted: %d job(s) re-queued, %d failed (out of attempts)", requeued, failed)
@@ -108,11 +110,23 @@ class JobManager:
     # -- the API the ingress calls -------------------------------------------------------------
 
     async def submit(
-        self, payload: Union[JobPayload, TrainingPayload], kind: str, webhook_url: Optional[str] = None, owner: Optional[str] = None
+        self,
+        payload: Union[JobPayload, TrainingPayload],
+        kind: str,
+        webhook_url: Optional[str] = None,
+        owner: Optional[str] = None,
+        concurrent_jobs: Optional[int] = None,
     ) -> dict[str, Any]:
+        """Queue a job of `owner` (None: no tenant), who may have at most `concurrent_jobs`
+        unfinished ones (429 beyond)."""
         if await self._db(self._store.count, "queued") >= self._config.max_queued:
             raise TooManyRequestsError(
                 f"{self._config.max_queued} jobs are already queued; retry later", code="queue_full"
+            )
+        if concurrent_jobs is not None and await self._db(self._store.count_unfinished, owner) >= concurrent_jobs:
+            raise TooManyRequestsError(
+                f"{owner!r} already has {concurrent_jobs} unfinished jobs (its concurrent_jobs quota); retry when one ends",
+                code="concurrent_jobs",
             )
         if kind == TRAINING_KIND:
             await self._check_name_free(payload.settings.name)
@@ -129,6 +143,11 @@ class JobManager:
         await self._db(self._store.create, job)
         self._wake.set()
         return job_view(job)
+
+    def admit(self, key: str, limits: dict[str, Optional[int]], amounts: dict[str, int]) -> float:
+        """Charge a key's per-minute quotas (`RateLimiter.admit`): 0.0 when admitted, else the
+        seconds until it would be. Here because this is the app's one shared replica."""
+        return self._rates.admit(key, limits, amounts)
 
     async def _check_name_free(self, name: str) -> None:
         """409 when an unfinished training job will publish a LoRA of this name (the registry's
@@ -275,7 +294,7 @@ class JobManager:
             )
 
         result = await self._stream(
-            self._engines[BASE_ROLE], "train_stream", report, job.id, settings, payload.examples, deadline=None
+            self._engines[BASE_ROLE], "train_stream", report, job.id, settings, payload.examples, job.owner, deadline=None
         )
         expires_at = time.time() + self._config.result_ttl_s
         await self._db(self._store.save_result, job.id, result.data, "application/octet-stream", f"{result.name}.safetensors", expires_at)

@@ -6,7 +6,7 @@ that owns them. On a multi-node cluster, replace it with a store on shared infra
 PostgreSQL + an object store) that keeps the same contract:
 
 - `create` persists a new queued job; `get`/`list_jobs` read it back; `unfinished(kind)` lists
-  the queued and running jobs of a kind.
+  the queued and running jobs of a kind, `count_unfinished(owner)` counts an owner's.
 - `claim_next` atomically moves the oldest queued job to running, counting an attempt: no job is
   ever handed out twice.
 - `update` changes fields, optionally only while the status is one of `only_if` (so a cancel is
@@ -73,6 +73,7 @@ class JobStore(Protocol):
     def list_jobs(self, limit: int, owner: Optional[str] = None) -> list[JobRecord]: ...
     def count(self, status: str) -> int: ...
     def unfinished(self, kind: str) -> list[JobRecord]: ...
+    def count_unfinished(self, owner: Optional[str]) -> int: ...
     def claim_next(self) -> Optional[JobRecord]: ...
     def update(self, job_id: str, only_if: Optional[tuple[str, ...]] = None, **fields: Any) -> Optional[JobRecord]: ...
     def requeue_running(self) -> tuple[int, int]: ...
@@ -169,6 +170,13 @@ class SqliteJobStore:
                 f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE kind = ? AND status IN ('queued', 'running')", (kind,)
             ).fetchall()
         return [self._from_row(row) for row in rows]
+
+    def count_unfinished(self, owner: Optional[str]) -> int:
+        """The queued and running jobs of `owner`."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE owner IS ? AND status IN ('queued', 'running')", (owner,)
+            ).fetchone()[0]
 
     def claim_next(self) -> Optional[JobRecord]:
         with self._lock:
