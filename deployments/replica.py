@@ -50,7 +50,8 @@ class EngineReplica:
         quiet_client_errors()
         self._spec = TypeAdapter(ModelSpec).validate_python(model_spec)
         self._limits = LimitsConfig.model_validate(limits)
-        self._engine = engine_factory(_RayMetrics())
+        self._metrics = _RayMetrics()
+        self._engine = engine_factory(self._metrics)
         self._controls: dict[str, RequestControl] = {}
         self._lora_sets = _lora_routing(self._engine)
         self._stop = threading.Event()
@@ -238,8 +239,11 @@ class EngineReplica:
         return {**self._engine.stats(), "replica": _replica_id()}
 
     def check_health(self) -> None:
+        """Ray calls this every few seconds: a dead engine loop fails it (Ray replaces the
+        replica), a live one exports its counts as metrics."""
         if not self._thread.is_alive():  # Ray restarts the replica
             raise RuntimeError("the engine loop thread stopped")
+        self._metrics.export(self._engine.stats())
 
     def close(self) -> None:
         """Stop the engine's loop (Ray calls `__del__` when the replica shuts down)."""
@@ -326,6 +330,18 @@ class _RayMetrics:
         self._lora_hits = MetricCounter("sdxl_lora_hits", description="Requests whose LoRA set was already resident.")
         self._lora_evictions = MetricCounter("sdxl_lora_evictions", description="LoRA sets evicted from a replica's slots.")
         self._lora_resident = Gauge("sdxl_lora_resident", description="LoRA sets resident in a replica's slots.")
+        self._step_s = Histogram(
+            "sdxl_step_s",
+            description="Seconds of one UNet forward: a denoising step of every row in it.",
+            boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+        )
+        self._queue = Gauge("sdxl_engine_queue", description="Requests in an engine replica, by state (waiting, active).", tag_keys=("state",))
+        self._outcomes = MetricCounter(
+            "sdxl_engine_requests",
+            description="Requests an engine replica ended, by outcome (completed, failed, cancelled, expired).",
+            tag_keys=("outcome",),
+        )
+        self._exported: dict[str, int] = {}
 
     def on_admit(self, queue_wait_s: float, into_running: bool) -> None:
         self._queue_wait.observe(queue_wait_s)
@@ -335,6 +351,18 @@ class _RayMetrics:
     def on_forward(self, rows: int, seconds: float) -> None:
         self._rows.observe(rows)
         self._row_steps.inc(rows)
+        self._step_s.observe(seconds)
+
+    def export(self, stats: dict[str, Any]) -> None:
+        """The engine's counts as of now (`StepEngine.stats()`, read at each health check): queue
+        gauges, and the outcome counters moved by what changed since the last export."""
+        self._queue.set(stats["waiting"], tags={"state": "waiting"})
+        self._queue.set(stats["active"], tags={"state": "active"})
+        for outcome in ("completed", "failed", "cancelled", "expired"):
+            moved = stats[outcome] - self._exported.get(outcome, 0)
+            if moved > 0:
+                self._outcomes.inc(moved, tags={"outcome": outcome})
+            self._exported[outcome] = stats[outcome]
 
     def on_lora_load(self, seconds: float, resident: int) -> None:
         self._lora_loads.observe(seconds)

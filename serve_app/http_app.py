@@ -28,6 +28,7 @@ from serve_app.auth import ApiKeys, Principal
 from serve_app.encoding import MEDIA_TYPES, encode_image, to_base64
 from serve_app.errors import engine_call_error, error_response, install_error_handlers
 from serve_app.job_events import job_event_stream
+from serve_app.metrics import FaceMetrics
 from serve_app.openapi import TRAINING_PATH, body_schema, install_openapi, training_body
 from serve_app.protocol import (
     BatchRequest,
@@ -115,11 +116,13 @@ class _AccessLog:
     """ASGI middleware: stamps the time a request reached this replica (before its body is read)
     and an id (`X-Request-Id` on the answer), and logs one JSON line when it is answered: id,
     API key name, method, path, status, milliseconds, plus what the route added to
-    `request.state.log` (kind, images, size, steps; the prompt only with `ingress.log_prompts`).
-    Never the key itself, nor a query string (webhook URLs and tokens live there)."""
+    `request.state.log` (kind, images, size, steps; the prompt only with `ingress.log_prompts`)
+    and an error's code; and counts the answer (`FaceMetrics.answered`). Never the key itself,
+    nor a query string (webhook URLs and tokens live there)."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, metrics: FaceMetrics):
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -127,22 +130,41 @@ class _AccessLog:
         request_id = "req-" + uuid.uuid4().hex[:16]
         state = scope.setdefault("state", {})
         state.update(arrived=time.perf_counter(), log={})
-        status = [500]
+        status, error = [500], bytearray()
 
         async def sending(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            elif status[0] >= 400 and len(error) < _ERROR_BYTES:  # the envelope: small, one chunk
+                error.extend(message.get("body", b"")[:_ERROR_BYTES])
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
+            log = state["log"]
+            if status[0] >= 400:
+                log["error"] = _error_code(bytes(error))
             line = {
                 "event": "request", "id": request_id, "method": scope["method"], "path": scope["path"], "status": status[0],
-                "ms": round((time.perf_counter() - state["arrived"]) * 1e3, 1), **state["log"],
+                "ms": round((time.perf_counter() - state["arrived"]) * 1e3, 1), **log,
             }
             access_log.info(json.dumps(line, ensure_ascii=False))
+            self.metrics.answered(status[0], log.get("kind"), log.get("images", 0), log.get("error"))
+
+
+#: Bytes of an error answer read for its code (the envelope is well under this).
+_ERROR_BYTES = 4096
+
+
+def _error_code(body: bytes) -> Optional[str]:
+    """The `error.code` of an envelope (its `type` when it has no code); None for another body."""
+    try:
+        error = json.loads(body)["error"]
+        return error.get("code") or error.get("type")
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 async def _form(request: Request, **limits: int) -> FormData:
@@ -216,7 +238,7 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     lora_body = args.loras.max_upload_bytes + 1024 * 1024
     overrides = {("POST", "/v1/loras"): lora_body, ("POST", TRAINING_PATH): args.training.max_upload_bytes}
     app.add_middleware(BodyLimit, limit=body_limit(args.limits), overrides=overrides)
-    app.add_middleware(_AccessLog)
+    app.add_middleware(_AccessLog, metrics=FaceMetrics())
     install_error_handlers(app)
     install_openapi(app, args)
 

@@ -28,3 +28,17 @@ def _keys() -> list[str]:
 @pytest.mark.parametrize("key", _keys())
 def test_config_key_is_documented(key):
     assert f"`{key}`" in README
+
+
+def test_the_grafana_dashboard_charts_every_documented_metric():
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    dashboard = json.loads((root / "configs" / "grafana" / "sdxl-serve.json").read_text())
+    charted = " ".join(target["expr"] for panel in dashboard["panels"] for target in panel["targets"])
+    section = (root / "README.md").read_text().split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(ray_sdxl_\w+)`", section, flags=re.M))
+    assert len(documented) >= 15
+    assert {name for name in documented if name not in charted} == set()

@@ -40,6 +40,7 @@ from serve_app.jobs.archive import build_result
 from serve_app.jobs.payload import JobPayload
 from serve_app.jobs.store import JobRecord, SqliteJobStore
 from serve_app.jobs.training_payload import TRAINING_KIND, TrainingPayload
+from serve_app.metrics import FaceMetrics
 from serve_app.quotas import RateLimiter
 
 logger = logging.getLogger("ray.serve")
@@ -102,6 +103,7 @@ class JobManager:
         self._deliveries: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._rates = RateLimiter()
+        self._metrics = FaceMetrics()
         requeued, failed = self._store.requeue_running()
         if requeued or failed:
             logger.warning("job manager restarted: %d job(s) re-queued, %d failed (out of attempts)", requeued, failed)
@@ -180,7 +182,7 @@ class JobManager:
             task.cancel()  # its streams close, and the engine stops these requests at the next step
         if cancelled.kind == TRAINING_KIND:
             await self._discard_training(job_id)
-        self._notify(cancelled)
+        self._ended(cancelled)
         return job_view(cancelled)
 
     async def result(self, job_id: str, owner: Optional[str] = None) -> tuple[bytes, str, str]:
@@ -211,6 +213,7 @@ class JobManager:
 
     async def _dispatch_loop(self) -> None:
         while True:
+            self._metrics.jobs_now(await self._db(self._store.count, "queued"), len(self._running))
             while len(self._running) < self._config.max_running:
                 job = await self._db(self._store.claim_next)
                 if job is None:
@@ -271,7 +274,7 @@ class JobManager:
             progress_percent=100.0,
         )
         if done is not None:
-            self._notify(done)
+            self._ended(done)
 
     async def _train(self, job: JobRecord) -> None:
         """A training job: one stream to a base engine replica, which trains while it has no
@@ -305,7 +308,7 @@ class JobManager:
                       "train_s": result.train_s, "resumed_from": result.resumed_from},
         )
         if done is not None:
-            self._notify(done)
+            self._ended(done)
 
     async def _discard_training(self, job_id: str) -> None:
         """Best effort: a given-up training job's checkpoints go (any base replica can remove
@@ -380,7 +383,12 @@ class JobManager:
         if failed is not None and failed.kind == TRAINING_KIND:
             await self._discard_training(job.id)
         if failed is not None:
-            self._notify(failed)
+            self._ended(failed)
+
+    def _ended(self, job: JobRecord) -> None:
+        """A job reached its final state: counted, and its webhook called."""
+        self._metrics.job_ended(job.kind, job.status, job.images)
+        self._notify(job)
 
     def _notify(self, job: JobRecord) -> None:
         if job.webhook_url:

@@ -24,11 +24,13 @@ def served(app_args):
 
     # Logical CPUs (the machine has two cores): the default graph reserves 5 — ingress 0.5, job
     # manager 0.5, the base engine 1, the canny and silhouette ControlNet variants and the refiner 1 each.
-    ray.init(address="local", num_cpus=5, include_dashboard=False, log_to_driver=False)
+    # Ray's metrics agent serves every replica's metrics in Prometheus format on this port.
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=5, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")
-    yield SimpleNamespace(base_url=f"http://127.0.0.1:{port}", app_name="sdxl")
+    yield SimpleNamespace(base_url=f"http://127.0.0.1:{port}", app_name="sdxl", metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
     # No `serve.shutdown()` first: its graceful drain of every replica costs seconds, and the
     # cluster this process started ends with all its processes (controller and replicas too).
     ray.shutdown()
