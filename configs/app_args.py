@@ -85,6 +85,15 @@ class EngineDeploymentConfig(_Strict):
             "caller gets 503 with Retry-After at once. -1: unbounded."
         ),
     )
+    graceful_shutdown_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description=(
+            "When a replica is stopped (scale-in, redeploy), how long it may finish the requests it holds "
+            "(new ones go to other replicas) before it is killed; jobs it still held are retried."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -86,6 +86,9 @@ def _engine_deployment(config: AppArgs, deployment: EngineRole) -> Application:
         # The engine admits from what the replica has been sent: a running batch and the next.
         "max_ongoing_requests": in_flight,
         "max_queued_requests": placement.max_queued_requests,
+        # A stopping replica gets no new requests and finishes the rows it holds (its engine loop
+        # runs until Ray calls `__del__` after the drain).
+        "graceful_shutdown_timeout_s": placement.graceful_shutdown_timeout_s,
     }
     if placement.autoscaling is not None:
         scaling = placement.autoscaling
