@@ -127,6 +127,14 @@ class IngressConfig(_Strict):
     engine_timeout_s: float = Field(
         600.0, gt=0, le=86400, description="Most time a synchronous request may take end to end (504 after)."
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description=(
+            "Origins browsers may call the API from (e.g. https://studio.example.com; `*` for any); empty: no CORS "
+            "headers, so browsers on other origins cannot read answers."
+        ),
+    )
     log_prompts: bool = Field(
         False, description="Put each request's (first) prompt in its access-log line; off: prompts are never logged."
     )

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Mapping, Optional, Union
 
 from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi import Path as FastAPIPath
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -238,6 +239,15 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     lora_body = args.loras.max_upload_bytes + 1024 * 1024
     overrides = {("POST", "/v1/loras"): lora_body, ("POST", TRAINING_PATH): args.training.max_upload_bytes}
     app.add_middleware(BodyLimit, limit=body_limit(args.limits), overrides=overrides)
+    if args.ingress.cors_origins:  # off unless configured: no cross-origin reads by default
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=args.ingress.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", TIMEOUT_HEADER],
+            expose_headers=["X-Seed", "X-Batch-Size", "X-Request-Id", "Server-Timing", "Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(_AccessLog, metrics=FaceMetrics())
     install_error_handlers(app)
     install_openapi(app, args)

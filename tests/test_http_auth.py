@@ -207,3 +207,18 @@ async def test_a_client_may_bring_its_deadline_forward(tmp_path):
         assert engine.requests[0].deadline <= time.time() + 0.3  # the engine drops the row at that time too
         bad = await client.post("/v1/txt2img", json=TXT2IMG, headers={"X-Request-Timeout": "forever"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Timeout"
+
+
+async def test_cors_is_off_unless_origins_are_configured(tmp_path):
+    preflight = {"Origin": "https://studio.example.com", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    async with local_app(FakeEngine(), tmp_path) as client:
+        closed = await client.options("/v1/txt2img", headers=preflight)
+        plain = await client.get("/healthz", headers={"Origin": "https://studio.example.com"})
+    assert "access-control-allow-origin" not in closed.headers and "access-control-allow-origin" not in plain.headers
+    async with local_app(FakeEngine(), tmp_path, ingress={"cors_origins": ["https://studio.example.com"]}) as client:
+        opened = await client.options("/v1/txt2img", headers=preflight)
+        other = await client.options("/v1/txt2img", headers={**preflight, "Origin": "https://evil.example"})
+    assert opened.status_code == 200 and opened.headers["access-control-allow-origin"] == "https://studio.example.com"
+    assert "authorization" in opened.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-origin" not in other.headers
