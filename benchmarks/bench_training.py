@@ -17,6 +17,7 @@ Prints a table and writes `bench_training.json` into --out after every part.
 """
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -91,26 +93,36 @@ def _first_step_s(engine: StepEngine, request: GenerationRequest) -> tuple[float
     return first_s, time.perf_counter() - started
 
 
+@contextlib.contextmanager
+def _training_job(queue: TrainingQueue, name: str, resolution: int, on: bool) -> Iterator[None]:
+    """With `on`, an endless training job on the engine (it has run two steps when this
+    enters), cancelled and discarded on exit; without, nothing."""
+    if not on:
+        yield
+        return
+    control = TrainingControl()
+    settings = LoraTrainingSettings(name=name, rank=16, steps=100_000, seed=0).with_defaults(resolution)
+    queue.submit(name, settings, _examples(resolution), control)
+    while queue.stats()["steps"] < 2:
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        control.cancel()
+        control.wait(timeout=600)
+        queue.discard(name)
+
+
 def pause(args, engine: StepEngine, queue: TrainingQueue, request: GenerationRequest, step_s: float) -> dict:
     rng = random.Random(0)
     measured = {}
     for mode in ("none", "training"):
-        control = None
-        if mode == "training":
-            control = TrainingControl()
-            settings = LoraTrainingSettings(name="bench-pause", rank=16, steps=100_000, seed=0).with_defaults(args.resolution)
-            queue.submit("bench-pause", settings, _examples(args.resolution), control)
-            while queue.stats()["steps"] < 2:
-                time.sleep(0.01)
         firsts = []
-        for index in range(args.requests):
-            time.sleep(rng.uniform(0, step_s) + (step_s if mode == "training" else 0.0))
-            first_s, _ = _first_step_s(engine, request.model_copy(update={"request_id": f"pause-{mode}-{index}"}))
-            firsts.append(first_s)
-        if control is not None:
-            control.cancel()
-            control.wait(timeout=600)
-            queue.discard("bench-pause")
+        with _training_job(queue, "bench-pause", args.resolution, on=mode == "training"):
+            for index in range(args.requests):
+                time.sleep(rng.uniform(0, step_s) + (step_s if mode == "training" else 0.0))
+                first_s, _ = _first_step_s(engine, request.model_copy(update={"request_id": f"pause-{mode}-{index}"}))
+                firsts.append(first_s)
         measured[mode] = {"first_step_p50_s": round(statistics.median(firsts), 4), "first_step_max_s": round(max(firsts), 4)}
         print(mode, measured[mode], flush=True)
     return measured
@@ -120,22 +132,12 @@ def paused(args, engine: StepEngine, queue: TrainingQueue, request: GenerationRe
     measured = {}
     queue.idle_s = 1.0
     for mode in ("none", "paused"):
-        control = None
-        if mode == "paused":
-            control = TrainingControl()
-            settings = LoraTrainingSettings(name="bench-paused", rank=16, steps=100_000, seed=0).with_defaults(args.resolution)
-            queue.submit("bench-paused", settings, _examples(args.resolution), control)
-            while queue.stats()["steps"] < 2:
-                time.sleep(0.01)
         latencies = []
-        for index in range(args.requests):
-            _, total_s = _first_step_s(engine, request.model_copy(update={"request_id": f"paused-{mode}-{index}"}))
-            latencies.append(total_s)
-            time.sleep(0.1)
-        if control is not None:
-            control.cancel()
-            control.wait(timeout=600)
-            queue.discard("bench-paused")
+        with _training_job(queue, "bench-paused", args.resolution, on=mode == "paused"):
+            for index in range(args.requests):
+                _, total_s = _first_step_s(engine, request.model_copy(update={"request_id": f"paused-{mode}-{index}"}))
+                latencies.append(total_s)
+                time.sleep(0.1)
         measured[mode] = {"p50_s": round(statistics.median(latencies), 4), "mean_s": round(statistics.fmean(latencies), 4)}
         print(mode, measured[mode], flush=True)
     measured["paused_over_none"] = round(measured["paused"]["p50_s"] / measured["none"]["p50_s"], 3)

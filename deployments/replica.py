@@ -81,15 +81,8 @@ class EngineReplica:
 
         task = asyncio.ensure_future(self._generate(request, on_progress, handoff))
         try:
-            while not task.done():
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            while not events.empty():
-                yield events.get_nowait()
+            async for event in _events_until(task, events):
+                yield event
             yield task.result()
         finally:
             task.cancel()
@@ -152,15 +145,8 @@ class EngineReplica:
         )
         training.submit(job_id, settings, examples, control, owner)
         try:
-            while not done.done():
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({done, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            while not events.empty():
-                yield events.get_nowait()
+            async for event in _events_until(done, events):
+                yield event
             if isinstance(done.result(), ServiceError):
                 raise done.result()
             yield done.result()
@@ -252,6 +238,19 @@ class EngineReplica:
 
     def __del__(self) -> None:
         self._stop.set()
+
+
+async def _events_until(done: asyncio.Future, events: asyncio.Queue) -> AsyncIterator[Any]:
+    """The events put on `events` (from the engine's thread) until `done` is, then those left."""
+    while not done.done():
+        getter = asyncio.ensure_future(events.get())
+        await asyncio.wait({done, getter}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield getter.result()
+        else:
+            getter.cancel()
+    while not events.empty():
+        yield events.get_nowait()
 
 
 def _lora_routing(engine: Any) -> Optional[Callable[[str], Any]]:
