@@ -340,6 +340,11 @@ class _RayMetrics:
             description="Requests an engine replica ended, by outcome (completed, failed, cancelled, expired).",
             tag_keys=("outcome",),
         )
+        self._oom = MetricCounter(
+            "sdxl_oom",
+            description="GPU out-of-memory events: calls run again smaller (split), requests failed alone (failure).",
+            tag_keys=("event",),
+        )
         self._exported: dict[str, int] = {}
 
     def on_admit(self, queue_wait_s: float, into_running: bool) -> None:
@@ -357,11 +362,13 @@ class _RayMetrics:
         gauges, and the outcome counters moved by what changed since the last export."""
         self._queue.set(stats["waiting"], tags={"state": "waiting"})
         self._queue.set(stats["active"], tags={"state": "active"})
-        for outcome in ("completed", "failed", "cancelled", "expired"):
-            moved = stats[outcome] - self._exported.get(outcome, 0)
+        counters = [(self._outcomes, "outcome", name, name) for name in ("completed", "failed", "cancelled", "expired")]
+        counters += [(self._oom, "event", "split", "oom_splits"), (self._oom, "event", "failure", "oom_failures")]
+        for metric, tag, value, name in counters:
+            moved = stats.get(name, 0) - self._exported.get(name, 0)
             if moved > 0:
-                self._outcomes.inc(moved, tags={"outcome": outcome})
-            self._exported[outcome] = stats[outcome]
+                metric.inc(moved, tags={tag: value})
+            self._exported[name] = stats.get(name, 0)
 
     def on_lora_load(self, seconds: float, resident: int) -> None:
         self._lora_loads.observe(seconds)

@@ -20,6 +20,10 @@ Each `step()`:
    of a hires request becomes its second pass's row, active from the next step (images above
    `vae_tiling_above` pixels are encoded and decoded in tiles).
 
+A call that runs out of GPU memory (the UNet's, the VAE decode's, the prompt encode's) runs again
+as smaller calls, down to one request, which alone fails with a 503 (`out_of_memory`) while the
+others go on (`StepEngine._split_on_oom`).
+
 Two admission policies share this loop: `step` (the default) admits between any two steps;
 `request` admits only into an empty engine, after waiting up to `batch_wait_s` for a batch to form
 (the request-level batching this engine replaced, kept to compare the two in one run).
@@ -34,7 +38,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +48,7 @@ from deployments.engine.calls import CallPlanner
 from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
 from deployments.engine.controlnets import check_hosted, residuals
 from deployments.engine.lora import AdapterCache, rows_on_slots
-from deployments.engine.rows import Row, RowFactory, decode, to_pixels, vae_tiling
+from deployments.engine.rows import Row, RowFactory, TextEmbeds, decode, to_pixels, vae_tiling
 from deployments.engine.sharing import forward_key
 from deployments.types import ControlRef, EngineError, GenerationRequest, InvalidRequestError, OverloadedError, ServiceError
 
@@ -144,6 +148,7 @@ class StepEngine:
         self.controlnets = dict(controlnets or {})
         self.refiner = refiner
         self.vae_tiling_above = vae_tiling_above
+        self._vae_dtype = pipeline.vae.dtype  # the dtype `_restore_vae` returns the VAE to
         self._warm_slot: Optional[int] = None  # the slot every row takes while warming up adapters
         self._observer = observer or _NoObserver()
         self.background = background
@@ -302,10 +307,7 @@ class StepEngine:
             return
         into_running = bool(self._active)
         try:
-            embeds = self._rows.encode(
-                [item.request for item in admitted],
-                rows_on_slots(self.adapters, slots, self.device, ("text_encoder", "text_encoder_2")),
-            )
+            embeds = self._split_on_oom(list(zip(admitted, slots)), self._encode, "prompt encode")
         except Exception:  # one bad batch of prompts must not stop the loop
             logger.exception("encoding the prompts of %d request(s) failed", len(admitted))
             for item, slot in zip(admitted, slots):
@@ -314,12 +316,15 @@ class StepEngine:
             return
         now = time.perf_counter()
         for item, embed, slot in zip(admitted, embeds, slots):
+            if embed is None:  # its prompts alone ran out of GPU memory
+                self._release_slot(slot)
+                self._fail_oom(item.control)
+                continue
             try:
                 row = self._rows.prepare(item.request, item.control, embed, item.submitted_at, slot)
-            except Exception:
-                logger.exception("preparing request %s failed", item.request.request_id)
+            except Exception as error:
                 self._release_slot(slot)
-                self._fail(item.control)
+                self._fail_raised(item.control, error, f"preparing request {item.request.request_id}")
                 continue
             row.due = self._steps + len(row.timesteps)
             self._active.append(row)
@@ -327,6 +332,14 @@ class StepEngine:
             with self._lock:
                 self._stats.admitted(wait_s, into_running)
             self._observer.on_admit(wait_s, into_running)
+
+    def _encode(self, admitted: list[tuple[_Waiting, int]]) -> list[TextEmbeds]:
+        """The prompts of admitted requests (each with its LoRA slot) in one text-encoder pass."""
+        slots = [slot for _, slot in admitted]
+        return self._rows.encode(
+            [item.request for item, _ in admitted],
+            rows_on_slots(self.adapters, slots, self.device, ("text_encoder", "text_encoder_2")),
+        )
 
     def _next_waiting(self, count: int) -> list[_Waiting]:
         """Takes the `count` waiting requests admitted next (under the lock). The request policy
@@ -386,7 +399,7 @@ class StepEngine:
     def _forward(self, rows: list[Row]) -> None:
         started = time.perf_counter()
         try:
-            noise_preds = self._unet(rows)
+            noise_preds = self._split_on_oom(rows, self._unet, "UNet forward", self.forward_calls, Row.unet_rows)
         except Exception:
             logger.exception("a UNet forward of %d row(s) failed", len(rows))
             for row in rows:
@@ -394,14 +407,77 @@ class StepEngine:
                 self._release(row)
                 self._fail(row.control)
             return
+        stepped = [(row, noise_pred) for row, noise_pred in zip(rows, noise_preds) if noise_pred is not None]
         for row, noise_pred in zip(rows, noise_preds):
+            if noise_pred is None:  # alone it ran out of GPU memory
+                self._active.remove(row)
+                self._release(row)
+                self._fail_oom(row.control)
+        for row, noise_pred in stepped:
             row.advance(noise_pred)
-            row.shared_with = max(row.shared_with, len(rows))
+            row.shared_with = max(row.shared_with, len(stepped))
             row.report()
         seconds = time.perf_counter() - started
         with self._lock:
-            self._stats.forwarded(len(rows), seconds)
-        self._observer.on_forward(len(rows), seconds)
+            self._stats.forwarded(len(stepped), seconds)
+        self._observer.on_forward(len(stepped), seconds)
+
+    def _split_on_oom(
+        self,
+        items: list,
+        call: Callable[[list], Sequence],
+        what: str,
+        planner: Optional[CallPlanner] = None,
+        weight: Callable[[Any], int] = lambda item: 1,
+    ) -> list:
+        """`call(items)`, one result per item; when a call runs out of GPU memory, its items run
+        again as smaller calls, down to one item. Returns each item's result, or None for an item
+        that ran out of memory alone (its request fails with a 503 `out_of_memory`, which a client
+        may retry or shrink; the other items go on). The one place OOM is split and retried, for
+        the UNet forward, the VAE decode and the prompt encode.
+
+        Why: memory grows with a call's rows, and a replica near its card's limit (a large image,
+        fragmentation, another process on the GPU) should fall back to smaller calls, not fail
+        every request of a step, nor die. A failed call left its items untouched (a row advances
+        only after its forward returns), so the retry runs the same inputs and gives the same
+        results (up to float sums in another order). The failed call's tensors are dropped (the
+        error with its frames is gone before the retry) and CUDA's cached blocks released.
+
+        Smaller calls (`_smaller_calls`): without compiled sizes, the two halves; with them
+        (`planner`'s buckets), calls of at most the bucket below the one that failed, since a half
+        padded back up to the same bucket would need the same memory; every call still runs at a
+        bucket size (with buckets [1, 2, 4, 8] images, a failed UNet call of 16 rows retries as calls
+        of 8, then 4, then 2). `weight`: an item's size in the planner's units (a guided row is two
+        UNet rows; an item is never split). Logs one line per forward (or decode, or encode) that
+        ran out of memory, however often it was split; no traceback."""
+        weights = [weight(item) for item in items]
+        results: list = [None] * len(items)
+        pending, ran, splits, failed = [list(range(len(items)))], [], 0, 0
+        while pending:
+            group = pending.pop(0)
+            try:
+                outputs = list(call([items[index] for index in group]))
+            except torch.OutOfMemoryError:
+                outputs = None  # handled below, once the error and the failed call's frames are gone
+            if outputs is not None:
+                for index, output in zip(group, outputs):
+                    results[index] = output
+                ran.append(len(group))
+                continue
+            _free_gpu_memory()
+            smaller = _smaller_calls(group, weights, planner)
+            splits += bool(smaller)
+            failed += 0 if smaller else len(group)
+            pending[:0] = smaller
+        if splits or failed:
+            with self._lock:
+                self._stats.counts["oom_splits"] += splits
+            logger.warning(
+                "a %s of %d request(s) ran out of GPU memory: ran as calls of %s request(s) after %d split(s); "
+                "%d failed alone (503 out_of_memory)",
+                what, len(items), ran, splits, failed,
+            )
+        return results
 
     def _unet(self, rows: list[Row]) -> list[torch.Tensor]:
         """One forward over every row (two UNet rows per guided image), run as the planned calls
@@ -468,8 +544,11 @@ class StepEngine:
                 ))
         for rows in _sharing_groups([row for row in finished if not (row.hands_off or row.upscales_latents)]):
             try:
-                images = self._decode(torch.cat([row.latents for row in rows]))
-                pixels = [None if row.upscales else to_pixels(self._pipe, row, image) for row, image in zip(rows, images)]
+                images = self._split_on_oom(rows, self._decode_rows, "VAE decode", self.decode_calls)
+                pixels = [
+                    None if image is None or row.upscales else to_pixels(self._pipe, row, image)
+                    for row, image in zip(rows, images)
+                ]
             except Exception:
                 logger.exception("decoding %d image(s) failed", len(rows))
                 for row in rows:
@@ -478,7 +557,10 @@ class StepEngine:
                 continue
             done_at = time.perf_counter()
             for row, image, pixel in zip(rows, images, pixels):
-                if row.upscales:
+                if image is None:  # alone it ran out of GPU memory
+                    self._release_if_upscaling(row)
+                    self._fail_oom(row.control)
+                elif row.upscales:
                     self._start_hires(row, image)
                 else:
                     self._finish(row, RunOutput(image=pixel, **self._output_fields(row, done_at)))
@@ -490,10 +572,9 @@ class StepEngine:
         try:
             with vae_tiling(self._pipe.vae, hires.width * hires.height, self.vae_tiling_above):
                 row = self._rows.prepare_hires(first, image)
-        except Exception:
-            logger.exception("preparing the hires pass of request %s failed", first.request.request_id)
+        except Exception as error:
             self._release_if_upscaling(first)
-            self._fail(first.control)
+            self._fail_raised(first.control, error, f"preparing the hires pass of request {first.request.request_id}")
             return
         row.admitted_at, row.due, row.shared_with = first.admitted_at, self._steps + len(row.timesteps), first.shared_with
         self._active.append(row)
@@ -517,18 +598,54 @@ class StepEngine:
             self._stats.count("completed")
         row.control.finish(outcome)
 
+    def _decode_rows(self, rows: list[Row]) -> list[torch.Tensor]:
+        return list(self._decode(torch.cat([row.latents for row in rows])))
+
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         images, start = [], 0
         pixels = latents.shape[-2] * latents.shape[-1] * self._pipe.vae_scale_factor**2
-        with vae_tiling(self._pipe.vae, pixels, self.vae_tiling_above):
-            for size in self.decode_calls.split(latents.shape[0]):
-                end = start + size
-                images.append(decode(self._pipe, _pad(latents[start:end], self.decode_calls.padded(size)))[:size])
-                start = end
+        try:
+            with vae_tiling(self._pipe.vae, pixels, self.vae_tiling_above):
+                for size in self.decode_calls.split(latents.shape[0]):
+                    end = start + size
+                    images.append(decode(self._pipe, _pad(latents[start:end], self.decode_calls.padded(size)))[:size])
+                    start = end
+        finally:
+            self._restore_vae()
         return torch.cat(images)
+
+    def _restore_vae(self) -> None:
+        """An fp16 VAE that asks for it (`force_upcast`) runs in float32 for each decode
+        (`rows.decode`) and encode (diffusers' `prepare_latents`) and is cast back after: a call
+        that raised (out of memory) left it in float32, where the next decode would get float16
+        latents and fail, every time. Back to the dtype it was loaded in."""
+        if self._pipe.vae.dtype != self._vae_dtype:
+            self._pipe.vae.to(dtype=self._vae_dtype)
 
     def _fail(self, control: RequestControl) -> None:
         self._finish_failed(control, EngineError("image generation failed on the engine", code="engine_error"))
+
+    def _fail_oom(self, control: RequestControl) -> None:
+        """A request whose work alone ran out of GPU memory: a 503 the client may retry later, or
+        with a smaller image."""
+        with self._lock:
+            self._stats.counts["oom_failures"] += 1
+        self._finish_failed(control, OverloadedError(
+            "the request is too large for this GPU right now (it ran out of memory alone); retry later or ask for a "
+            "smaller image",
+            code="out_of_memory",
+        ))
+
+    def _fail_raised(self, control: RequestControl, error: Exception, doing: str) -> None:
+        """A request whose own work (not shared with others) raised `error`: out of GPU memory is
+        a 503 and one log line, anything else a 500 and its traceback."""
+        self._restore_vae()
+        if isinstance(error, torch.OutOfMemoryError):
+            logger.warning("%s ran out of GPU memory (503 out_of_memory)", doing)
+            self._fail_oom(control)
+        else:
+            logger.error("%s failed", doing, exc_info=error)
+            self._fail(control)
 
     def _finish_failed(self, control: RequestControl, error: ServiceError) -> None:
         with self._lock:
@@ -601,7 +718,7 @@ class _Stats:
         self.counts = {
             "admitted": 0, "admitted_into_running": 0, "completed": 0, "cancelled": 0, "expired": 0,
             "failed": 0, "forwards": 0, "row_steps": 0, "deferred_row_steps": 0, "unet_calls": 0, "unet_rows": 0,
-            "padded_unet_rows": 0, "forward_s": 0.0,
+            "padded_unet_rows": 0, "forward_s": 0.0, "oom_splits": 0, "oom_failures": 0,
         }
         self.rows_per_forward: deque[int] = deque(maxlen=_RECENT)
         self.queue_wait_s: deque[float] = deque(maxlen=_RECENT)
@@ -648,6 +765,37 @@ def _sharing_groups(rows: list[Row]) -> list[list[Row]]:
     for row in rows:
         groups.setdefault(forward_key(tuple(row.latents.shape)), []).append(row)
     return list(groups.values())
+
+
+def _smaller_calls(group: list[int], weights: list[int], planner: Optional[CallPlanner]) -> list[list[int]]:
+    """The calls the items `group` (indexes into `weights`) run as after their call ran out of
+    memory, in order; none when no smaller call exists: one item, or, with buckets, a call that
+    failed at the smallest bucket (each of its items would run at that size alone too)."""
+    if len(group) == 1:
+        return []
+    if planner is None or not planner.buckets:
+        half = (len(group) + 1) // 2
+        return [group[:half], group[half:]]
+    failed_at = max(planner.padded(size) for size in planner.split(sum(weights[index] for index in group)))
+    below = [bucket for bucket in planner.buckets if bucket < failed_at]
+    if not below:
+        return []
+    calls: list[list[int]] = [[]]
+    room = below[-1]
+    for index in group:  # consecutive items, each call within the bucket below (its plan pads no higher)
+        if calls[-1] and weights[index] > room:
+            calls.append([])
+            room = below[-1]
+        calls[-1].append(index)
+        room -= weights[index]
+    return calls
+
+
+def _free_gpu_memory() -> None:
+    """Hand CUDA's cached blocks back after an out-of-memory error (the failed call's tensors are
+    unreferenced by now), so the retry and other processes on the card find them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
