@@ -4,6 +4,7 @@ Every field is described and bounded; unknown keys are rejected (`extra="forbid"
 config file fails `serve run`/`serve deploy` instead of being silently ignored.
 """
 
+import ipaddress
 import re
 from typing import Literal, Optional, Union
 
@@ -271,6 +272,9 @@ def controlnet_deployment_name(variant: str) -> str:
     return f"SDXLControlNet-{variant}"
 
 
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
 class JobsConfig(_Strict):
     """Async jobs, stored results and files (the job manager deployment, one replica)."""
 
@@ -295,7 +299,38 @@ class JobsConfig(_Strict):
     max_batch_items: int = Field(64, ge=1, le=10_000, description="Most requests in one `/v1/images/batch`.")
     webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery (exponential backoff).")
     webhook_backoff_s: float = Field(1.0, gt=0, le=600, description="First retry delay; doubles each retry.")
-    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one webhook POST.")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Most time one webhook try takes (lookup, connect, send, the answer's status)."
+    )
+    webhook_allow: list[str] = Field(
+        default_factory=list,
+        max_length=1000,
+        description=(
+            "Webhook destinations allowed although internal (loopback, private, link-local, ... are refused "
+            "otherwise): host names (exact, case-insensitive; not resolved nor checked) or IP addresses/CIDRs "
+            "(e.g. `10.1.2.0/24`: an internal address inside one is allowed)."
+        ),
+    )
+    webhook_secret: Optional[str] = Field(
+        None,
+        min_length=1,
+        repr=False,
+        description=(
+            "Key signing every webhook (`X-Webhook-Signature`, HMAC-SHA256); the environment variable "
+            "`SDXL_WEBHOOK_SECRET` wins over it. Unset: webhooks go unsigned."
+        ),
+    )
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _allow_entries(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not _HOST_NAME.fullmatch(entry):
+                    raise ValueError(f"{entry!r} is neither a host name nor an IP address or CIDR") from None
+        return entries
 
 
 class TrainingConfig(_Strict):

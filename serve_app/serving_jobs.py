@@ -8,6 +8,7 @@ from configs.app_args import AppArgs
 from deployments.types import GenerationRequest, InvalidRequestError
 from serve_app.auth import ANONYMOUS, Principal
 from serve_app.errors import renamed_params
+from serve_app.jobs import webhooks
 from serve_app.jobs.archive import build_result
 from serve_app.jobs.payload import JobPayload
 from serve_app.protocol import BatchRequest, JobSubmission, Txt2ImgItemParams
@@ -28,10 +29,11 @@ class JobServing:
     async def submit(self, body: JobSubmission, principal: Principal = ANONYMOUS) -> dict[str, Any]:
         """Queue a job as `principal`'s (its tenant owns it; its `concurrent_jobs` quota holds)."""
         self._images.check_n(body.n)
+        webhook_url = _url(body.webhook_url, self._args.jobs.webhook_allow)
         # Decoding uploaded images is CPU work: keep it off the event loop.
         requests = await asyncio.to_thread(self._requests, body.kind, body.params, body.n, "params", principal.owner)
         payload = JobPayload(requests, body.params.output_format, body.params.output_compression)
-        view = await self._manager.submit.remote(payload, body.kind, _url(body.webhook_url), *job_owner(principal))
+        view = await self._manager.submit.remote(payload, body.kind, webhook_url, *job_owner(principal))
         return {**view, "links": links(view["id"])}
 
     def batch_payload(self, body: BatchRequest, owner: Optional[str] = None) -> JobPayload:
@@ -56,7 +58,8 @@ class JobServing:
         )
 
     async def submit_batch(self, payload: JobPayload, webhook_url: Optional[Any], principal: Principal = ANONYMOUS) -> dict[str, Any]:
-        view = await self._manager.submit.remote(payload, "batch", _url(webhook_url), *job_owner(principal))
+        webhook_url = _url(webhook_url, self._args.jobs.webhook_allow)
+        view = await self._manager.submit.remote(payload, "batch", webhook_url, *job_owner(principal))
         return {**view, "links": links(view["id"])}
 
     @staticmethod
@@ -93,5 +96,6 @@ def job_owner(principal: Principal) -> tuple[Optional[str], Optional[int]]:
     return principal.owner, None if principal.key is None else principal.key.concurrent_jobs
 
 
-def _url(value: Optional[Any]) -> Optional[str]:
-    return None if value is None else str(value)
+def _url(value: Optional[Any], allow: list[str]) -> Optional[str]:
+    """The webhook URL as a string; a 400 naming `webhook_url` for an internal literal host."""
+    return None if value is None else webhooks.check_submitted(str(value), allow)

@@ -46,6 +46,7 @@ from deployments.types import (
 )
 from serve_app.errors import invalid_request_from
 from serve_app.image_inputs import flatten, open_image
+from serve_app.jobs import webhooks
 from serve_app.jobs.training_payload import TRAINING_KIND, TrainingPayload
 from serve_app.protocol import LoraTrainingForm
 from serve_app.auth import ANONYMOUS, Principal
@@ -161,6 +162,7 @@ class TrainingServing:
             raise ConflictError(f"LoRA {form.name!r} already exists; delete it first", param="name", code="lora_exists")
         settings = LoraTrainingSettings.model_validate(form.model_dump(exclude={"webhook_url"}))
         webhook_url = None if form.webhook_url is None else str(form.webhook_url)
+        webhooks.check_submitted(webhook_url, self._args.jobs.webhook_allow)  # 400 for an internal literal host
         return settings.with_defaults(self._args.model.default_size[0]), webhook_url
 
     def _check_count(self, count: int, param: str, settings: LoraTrainingSettings) -> None:

@@ -15,7 +15,8 @@ def app_args_for(state_dir) -> dict:
         "ingress": {"num_replicas": 1, "num_cpus": 0.5, "engine_timeout_s": 120},
         "limits": {"max_n": 10},
         "state_dir": str(state_dir),
-        "jobs": {"max_attempts": 2, "webhook_backoff_s": 0.1, "cleanup_interval_s": 1.0},
+        # Webhook tests deliver to receivers on 127.0.0.1, refused unless allow-listed.
+        "jobs": {"max_attempts": 2, "webhook_backoff_s": 0.1, "cleanup_interval_s": 1.0, "webhook_allow": ["127.0.0.1"]},
         # Checkpoints often enough that a replica killed a second into a run has one to resume.
         "training": {"checkpoint_every": 10},
     }

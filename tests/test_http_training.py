@@ -200,6 +200,7 @@ TWO = [_noise(64, 64, seed=1), _noise(64, 64, seed=2)]
         (_form({**GOOD, "resolution": 100}, TWO, ["a", "b"]), 400, "resolution", "multiple_of"),
         (_form({**GOOD, "trigger_word": "a,b"}, TWO, ["a", "b"]), 400, "trigger_word", "string_pattern_mismatch"),
         (_form({**GOOD, "webhook_url": "ftp://x/y"}, TWO, ["a", "b"]), 400, "webhook_url", "url_scheme"),
+        (_form({**GOOD, "webhook_url": "http://169.254.169.254/x"}, TWO, ["a", "b"]), 400, "webhook_url", "webhook_url_refused"),
         (_form({**GOOD, "epochs": 3}, TWO, ["a", "b"]), 400, "epochs", "extra_forbidden"),
         # how many examples
         (_form(GOOD), 400, "images", "missing"),

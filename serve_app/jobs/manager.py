@@ -395,7 +395,8 @@ class JobManager:
             config = self._config
             delivery = asyncio.create_task(
                 webhooks.deliver(
-                    job.webhook_url, job_view(job), config.webhook_attempts, config.webhook_backoff_s, config.webhook_timeout_s
+                    job.webhook_url, job_view(job), config.webhook_attempts, config.webhook_backoff_s, config.webhook_timeout_s,
+                    secret=webhooks.resolve_secret(config.webhook_secret), allow=config.webhook_allow,
                 )
             )
             self._deliveries.add(delivery)
