@@ -104,6 +104,11 @@ class EngineDeploymentConfig(_Strict):
         return data
 
 
+#: The playground's path: one or more plain segments (no trailing slash), off the API's own paths.
+PLAYGROUND_PATH_PATTERN = r"(/(?!\.+(/|$))[A-Za-z0-9._~-]+)+"
+RESERVED_PATHS = ("v1", "docs", "redoc", "openapi.json", "healthz", "metrics", "static-offline-docs")
+
+
 class IngressConfig(_Strict):
     num_replicas: int = Field(1, ge=1, le=1024, description="HTTP ingress replicas (CPU only).")
     num_cpus: float = Field(0.5, ge=0, le=64, description="CPUs per ingress replica.")
@@ -144,6 +149,26 @@ class IngressConfig(_Strict):
         pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
         description="Base of `url` responses (e.g. https://images.example.com); default: the request's own host.",
     )
+    playground: Union[Literal[False], None, str] = Field(
+        "/playground",
+        description=(
+            "Path of the browser playground (static files shipped in the package; `GET /` redirects there), "
+            "open without an API key: the page holds no data, its API calls carry the key typed into it. "
+            "`null` or `false`: not served."
+        ),
+    )
+
+    @field_validator("playground")
+    @classmethod
+    def _playground_path(cls, path: Union[Literal[False], None, str]) -> Optional[str]:
+        if not path:
+            return None
+        if not re.fullmatch(PLAYGROUND_PATH_PATTERN, path):
+            raise ValueError(f"{path!r} must be a path such as /playground: segments of letters, digits, '.', '_', '-', '~'")
+        first = path.split("/")[1]
+        if first in RESERVED_PATHS:
+            raise ValueError(f"{path!r} would shadow the API's /{first}; choose another path")
+        return path
 
 
 class LimitsConfig(_Strict):

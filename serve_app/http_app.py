@@ -31,6 +31,7 @@ from serve_app.errors import engine_call_error, error_response, install_error_ha
 from serve_app.job_events import job_event_stream
 from serve_app.metrics import FaceMetrics
 from serve_app.openapi import TRAINING_PATH, body_schema, install_openapi, training_body
+from serve_app.playground_routes import install_playground
 from serve_app.protocol import (
     BatchRequest,
     ControlNetList,
@@ -251,6 +252,7 @@ def create_app(engines: Mapping[str, Any], jobs: Any, args: AppArgs) -> FastAPI:
     app.add_middleware(_AccessLog, metrics=FaceMetrics())
     install_error_handlers(app)
     install_openapi(app, args)
+    install_playground(app, args)  # static pages, open, not in the schema
 
     async def charge(principal: Principal, **amounts: int) -> None:
         """Take `amounts` (`requests`, `images`) from the key's per-minute quotas, kept by the job

@@ -1,0 +1,110 @@
+"""The browser playground: static files shipped in the package (`serve_app/playground/`), served
+by the ingress at `ingress.playground` (default `/playground`; `GET /` redirects there).
+
+The page is plain HTML, CSS and JavaScript (no build step, nothing from a CDN): every byte it
+loads comes from here, and its Content-Security-Policy says so. It holds no data, so its routes
+stay open with auth on; the API calls it makes carry the key typed into it (kept in the browser's
+`sessionStorage`). None of these routes is in the OpenAPI schema. `config.json` tells the page the
+deployment's defaults and limits (what `/openapi.json` states too); which optional parts to show
+(LoRAs, ControlNets, the refiner) it asks the API itself.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+
+from configs.app_args import AppArgs
+from configs.schedulers import SCHEDULERS
+from serve_app.openapi import side_bounds
+
+#: The page's files, in the package (`[tool.setuptools.package-data]`).
+STATIC_DIR = Path(__file__).resolve().parent / "playground"
+_MEDIA_TYPES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+#: Everything the page loads is this origin's; images it shows are blobs and data: URLs it made.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def page_config(args: AppArgs) -> dict[str, Any]:
+    """What the page's form starts from: the served model's defaults and this deployment's limits."""
+    limits, model = args.limits, args.model
+    smallest, largest = side_bounds(limits)
+    return {
+        "path": args.ingress.playground,
+        "auth": args.auth.enabled,
+        "model": model.name,
+        "defaults": {
+            "width": model.default_size[0],
+            "height": model.default_size[1],
+            "steps": model.default_steps,
+            "guidance_scale": model.default_guidance_scale,
+            "scheduler": model.default_scheduler,
+        },
+        "limits": {
+            "min_side": smallest,
+            "max_side": largest,
+            "max_pixels": limits.max_pixels,
+            "max_steps": limits.max_steps,
+            "max_n": limits.max_n,
+            "max_prompt_chars": limits.max_prompt_chars,
+            "max_loras": limits.max_loras,
+            "max_upload_bytes": limits.max_upload_bytes,
+            "max_batch_items": args.jobs.max_batch_items,
+        },
+        "schedulers": SCHEDULERS,
+    }
+
+
+def install_playground(app: FastAPI, args: AppArgs) -> None:
+    """Serve the playground at `args.ingress.playground` (nothing when it is off)."""
+    path = args.ingress.playground
+    if not path:
+        return
+    files = {name: (STATIC_DIR / name).read_bytes() for name in _MEDIA_TYPES}
+    config = page_config(args)
+    # Relative redirects: behind a proxy that adds a path prefix they stay under it.
+    leaf = path.rsplit("/", 1)[1] + "/"
+
+    def static(name: str) -> Response:
+        return Response(files[name], media_type=_MEDIA_TYPES[name], headers=_HEADERS)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return RedirectResponse(path.lstrip("/") + "/", status_code=307)
+
+    @app.get(path, include_in_schema=False)
+    async def playground_without_slash() -> Response:
+        return RedirectResponse(leaf, status_code=307)
+
+    @app.get(path + "/", include_in_schema=False)
+    async def playground_index() -> Response:
+        return static("index.html")
+
+    @app.get(path + "/config.json", include_in_schema=False)
+    async def playground_config() -> Response:
+        return JSONResponse(config, headers=_HEADERS)
+
+    for name in _MEDIA_TYPES:
+        app.add_api_route(f"{path}/{name}", _static_route(static, name), methods=["GET"], include_in_schema=False)
+
+
+def _static_route(static: Any, name: str) -> Any:
+    async def route() -> Response:
+        return static(name)
+
+    route.__name__ = "playground_" + name.replace(".", "_")
+    return route
