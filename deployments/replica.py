@@ -345,6 +345,9 @@ class _RayMetrics:
             description="GPU out-of-memory events: calls run again smaller (split), requests failed alone (failure).",
             tag_keys=("event",),
         )
+        self._gpu_memory = Gauge(
+            "sdxl_gpu_memory_mib", description="An engine replica's GPU memory, allocated and reserved by torch.", tag_keys=("kind",)
+        )
         self._exported: dict[str, int] = {}
 
     def on_admit(self, queue_wait_s: float, into_running: bool) -> None:
@@ -362,6 +365,8 @@ class _RayMetrics:
         gauges, and the outcome counters moved by what changed since the last export."""
         self._queue.set(stats["waiting"], tags={"state": "waiting"})
         self._queue.set(stats["active"], tags={"state": "active"})
+        for kind, mib in stats.get("gpu_memory_mib", {}).items():
+            self._gpu_memory.set(mib, tags={"kind": kind})
         counters = [(self._outcomes, "outcome", name, name) for name in ("completed", "failed", "cancelled", "expired")]
         counters += [(self._oom, "event", "split", "oom_splits"), (self._oom, "event", "failure", "oom_failures")]
         for metric, tag, value, name in counters:

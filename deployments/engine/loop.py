@@ -197,6 +197,11 @@ class StepEngine:
             stats["loras"] = self.adapters.stats()
         if self.background is not None:
             stats["training"] = self.background.stats()
+        if self.device.type == "cuda":  # what a long mixed load must keep flat (README, "Metrics")
+            stats["gpu_memory_mib"] = {
+                "allocated": round(torch.cuda.memory_allocated(self.device) / 2**20, 1),
+                "reserved": round(torch.cuda.memory_reserved(self.device) / 2**20, 1),
+            }
         return stats
 
     # -- the loop (one thread) -------------------------------------------------------------------
