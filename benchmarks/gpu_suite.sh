@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_suite.sh refiner    # over HTTP: base-only vs refined latency, half refined under load, replica ratio
 #   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh training   # in-process: LoRA training steps/s (rank 16, 64), pause latency (needs no Ray)
+#   bash benchmarks/gpu_suite.sh soak       # over HTTP: a long mixed load (LoRAs, ControlNet, refiner), GPU memory sampled
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
@@ -26,7 +27,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, hires or training}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, hires, training or soak}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -221,6 +222,13 @@ hires)
     python3 benchmarks/bench_hires.py --model "$(compiled "$CACHE" | sed 's/unet+vae/unet/')" --size 1024 --target 2048 \
       --steps 30 --hires-steps 38 --strength 0.4 --batches 1 --repeats 3 --vae tiled --out "$OUT/hires-compiled"
   fi
+  ;;
+soak)
+  # A long mixed load on one GPU (base, sdxl-arch canny variant and refiner at num_gpus 0.3 each,
+  # 3 random rank-16 LoRAs, 1024², 20 steps): each engine's torch GPU memory and every process's
+  # RSS sampled every 24 requests (issue #19: memory stays flat).
+  python3 benchmarks/bench_overload.py --parts soak --model "$base" --engine-gpus 0.3 --size 1024 --steps 20 --loras 3 \
+    --soak ${SOAK:-240} --every 24 --ray-cpus 10 --out "$OUT/soak"
   ;;
 training)
   # LoRA training on the full-size base (random weights), eager fp16, 1024²: steps/s at rank 16
