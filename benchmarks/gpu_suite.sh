@@ -213,14 +213,16 @@ refiner)
 hires)
   # 30 steps at 1024², then 15 at 2048² (38 scheduler steps at strength 0.4), eager fp16: one image
   # and a batch of 4, the VAE tiled above 1024² (the served default) and untiled.
-  # HIRES_COMPILED=1: one image with the UNet compiled (fused QKV, channels last; the first run
-  # compiles the 1024² and 2048² graphs), the VAE tiled as served.
+  # HIRES_COMPILED=unet (or unet+vae): one image with the UNet (and the VAE decoder) compiled
+  # (fused QKV, channels last; the first run compiles the 1024² and 2048² graphs, and with the VAE
+  # its tile shapes), the VAE tiled as served; HIRES_UPSCALER=latent skips the VAE round trip.
   if [ -z "${HIRES_COMPILED:-}" ]; then
     python3 benchmarks/bench_hires.py --model "$base" --size 1024 --target 2048 --steps 30 --hires-steps 38 --strength 0.4 \
-      --batches 1,4 --repeats 2 --out "$OUT/hires"
+      --batches 1,4 --repeats 2 --upscaler "${HIRES_UPSCALER:-lanczos}" --out "$OUT/hires"
   else
-    python3 benchmarks/bench_hires.py --model "$(compiled "$CACHE" | sed 's/unet+vae/unet/')" --size 1024 --target 2048 \
-      --steps 30 --hires-steps 38 --strength 0.4 --batches 1 --repeats 3 --vae tiled --out "$OUT/hires-compiled"
+    python3 benchmarks/bench_hires.py --model "$(compiled "$CACHE" | sed "s/unet+vae/$HIRES_COMPILED/")" --size 1024 --target 2048 \
+      --steps 30 --hires-steps 38 --strength 0.4 --batches 1 --repeats 3 --vae tiled --upscaler "${HIRES_UPSCALER:-lanczos}" \
+      --out "$OUT/hires-compiled"
   fi
   ;;
 soak)
