@@ -44,16 +44,12 @@ from deployments.training import LoraTrainingSettings, TrainingExample  # noqa: 
 from deployments.types import GenerationRequest  # noqa: E402
 
 from load import run_header  # noqa: E402
+from step_timing import synchronize  # noqa: E402
 
 
 def _examples(resolution: int, count: int = 8) -> list[TrainingExample]:
     rng = np.random.default_rng(0)
     return [TrainingExample(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8), f"an example {i}") for i in range(count)]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def speed(args, load, device) -> list[dict]:
@@ -64,11 +60,11 @@ def speed(args, load, device) -> list[dict]:
         trainer.step(), trainer.step()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         for _ in range(args.steps):
             trainer.step()
-        _synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - started
         row = {"rank": rank, "steps_per_s": round(args.steps / seconds, 3), "step_s": round(seconds / args.steps, 4)}
         if device.type == "cuda":

@@ -145,6 +145,10 @@ def _component(key: str) -> str:
     return next((component for prefix, component in _COMPONENTS if key.startswith(prefix)), "")
 
 
+def _taken(name: str) -> ConflictError:
+    return ConflictError(f"LoRA {name!r} already exists; delete it first", param="name", code="lora_exists")
+
+
 def _not_safetensors(why: str) -> InvalidRequestError:
     return InvalidRequestError(f"the file is not a safetensors file: {why}", param="file", code="invalid_lora_file")
 
@@ -223,16 +227,20 @@ class LoraRegistry:
         name is taken (names are unique across owners). The staged file is removed either way."""
         target = self.uploads / f"{name}{SUFFIX}"
         try:
-            if name in self._files():
-                raise FileExistsError(name)
+            self.check_free(name)
             os.link(staged, target)  # atomic, and refuses an existing name: two uploads race safely
             if owner is not None:  # the winner of a race writes it (for the microseconds between, no one's)
                 write_private(self._owner_path(name), json.dumps({"version": _OWNER_VERSION, "owner": owner}).encode())
         except FileExistsError:
-            raise ConflictError(f"LoRA {name!r} already exists; delete it first", param="name", code="lora_exists") from None
+            raise _taken(name) from None
         finally:
             staged.unlink(missing_ok=True)
         return target
+
+    def check_free(self, name: str) -> None:
+        """409 when a LoRA (anyone's, or a shipped one) already has this name."""
+        if name in self._files():
+            raise _taken(name)
 
     def delete(self, name: str, owner: Optional[str] = None) -> None:
         path = self.path(name, owner=owner)

@@ -199,7 +199,7 @@ def _request_timeout(value: Optional[str], most: float) -> Optional[float]:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not 0 < seconds <= most or seconds != seconds:
+    if not 0 < seconds <= most:  # NaN fails the comparison too
         raise InvalidRequestError(
             f"{TIMEOUT_HEADER} {value!r} must be seconds in (0, {most:g}] (ingress.engine_timeout_s)",
             param=TIMEOUT_HEADER,

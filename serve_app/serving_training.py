@@ -38,7 +38,6 @@ from deployments.training import (
     TrainingExample,
 )
 from deployments.types import (
-    ConflictError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
@@ -158,8 +157,7 @@ class TrainingServing:
                 param="steps",
                 code="invalid_steps",
             )
-        if form.name in self._registry.names():
-            raise ConflictError(f"LoRA {form.name!r} already exists; delete it first", param="name", code="lora_exists")
+        self._registry.check_free(form.name)
         settings = LoraTrainingSettings.model_validate(form.model_dump(exclude={"webhook_url"}))
         webhook_url = None if form.webhook_url is None else str(form.webhook_url)
         webhooks.check_submitted(webhook_url, self._args.jobs.webhook_allow)  # 400 for an internal literal host

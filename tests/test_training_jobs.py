@@ -2,7 +2,10 @@
 ETA, the LoRA as the result, cancel and failure discarding checkpoints (the fake engine)."""
 
 import asyncio
+import contextlib
+import functools
 import time
+from typing import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 import pytest
@@ -32,11 +35,27 @@ def test_the_payload_round_trips_as_versioned_json_with_lossless_images():
         TrainingPayload.from_json({**data, "version": 9})
 
 
-async def _manager(tmp_path, engine: FakeEngine) -> JobManager:
+@contextlib.asynccontextmanager
+async def _manager(tmp_path, engine: FakeEngine) -> AsyncIterator[JobManager]:
+    """A real job manager over `engine` in `tmp_path`, its loops stopped on exit."""
     config = AppArgs.model_validate({"state_dir": str(tmp_path)}).with_state_paths()
     manager = JobManager.__new__(JobManager)
     await manager.__init__({BASE_ROLE: LocalHandle(engine)}, config.jobs.model_dump(), {})
-    return manager
+    try:
+        yield manager
+    finally:
+        for loop in manager._loops:
+            loop.cancel()
+
+
+def _sync(scenario: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+    """A test of an async scenario, run on its own event loop (as tests/test_jobs_manager.py does)."""
+
+    @functools.wraps(scenario)
+    def test(tmp_path) -> None:
+        asyncio.run(scenario(tmp_path))
+
+    return test
 
 
 async def _until(manager: JobManager, job_id: str, done, timeout: float = 10.0) -> dict:
@@ -49,14 +68,10 @@ async def _until(manager: JobManager, job_id: str, done, timeout: float = 10.0) 
     raise AssertionError(f"job {job_id} stayed {view}")
 
 
-def test_a_training_job_reports_loss_and_eta_and_answers_the_lora(tmp_path):
-    asyncio.run(_a_training_job_reports_loss_and_eta_and_answers_the_lora(tmp_path))
-
-
-async def _a_training_job_reports_loss_and_eta_and_answers_the_lora(tmp_path):
+@_sync
+async def test_a_training_job_reports_loss_and_eta_and_answers_the_lora(tmp_path):
     engine = FakeEngine(delay_s=0.2)
-    manager = await _manager(tmp_path, engine)
-    try:
+    async with _manager(tmp_path, engine) as manager:
         view = await manager.submit(_payload(), TRAINING_KIND)
         assert view["kind"] == TRAINING_KIND and view["images"] == 0 and view["progress"]["total"] == 5
         running = await _until(manager, view["id"], lambda v: v["training"] is not None)
@@ -66,56 +81,32 @@ async def _a_training_job_reports_loss_and_eta_and_answers_the_lora(tmp_path):
         assert await manager.result(view["id"]) == (view["id"].encode(), "application/octet-stream", "style.safetensors")
         (job_id, settings, examples), = engine.trainings
         assert job_id == view["id"] and settings.trigger_word == "zz" and examples[0].image.shape == (64, 64, 3)
-    finally:
-        for loop in manager._loops:
-            loop.cancel()
 
 
-def test_cancelling_a_training_job_discards_its_checkpoints(tmp_path):
-    asyncio.run(_cancelling_a_training_job_discards_its_checkpoints(tmp_path))
-
-
-async def _cancelling_a_training_job_discards_its_checkpoints(tmp_path):
+@_sync
+async def test_cancelling_a_training_job_discards_its_checkpoints(tmp_path):
     engine = FakeEngine(delay_s=30)
-    manager = await _manager(tmp_path, engine)
-    try:
+    async with _manager(tmp_path, engine) as manager:
         view = await manager.submit(_payload(), TRAINING_KIND)
         await _until(manager, view["id"], lambda v: v["status"] == "running")
         cancelled = await manager.cancel(view["id"])
         assert cancelled["status"] == "cancelled" and engine.discarded == [view["id"]]
-    finally:
-        for loop in manager._loops:
-            loop.cancel()
 
 
-def test_a_training_job_out_of_attempts_fails_and_discards_its_checkpoints(tmp_path):
-    asyncio.run(_a_training_job_out_of_attempts_fails_and_discards_its_checkpoints(tmp_path))
-
-
-async def _a_training_job_out_of_attempts_fails_and_discards_its_checkpoints(tmp_path):
+@_sync
+async def test_a_training_job_out_of_attempts_fails_and_discards_its_checkpoints(tmp_path):
     engine = FakeEngine()
     engine.failures = [EngineError("lost", code="engine_failure"), EngineError("lost again", code="engine_failure")]
-    manager = await _manager(tmp_path, engine)
-    try:
+    async with _manager(tmp_path, engine) as manager:
         view = await manager.submit(_payload(), TRAINING_KIND)
         failed = await _until(manager, view["id"], lambda v: v["status"] == "failed")
         assert failed["attempts"] == 2 and engine.discarded == [view["id"]]
-    finally:
-        for loop in manager._loops:
-            loop.cancel()
 
 
-def test_a_second_job_for_a_name_being_trained_is_refused(tmp_path):
-    asyncio.run(_a_second_job_for_a_name_being_trained_is_refused(tmp_path))
-
-
-async def _a_second_job_for_a_name_being_trained_is_refused(tmp_path):
-    manager = await _manager(tmp_path, FakeEngine(delay_s=30))
-    try:
+@_sync
+async def test_a_second_job_for_a_name_being_trained_is_refused(tmp_path):
+    async with _manager(tmp_path, FakeEngine(delay_s=30)) as manager:
         await manager.submit(_payload(), TRAINING_KIND)
         with pytest.raises(ConflictError, match="already making LoRA 'style'") as refused:
             await manager.submit(_payload(), TRAINING_KIND)
         assert refused.value.param == "name" and refused.value.code == "lora_exists"
-    finally:
-        for loop in manager._loops:
-            loop.cancel()

@@ -224,9 +224,10 @@ def in_hours(hours: Optional[str], now: time.struct_time) -> bool:
 
 
 def _progress(trainer: Any, paused: bool = False) -> TrainingProgress:
+    eta_s = trainer.eta_s()
     return TrainingProgress(
         step=trainer.step_index, total=trainer.settings.steps, loss=None if trainer.loss is None else round(trainer.loss, 5),
-        eta_s=None if trainer.eta_s() is None else round(trainer.eta_s(), 1), paused=paused,
+        eta_s=None if eta_s is None else round(eta_s, 1), paused=paused,
     )
 
 
