@@ -20,8 +20,6 @@ Prints a table and writes `bench_overload.json` into --out after each part.
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
 import sys
@@ -29,11 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from load import closed_loop, percentile, run_header  # noqa: E402
+from load import closed_loop, percentile, png_b64, random_loras, run_header  # noqa: E402
 
 os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -102,12 +99,6 @@ def burst(args, serve, build_app, base_url: str) -> list[dict]:
     return rows
 
 
-def _png_b64(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def _mixed(i: int, control: str, loras: list[str], controlnets: list[str], args) -> dict:
     """Request `i` of the soak: plain, a LoRA set (names and weights in turn), each ControlNet, refined."""
     body = {"prompt": "a red circle on a blue background", "seed": i, "num_inference_steps": args.steps, "width": args.size, "height": args.size}
@@ -131,38 +122,13 @@ def _soak_app(args) -> tuple[dict, list[str], list[str]]:
     placement = {"num_gpus": args.engine_gpus, "num_cpus": 1}
     if args.model is None:
         return {"state_dir": str(state), "loras": {"cache_size": 8}}, ["pastel"], ["canny", "silhouette"]
-    loras = _random_loras(state / "loras", args.loras)
+    loras = random_loras(state / "loras", args.loras)
     app = {
         "state_dir": str(state), "model": json.loads(args.model), "engine": placement, "loras": {"cache_size": 8},
         "controlnets": {"canny": {"models": {"canny": {"source": "sdxl-arch"}}, "engine": placement}},
         "refiner": {"model": {"source": "sdxl-arch"}, "engine": placement},
     }
     return app, loras, ["canny"]
-
-
-def _random_loras(folder: Path, count: int, rank: int = 16) -> list[str]:
-    """`count` random LoRAs on every attention projection of the sdxl-arch UNet (its shapes from
-    the config on the meta device: nothing is allocated), in diffusers' PEFT format."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
-
-    from configs.model_spec import MODEL_CONFIG_ROOT
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(json.loads((MODEL_CONFIG_ROOT / "sdxl-arch" / "unet" / "config.json").read_text()))
-    linears = [(name, m) for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for index in range(count):
-        generator = torch.Generator().manual_seed(index)
-        tensors = {}
-        for name, linear in linears:
-            tensors[f"unet.{name}.lora_A.weight"] = (torch.randn(rank, linear.in_features, generator=generator) * 0.01).half()
-            tensors[f"unet.{name}.lora_B.weight"] = (torch.randn(linear.out_features, rank, generator=generator) * 0.01).half()
-        save_file(tensors, str(folder / f"soak-{index}.safetensors"))
-        names.append(f"soak-{index}")
-    return names
 
 
 def _engine_memory(serve) -> dict[str, dict]:
@@ -183,7 +149,7 @@ def soak(args, serve, build_app, base_url: str) -> dict:
     url = f"{base_url}/soak"
     picture = np.zeros((args.size, args.size, 3), dtype=np.uint8)
     picture[args.size // 4 : 3 * args.size // 4, args.size // 4 : 3 * args.size // 4] = 255
-    control = _png_b64(picture)
+    control = png_b64(picture)
     samples, errors = [], 0
     try:
         for start in range(0, args.soak, args.every):

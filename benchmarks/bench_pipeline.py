@@ -45,6 +45,17 @@ VARIANTS: dict[str, dict] = {
         "dtype": "float16",
         "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet", "batch_buckets": [1, 8]},
     },
+    # Each transformer block compiled (diffusers' compile_repeated_blocks): a bounded cold start.
+    "compile_regional": {
+        "dtype": "float16",
+        "optimize": {
+            "channels_last": True,
+            "fuse_qkv": True,
+            "compile": "unet",
+            "compile_scope": "regional",
+            "batch_buckets": [1, 8],
+        },
+    },
     "compile_cudagraphs": {
         "dtype": "float16",
         "optimize": {

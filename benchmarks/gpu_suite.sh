@@ -19,6 +19,7 @@
 #   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh training   # in-process: LoRA training steps/s (rank 16, 64), pause latency (needs no Ray)
 #   bash benchmarks/gpu_suite.sh soak       # over HTTP: a long mixed load (LoRAs, ControlNet, refiner), GPU memory sampled
+#   bash benchmarks/gpu_suite.sh scaleout   # over HTTP, every GPU (issue #20): 1-2-4-8 replicas, LoRA-aware routing, the whole graph, autoscaling
 #
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
@@ -27,7 +28,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, hires, training or soak}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, hires, training, soak or scaleout}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -231,6 +232,23 @@ soak)
   # RSS sampled every 24 requests (issue #19: memory stays flat).
   python3 benchmarks/bench_overload.py --parts soak --model "$base" --engine-gpus 0.3 --size 1024 --steps 20 --loras 3 \
     --soak ${SOAK:-240} --every 24 --ray-cpus 10 --out "$OUT/soak"
+  ;;
+scaleout)
+  # Issue #20 on every visible GPU, one per engine replica: configs/serve_config.gpu.yaml as
+  # shipped (compiled UNet + VAE, CL, QKV, buckets [1, 8], LoRA slots, step scheduling) with
+  # full-size random weights (sdxl-arch, its canny ControlNet and refiner), 1024², 30 steps, 16
+  # clients per GPU. The four parts do not fit one 10-minute call: run one call per line on a
+  # warm machine (the compile cache in $CACHE-scaleout carries over; each call its own folder):
+  #   PARTS=replicas REPLICAS=1            (cold compile with both LoRA branches; cut short? run it again: the cache keeps what finished)
+  #   PARTS=replicas REPLICAS=2,4 BASELINE=<the x1 img/s>      then      PARTS=replicas REPLICAS=8 BASELINE=...
+  #   PARTS=routing                        (30 random rank-16 LoRAs over 4 replicas caching 8; multiplexed, then Ray's default)
+  #   PARTS=graph                          (base 4, canny 2, refiner 2 on 8 GPUs; compiles the variant, the refiner and 2048² hires: cold, twice)
+  #   PARTS=autoscale                      (1 -> 4 GPUs' worth of clients: 8 -> 32, the config's target 8; scale-down after 60 s)
+  # DURATION (seconds a measurement, default 90) and ROUTING_CLIENTS (default 16 a replica; fewer: replicas left free to prefer) change them.
+  parts=${PARTS:-replicas,routing,graph,autoscale}
+  python3 benchmarks/bench_scaleout.py --model '{"source": "sdxl-arch"}' --compile-cache "$CACHE-scaleout" --parts "$parts" \
+    ${REPLICAS:+--replicas $REPLICAS} ${BASELINE:+--baseline-img-s $BASELINE} ${DURATION:+--duration-s $DURATION} \
+    ${ROUTING_CLIENTS:+--routing-clients $ROUTING_CLIENTS} --out "$OUT/scaleout-${parts//,/-}${REPLICAS:+-x${REPLICAS//,/-}}"
   ;;
 training)
   # LoRA training on the full-size base (random weights), eager fp16, 1024²: steps/s at rank 16

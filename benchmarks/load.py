@@ -1,6 +1,8 @@
 """Load generators, summaries and app setup the HTTP benchmarks share (a helper of the scripts beside it).
 
 - `closed_loop`: N clients, each sending its next request when its last one answered;
+- `stepped_closed_loop`: the same for set times, the number of clients changing from one period
+  to the next (a load step), each request's send time recorded;
 - `open_loop`: requests sent at given times whatever the answers (Poisson arrivals), as real
   traffic does: the latency it measures includes waiting for a server that has fallen behind.
 """
@@ -94,6 +96,47 @@ async def open_loop(base_url: str, path: str, schedule: list[tuple[float, dict]]
         return answers, time.perf_counter() - start
 
 
+#: One answered request of a timed load: its body, when it was sent (seconds from the load's
+#: start), its latency and the response.
+TimedAnswer = tuple[dict, float, float, Any]
+
+
+async def stepped_closed_loop(
+    base_url: str, path: str, levels: list[tuple[float, int]], make_body: Callable[[int], dict]
+) -> tuple[list[TimedAnswer], float]:
+    """A closed loop whose client count follows `levels`, `(seconds, clients)` in turn: client i
+    sends while i is below the current level's count, each request when its last one answered,
+    bodies `make_body(0)`, `make_body(1)`, ... in the order they are sent. Nothing is sent after
+    the last level ends; the answers still come. Returns the answers and the seconds until the
+    last one."""
+    import itertools
+
+    import httpx
+
+    ends = list(itertools.accumulate(seconds for seconds, _ in levels))
+    peak = max(clients for _, clients in levels)
+    numbers = itertools.count()
+    answers: list[TimedAnswer] = []
+
+    def clients_at(at: float) -> int:
+        return next((clients for end, (_, clients) in zip(ends, levels) if at < end), 0)
+
+    async def client(http: "httpx.AsyncClient", index: int, start: float) -> None:
+        while (at := time.perf_counter() - start) < ends[-1]:
+            if index >= clients_at(at):
+                await asyncio.sleep(0.05)
+                continue
+            body = make_body(next(numbers))
+            response = await http.post(path, json=body)
+            answers.append((body, at, time.perf_counter() - start - at, response))
+
+    limits = httpx.Limits(max_connections=peak)
+    async with httpx.AsyncClient(base_url=base_url, timeout=3600, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http, index, start) for index in range(peak)))
+        return answers, time.perf_counter() - start
+
+
 def poisson_schedule(rate_per_s: float, count: int, make_body: Callable[[int], dict], seed: int = 0) -> list[tuple[float, dict]]:
     """`count` arrivals of a Poisson process at `rate_per_s` (exponential gaps, seeded)."""
     import random
@@ -133,20 +176,70 @@ def two_engine_app(args: Any, model: dict, *, controlnets: Optional[dict] = None
 
 
 @contextlib.contextmanager
-def serving(args: Any, app_args: dict) -> Iterator[float]:
-    """A local Ray cluster serving `app_args` on `--port` until the block ends; yields the seconds
-    the app took to become ready."""
+def cluster(args: Any) -> Iterator[None]:
+    """A local Ray cluster (`--ray-cpus` logical CPUs, every visible GPU) with Serve's proxy on
+    `--port`, shut down when the block ends, however it ends."""
     import ray
     from ray import serve
-
-    from serve_app.builder import build_app
 
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     try:
-        started = time.perf_counter()
-        serve.run(build_app(app_args), name="sdxl", route_prefix="/")
-        yield round(time.perf_counter() - started, 1)
+        yield
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def serving(args: Any, app_args: dict) -> Iterator[float]:
+    """A local Ray cluster serving `app_args` on `--port` until the block ends; yields the seconds
+    the app took to become ready."""
+    from ray import serve
+
+    from serve_app.builder import build_app
+
+    with cluster(args):
+        started = time.perf_counter()
+        serve.run(build_app(app_args), name="sdxl", route_prefix="/")
+        yield round(time.perf_counter() - started, 1)
+
+
+def png_b64(pixels: Any) -> str:
+    """A uint8 (H, W, 3) array as base64 PNG: an image field of a JSON request."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def random_loras(folder: Path, count: int, rank: int = 16, arch: str = "sdxl-arch", prefix: str = "soak") -> list[str]:
+    """`count` random LoRAs `<prefix>-<i>` on every attention projection of the `arch` UNet
+    (`configs/models/<arch>`: its shapes from the config on the meta device, nothing is
+    allocated), in diffusers' PEFT format, written into `folder` (a LoRA registry)."""
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from configs.model_spec import MODEL_CONFIG_ROOT
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads((MODEL_CONFIG_ROOT / arch / "unet" / "config.json").read_text()))
+    linears = [(name, m) for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        tensors = {}
+        for name, linear in linears:
+            tensors[f"unet.{name}.lora_A.weight"] = (torch.randn(rank, linear.in_features, generator=generator) * 0.01).half()
+            tensors[f"unet.{name}.lora_B.weight"] = (torch.randn(linear.out_features, rank, generator=generator) * 0.01).half()
+        save_file(tensors, str(folder / f"{prefix}-{index}.safetensors"))
+        names.append(f"{prefix}-{index}")
+    return names

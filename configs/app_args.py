@@ -8,7 +8,7 @@ import ipaddress
 import re
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from configs.model_spec import ControlNetSpec, ModelSpec, RefinerSpec, TinyControlNetSpec, TinyRefinerSpec, TinySpec
 from configs.paths import state_root
@@ -101,6 +101,15 @@ class EngineDeploymentConfig(_Strict):
     def _replicas_xor_autoscaling(cls, data: dict) -> dict:
         if isinstance(data, dict) and data.get("autoscaling") and "num_replicas" in data:
             raise ValueError("give either num_replicas or autoscaling, not both")
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump_without_unused_replicas(self, dump: SerializerFunctionWrapHandler) -> dict:
+        """An autoscaled deployment's dump leaves `num_replicas` out, so that it validates again
+        (the ingress and the job manager get the resolved args as a dump)."""
+        data = dump(self)
+        if self.autoscaling is not None:
+            data.pop("num_replicas", None)
         return data
 
 
@@ -226,6 +235,13 @@ class LorasConfig(_Strict):
     )
     max_rank: int = Field(
         64, ge=1, le=1024, description="Largest rank a LoRA (or a request's blend, ranks added) may have; slots are this wide."
+    )
+    routing: Literal["multiplexed", "any"] = Field(
+        "multiplexed",
+        description=(
+            "`multiplexed`: a request with LoRAs goes preferably to an engine replica that holds its set "
+            "(Ray Serve's `multiplexed_model_id`). `any`: no hint, Ray's default routing (to compare)."
+        ),
     )
     max_upload_bytes: int = Field(
         1024**3, ge=1024, le=16 * 1024**3, description="Largest LoRA file `POST /v1/loras` accepts (413 beyond)."

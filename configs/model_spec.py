@@ -34,6 +34,15 @@ class OptimizeConfig(BaseModel):
     compile: Literal["off", "unet", "unet+vae"] = Field(
         "off", description="torch.compile the UNet (and the VAE decoder); warmed up at load, per batch bucket."
     )
+    compile_scope: Literal["full", "regional"] = Field(
+        "full",
+        description=(
+            "What of the UNet `compile` compiles: `full`, the whole UNet as one graph; `regional`, "
+            "each transformer block (diffusers' `compile_repeated_blocks`, fullgraph): the repeated "
+            "block compiles once and is reused, so a cold start compiles far less; the ResNets and "
+            "up/down samplers between blocks run eager. The VAE decoder is compiled whole either way."
+        ),
+    )
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(
         "default", description="torch.compile mode; `reduce-overhead` adds CUDA graphs (fixed shapes)."
     )
@@ -71,6 +80,16 @@ class OptimizeConfig(BaseModel):
         False,
         description="Opt-in float8 (torchao dynamic activation + weight) for the UNet's linear layers; Hopper or newer.",
     )
+    warmup_sizes: list[tuple[int, int]] = Field(
+        [],
+        max_length=8,
+        description=(
+            "Image sizes [width, height] compiled at warm-up besides the model's default size, e.g. "
+            "[[2048, 2048]] where hires requests are served: a compiled graph exists per latent shape, "
+            "so without it the first request at a new size compiles (minutes on an H200). Each size "
+            "is compiled at every batch bucket and branch (LoRA, ControlNet); needs `compile`."
+        ),
+    )
 
     @field_validator("batch_buckets")
     @classmethod
@@ -78,6 +97,24 @@ class OptimizeConfig(BaseModel):
         if value is not None and (not value or sorted(set(value)) != value or value[0] < 1):
             raise ValueError(f"batch_buckets {value!r} must be increasing positive sizes")
         return value
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _multiples_of_8(cls, value: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        for width, height in value:
+            if width < 64 or height < 64 or width % 8 or height % 8:
+                raise ValueError(f"warmup_sizes entry {[width, height]!r} must be two multiples of 8, each at least 64")
+        return value
+
+    @model_validator(mode="after")
+    def _compile_options_need_compile(self) -> "OptimizeConfig":
+        # Only compiled graphs have a scope or are shape-specific: on an eager pipeline these
+        # settings would be accepted and ignored.
+        if self.compile_scope != "full" and self.compile == "off":
+            raise ValueError(f"compile_scope {self.compile_scope!r} needs compile 'unet' or 'unet+vae'")
+        if self.warmup_sizes and self.compile == "off":
+            raise ValueError(f"warmup_sizes {self.warmup_sizes!r} needs compile 'unet' or 'unet+vae'")
+        return self
 
     def buckets(self) -> Optional[list[int]]:
         """The batch sizes groups are padded to, or None to run groups at their own size."""

@@ -14,7 +14,17 @@ SCHEDULERS: dict[str, str] = {
     "dpmpp_2m_karras": "DPM++ 2M Karras",
     "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
     "unipc": "UniPC",
+    # Few-step samplers for distilled weights (LCM-LoRA, TCD-LoRA, Hyper-SD): each step predicts
+    # the clean image and re-noises it to the next timestep.
+    "lcm": "LCM",
+    "tcd": "TCD",
 }
+
+#: The schedulers that pick their timesteps from a distillation schedule of their own instead of
+#: spacing them over the training timesteps: they ignore `timestep_spacing`, and run at most as
+#: many steps as that schedule has (diffusers raises above it). 50 is diffusers'
+#: `original_inference_steps` default, which SDXL scheduler configs leave unset.
+DISTILLED_SCHEDULE_STEPS: dict[str, int] = {"lcm": 50, "tcd": 50}
 
 _ALIASES: dict[str, str] = {}
 for _id, _name in SCHEDULERS.items():

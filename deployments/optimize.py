@@ -42,8 +42,14 @@ def apply_optimizations(pipe: DiffusionPipeline, options: OptimizeConfig, device
             backend=options.compile_backend,
             dynamic=True if options.compile_dynamic else False,
         )
-        pipe.unet.compile(**compile_args)
-        applied.append(f"compile:unet({options.compile_mode},{options.compile_backend})")
+        if options.compile_scope == "regional":
+            # Every BasicTransformerBlock (SDXL's 70) compiled from one traced code object: dynamo
+            # reuses the graph across blocks of one width, and fullgraph refuses a graph break
+            # instead of silently splitting the block.
+            pipe.unet.compile_repeated_blocks(fullgraph=True, **compile_args)
+        else:
+            pipe.unet.compile(**compile_args)
+        applied.append(f"compile:unet:{options.compile_scope}({options.compile_mode},{options.compile_backend})")
         if options.compile == "unet+vae":
             pipe.vae.decoder.compile(**compile_args)
             applied.append("compile:vae")

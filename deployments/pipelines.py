@@ -6,10 +6,11 @@ dtype. The tiny default is a trained model shipped as a diffusers folder and loa
 (`build_random_pipeline`) serve the full-size benchmarks and the start of training.
 """
 
+import inspect
 import json
 import logging
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from diffusers import (
@@ -20,9 +21,11 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     SchedulerMixin,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
+    TCDScheduler,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
@@ -78,15 +81,30 @@ _SCHEDULER_FACTORIES: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
         {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
     ),
     "unipc": (UniPCMultistepScheduler, {}),
+    # Both step with the row's generator (LCM re-noises between steps). TCD's `eta` (the paper's
+    # gamma) is the SDXL pipelines' default, 0.0: deterministic steps, as a plain diffusers call
+    # without `eta` runs them (`RowFactory.prepare`'s step kwargs), not the 0.3 of TCD's docs.
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
 if set(_SCHEDULER_FACTORIES) != set(SCHEDULERS):  # the public list and the factories must agree
     raise RuntimeError("configs.schedulers.SCHEDULERS and _SCHEDULER_FACTORIES disagree")
 
 
-def make_scheduler(scheduler_id: str, base_config: Any) -> SchedulerMixin:
-    """A fresh scheduler of the given id, keeping the model's own betas, spacing and offset."""
+def make_scheduler(scheduler_id: str, base_config: Any, timestep_spacing: Optional[str] = None) -> SchedulerMixin:
+    """A fresh scheduler of the given id, keeping the model's own betas, offset and (unless
+    `timestep_spacing` overrides it) spacing, as diffusers' `from_config(config, timestep_spacing=...)`
+    makes it. LCM and TCD keep the override in their config but do not read it: their timesteps
+    come from their distillation schedule (`configs.schedulers.DISTILLED_SCHEDULE_STEPS`)."""
     cls, overrides = _SCHEDULER_FACTORIES[scheduler_id]
-    return cls.from_config(base_config, **overrides)
+    if timestep_spacing is not None:
+        overrides = {**overrides, "timestep_spacing": timestep_spacing}
+    # `from_config` ignores the keys no argument of the class takes, with a warning for each: a
+    # log line per LCM or TCD row, since they are not registered as compatible with SDXL's Euler
+    # config and do not take its `skip_prk_steps`. Dropped here instead, to the same effect.
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {key: value for key, value in base_config.items() if key in accepted or key.startswith("_")}
+    return cls.from_config(config, **overrides)
 
 
 def resolve_device(spec: AnySpec) -> torch.device:
@@ -130,12 +148,24 @@ def load_pipeline(spec: AnySpec) -> StableDiffusionXLPipeline:
         pipe = build_random_pipeline(MODEL_CONFIG_ROOT / "sdxl-arch", spec.seed, device, dtype)
     else:  # pragma: no cover - the discriminated union admits nothing else
         raise TypeError(f"unsupported model spec {type(spec).__name__}")
+    check_served_unet(pipe.unet.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     backend = set_attention_backend(pipe, spec.attention, device, fused_qkv=spec.optimize.fuse_qkv)
     applied = apply_optimizations(pipe, spec.optimize, device)
     logger.info("pipeline %r on %s/%s, attention %s, optimizations %s", spec.name, device, dtype, backend, applied or "none")
     return pipe
+
+
+def check_served_unet(config: Any) -> None:
+    """Refuse UNets the step engine would run wrongly without an error. A guidance-distilled
+    UNet (`time_cond_proj_dim`, e.g. the full LCM-SDXL UNet) takes the guidance scale as an
+    embedding (diffusers' `timestep_cond`), which the engine's shared forward does not pass."""
+    if config.get("time_cond_proj_dim") is not None:
+        raise ValueError(
+            f"the UNet takes a guidance embedding (time_cond_proj_dim={config['time_cond_proj_dim']!r}), which this "
+            "server does not pass; serve the base model with the LCM-LoRA instead (README, \"Few-step models\")"
+        )
 
 
 def load_controlnet(spec: ControlNetSpec, device: torch.device, dtype: torch.dtype) -> ControlNetModel:

@@ -13,13 +13,13 @@ import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Mapping, Optional, Protocol
+from typing import Annotated, Any, Literal, Mapping, Optional, Protocol, get_args
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from configs.app_args import LimitsConfig
-from configs.schedulers import SCHEDULERS, canonical_scheduler
+from configs.schedulers import DISTILLED_SCHEDULE_STEPS, SCHEDULERS, canonical_scheduler
 
 MAX_SEED = 2**32 - 1
 
@@ -40,6 +40,13 @@ def img2img_steps(steps: int, strength: float) -> int:
     diffusers fails when the product is below 1 (steps 4 at strength 0.2), while the least change
     a request can mean is one step at the lowest noise level."""
     return max(1, min(int(steps * strength), steps))
+
+
+def guided_steps(timesteps: int, guidance_end: float) -> int:
+    """How many of a pass's `timesteps` (UNet evaluations, two per step for Heun) run guided:
+    diffusers' dynamic-CFG callback drops the unconditional half *after* the step at index
+    `int(timesteps × guidance_end)`, so that step is still guided; 1 reaches past the last step."""
+    return min(timesteps, int(timesteps * guidance_end) + 1)
 
 
 def check_one_step(field: str, steps: int, strength: float) -> None:
@@ -110,10 +117,47 @@ GuidanceScale = Annotated[
     Optional[float],
     Field(ge=0.0, le=50.0, description="Classifier-free guidance scale; <= 1 turns guidance off. Absent: the model's default."),
 ]
+GuidanceEnd = Annotated[
+    float,
+    Field(
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Fraction of the denoising steps after which classifier-free guidance stops: the first "
+            "int(steps × guidance_end) + 1 steps are guided, the rest run the conditional prediction "
+            "alone (half the UNet work; an approximation, diffusers' dynamic CFG). Needs guidance_scale > 1; "
+            "1 (the default): every step is guided. Each pass of a hires request counts its own steps."
+        ),
+    ),
+]
 Scheduler = Annotated[
     Optional[str],
     Field(description=f"Sampler: {_SCHEDULER_NAMES} (or their ids). Absent: the model's default."),
     AfterValidator(_known_scheduler),
+]
+#: diffusers' `timestep_spacing` values (every scheduler here takes all three; LCM and TCD refuse them).
+TimestepSpacingName = Literal["leading", "trailing", "linspace"]
+
+
+def _known_spacing(value: Any) -> Any:
+    # Before the Literal's own check, so that the 400 quotes what was sent (pydantic's does not).
+    if isinstance(value, str) and value not in get_args(TimestepSpacingName):
+        known = ", ".join(repr(name) for name in get_args(TimestepSpacingName))
+        raise ValueError(f"unknown timestep_spacing {value!r}; use one of {known}")
+    return value
+
+
+TimestepSpacing = Annotated[
+    Optional[TimestepSpacingName],
+    BeforeValidator(_known_spacing),
+    Field(
+        description=(
+            "How the scheduler spaces its steps over the training timesteps (diffusers' timestep_spacing): "
+            "trailing starts at the last one, as SDXL-Lightning, Hyper-SD and SDXL-Turbo were distilled to; "
+            "leading and linspace as diffusers defines them. Not with LCM or TCD (their steps come from "
+            "their distillation schedule: a 400). Absent: the model's scheduler config (leading for SDXL base)."
+        )
+    ),
 ]
 Side = Annotated[
     Optional[int],
@@ -493,7 +537,9 @@ class GenerationRequest(BaseModel):
     height: Side = None
     num_inference_steps: Steps = None
     guidance_scale: GuidanceScale = None
+    guidance_end: GuidanceEnd = 1.0
     scheduler: Scheduler = None
+    timestep_spacing: TimestepSpacing = None
     seed: Seed = None
     kind: Kind = Field("txt2img", description="txt2img; img2img (needs init_image); inpaint (init_image and mask_image).")
     init_image: Optional[np.ndarray] = Field(
@@ -606,7 +652,8 @@ class GenerationRequest(BaseModel):
     def with_defaults(self, spec: "_SpecDefaults") -> "GenerationRequest":
         """This request with every `None` generation setting replaced by its default: the init
         image's size for img2img/inpaint, the model's defaults for the rest, a random seed. The
-        one place defaults are resolved."""
+        one place defaults are resolved. `timestep_spacing` stays `None` when absent: its default
+        is the model's scheduler config, which only the engine holds."""
         width, height = spec.default_size
         if self.init_image is not None or self.controlnets:
             width, height = self._size_of_first_image()
@@ -621,7 +668,9 @@ class GenerationRequest(BaseModel):
             check_one_step("refiner", refiner.steps, refiner.strength)
         width = self.width if self.width is not None else width
         height = self.height if self.height is not None else height
-        return self.model_copy(
+        guidance_scale = self.guidance_scale if self.guidance_scale is not None else spec.default_guidance_scale
+        self._check_guidance_end(guidance_scale)
+        resolved = self.model_copy(
             update={
                 "refiner": refiner,
                 "hires": None if self.hires is None else self.hires.resolved(width, height, steps),
@@ -629,13 +678,63 @@ class GenerationRequest(BaseModel):
                 "height": height,
                 "strength": self.strength if self.strength is not None else DEFAULT_STRENGTH.get(self.kind),
                 "num_inference_steps": steps,
-                "guidance_scale": (
-                    self.guidance_scale if self.guidance_scale is not None else spec.default_guidance_scale
-                ),
+                "guidance_scale": guidance_scale,
                 "scheduler": self.scheduler or spec.default_scheduler,
                 "seed": self.seed if self.seed is not None else draw_seed(),
             }
         )
+        resolved._check_distilled_schedule()
+        return resolved
+
+    def _check_distilled_schedule(self) -> None:
+        """A 400 naming the steps field of a pass that asks LCM or TCD (the resolved scheduler:
+        perhaps the model's default) for more steps than their distillation schedule holds, which
+        diffusers would refuse while the engine prepares the row. The refiner and a hires pass
+        run the request's scheduler too."""
+        limit = DISTILLED_SCHEDULE_STEPS.get(self.scheduler)
+        if limit is None:
+            return
+        if self.timestep_spacing is not None:
+            # Their steps come from the distillation schedule; a spacing would be accepted and ignored.
+            raise InvalidRequestError(
+                f"timestep_spacing {self.timestep_spacing!r} does not apply to scheduler {self.scheduler!r} (its steps "
+                "come from its distillation schedule); leave it out",
+                param="timestep_spacing",
+            )
+        steps = {"num_inference_steps": self.num_inference_steps}
+        if self.refiner is not None:
+            steps["refiner.steps"] = self.refiner.steps
+        if self.hires is not None:
+            steps["hires.steps"] = self.hires.steps
+        for name, count in steps.items():
+            if count > limit:
+                raise InvalidRequestError(
+                    f"{name} {count} is above the {limit} steps scheduler {self.scheduler!r} can run "
+                    "(its distillation schedule); ask for fewer",
+                    param=name,
+                    code="invalid_steps",
+                )
+
+    def _check_guidance_end(self, guidance_scale: float) -> None:
+        """A 400 naming `guidance_end` where ending guidance early cannot mean what it says,
+        rather than ignoring it: without guidance (`guidance_scale`, resolved: perhaps the model's
+        default, <= 1), and with the refiner, whose ensemble continues the base's schedule on
+        another engine, so cutting each stage's guidance would turn it back on at the switch."""
+        if self.guidance_end == 1.0:
+            return
+        if guidance_scale <= 1.0:
+            raise InvalidRequestError(
+                f"guidance_end {self.guidance_end!r} needs classifier-free guidance, but guidance_scale is "
+                f"{guidance_scale!r} (<= 1: no guidance to end)",
+                param="guidance_end",
+                code="unsupported_value",
+            )
+        if self.refiner is not None:
+            raise InvalidRequestError(
+                f"guidance_end {self.guidance_end!r} cannot be combined with refiner (yet): give 1 or leave it out",
+                param="guidance_end",
+                code="unsupported_value",
+            )
 
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the image this (resolved) request answers: the hires pass's when it
@@ -823,12 +922,12 @@ def engine_role(request: GenerationRequest, controlnet_roles: Mapping[str, str])
     return roles[0]
 
 
-def engine_handle(engines: Any, request: GenerationRequest, controlnet_roles: Mapping[str, str]) -> Any:
+def engine_handle(engines: Any, request: GenerationRequest, controlnet_roles: Mapping[str, str], multiplexed: bool = True) -> Any:
     """The handle a request goes through, from a `{role: handle}` registry: its role's engine,
-    asking for a replica that holds its LoRA set when it has one. The one routing rule the
-    ingress and the job manager share."""
+    asking for a replica that holds its LoRA set when it has one (unless `multiplexed` is off:
+    `loras.routing: any`). The one routing rule the ingress and the job manager share."""
     handle = engines[engine_role(request, controlnet_roles)]
-    set_id = lora_set_id(request.loras)
+    set_id = lora_set_id(request.loras) if multiplexed else None
     return handle if set_id is None else handle.options(multiplexed_model_id=set_id)
 
 

@@ -41,7 +41,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
     config = config.with_state_paths()
     engines = {role: _engine_deployment(config, deployment) for role, deployment in engine_roles(config).items()}
     jobs = JobManagerDeployment.options(ray_actor_options={"num_cpus": config.jobs.num_cpus}).bind(
-        engines, config.jobs.model_dump(mode="json"), config.controlnet_roles()
+        engines, config.jobs.model_dump(mode="json"), config.controlnet_roles(), config.loras.routing
     )
     return ImageIngress.options(
         num_replicas=config.ingress.num_replicas,

@@ -31,6 +31,7 @@ from deployments.types import (
     MAX_CONTROLNETS,
     CannyThresholds,
     ControlSettings,
+    GuidanceEnd,
     GuidanceScale,
     Loras,
     MaskBlur,
@@ -45,6 +46,7 @@ from deployments.types import (
     Side,
     Steps,
     Strength,
+    TimestepSpacing,
     json_form_part,
 )
 from deployments.training import MAX_CAPTION_CHARS, LoraTrainingSettings
@@ -174,7 +176,9 @@ class _Settings(_Strict):
     seed: Seed = None
     num_inference_steps: Steps = None
     guidance_scale: GuidanceScale = None
+    guidance_end: GuidanceEnd = 1.0
     scheduler: Scheduler = None
+    timestep_spacing: TimestepSpacing = None
     loras: Loras = ()
     controlnet: ControlNetField = None
 

@@ -88,7 +88,7 @@ class ImageServing:
     def engine_for(self, request: GenerationRequest) -> Any:
         """The handle that serves `request`: its role's engine, preferring a replica that holds
         its LoRA set (Ray Serve's multiplexed routing)."""
-        return engine_handle(self._engines, request, self._controlnet_roles)
+        return engine_handle(self._engines, request, self._controlnet_roles, self._args.loras.routing == "multiplexed")
 
     # Each `requests_for_*` builds the engine requests of a body for `owner` (the API key's
     # tenant; None: everyone), whose LoRAs it may name.
@@ -199,7 +199,9 @@ class ImageServing:
                     height=height,
                     num_inference_steps=body.num_inference_steps,
                     guidance_scale=body.guidance_scale,
+                    guidance_end=body.guidance_end,
                     scheduler=body.scheduler,
+                    timestep_spacing=body.timestep_spacing,
                     loras=body.loras,
                     seed=(first_seed + i) % (MAX_SEED + 1),
                     deadline=deadline,

@@ -193,7 +193,7 @@ async def local_app(
     others = roles or {}
     engines = engine_registry(config, lambda role: engine if role == BASE_ROLE else others.get(role) or FakeEngine())
     manager = JobManager.__new__(JobManager)  # its constructor is async, as in a replica
-    await manager.__init__(engines, config.jobs.model_dump(), config.controlnet_roles())
+    await manager.__init__(engines, config.jobs.model_dump(), config.controlnet_roles(), config.loras.routing)
     app = create_app(engines, LocalHandle(manager), config)
     transport = httpx.ASGITransport(app=app)
     try:

@@ -184,3 +184,30 @@ def test_tiled_decode_stays_within_its_measured_bound(tiny_pipe):
     assert 0 < difference.mean() <= 0.035
     assert difference.kthvalue(int(0.99 * difference.numel())).values <= 0.3
     assert vae.use_tiling is False  # restored after each call
+
+
+def test_warmup_sizes_compile_a_hires_pass_before_serving():
+    """`optimize.warmup_sizes` runs the UNet at each listed size and bucket during the warm-up, so
+    a compiled replica's first hires request (its second pass at the target size) compiles
+    nothing: the request runs under `error_on_recompile`."""
+    from configs.app_args import BatchingConfig
+    from deployments.engine.factory import EngineFactory
+
+    optimize = {"compile": "unet", "compile_backend": "eager", "batch_buckets": [1, 2], "warmup_sizes": [[128, 96]]}
+    spec = TinySpec(device="cpu", default_size=(64, 64), optimize=optimize)
+    latent_sizes: set[tuple[int, int, int]] = set()
+    engine = EngineFactory(
+        spec.model_dump(mode="json"), BatchingConfig(max_batch_size=2).model_dump(mode="json"),
+        pipeline_factory=lambda spec: _recording_unet_shapes(load_pipeline(spec), latent_sizes),
+    )(None)
+    # Guided rows: a UNet call of 2 or 4 rows, at the default 64² (8² latents) and at 128x96.
+    assert {(2, 8, 8), (4, 8, 8), (2, 12, 16), (4, 12, 16)} <= latent_sizes
+    request = _request(3, "euler", width=128, height=96, strength=0.5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        (outcome,) = engine.generate([request])
+    assert isinstance(outcome, RunOutput) and outcome.image.shape == (96, 128, 3)
+
+
+def _recording_unet_shapes(pipe, shapes: set):
+    pipe.unet.register_forward_pre_hook(lambda module, args: shapes.add(tuple(args[0].shape[:1]) + tuple(args[0].shape[2:])))
+    return pipe

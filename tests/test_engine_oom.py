@@ -19,7 +19,7 @@ from configs.model_spec import TinySpec
 from deployments.engine.control import RequestControl, RunOutput
 from deployments.engine.loop import StepEngine
 from deployments.pipelines import load_pipeline
-from deployments.types import GenerationRequest, OverloadedError
+from deployments.types import GenerationRequest, InvalidRequestError, OverloadedError
 
 FIDELITY_ATOL = 1e-4
 SPEC = TinySpec(device="cpu")
@@ -233,3 +233,23 @@ def test_an_upcast_vae_that_ran_out_of_memory_is_cast_back(limits):
     finally:
         vae.register_to_config(force_upcast=False)
         vae.to(dtype=torch.float32)
+
+
+def test_a_typed_error_preparing_a_row_keeps_its_status(limits):
+    """Preparation that raises a `ServiceError` (a 400 found only when the row is built) fails
+    that request with that error, not a 500; its neighbour goes on."""
+
+    def refuse(module, args):
+        raise InvalidRequestError("init_image is not usable (test double)", param="init_image")
+
+    text = GenerationRequest(prompt="text", seed=1, **SMALL)
+    edit = GenerationRequest(prompt="edit", kind="img2img", init_image=_picture(1), strength=0.5, seed=2, **SMALL)
+    engine = StepEngine(limits.pipe, max_rows=8)
+    hook = limits.pipe.vae.encoder.register_forward_pre_hook(refuse)
+    try:
+        text_outcome, edit_outcome = engine.generate([_resolved(text), _resolved(edit)])
+    finally:
+        hook.remove()
+    assert isinstance(edit_outcome, InvalidRequestError) and edit_outcome.status_code == 400
+    assert edit_outcome.param == "init_image"
+    assert isinstance(text_outcome, RunOutput) and engine.stats()["failed"] == 1

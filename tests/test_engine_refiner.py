@@ -13,7 +13,7 @@ from configs.model_spec import TINY_MODEL_DIR, TinySpec
 from deployments.engine.control import LatentsOutput, RunOutput
 from deployments.engine.loop import StepEngine
 from deployments.pipelines import build_random_refiner, make_scheduler
-from deployments.types import GenerationRequest, Handoff, InvalidRequestError, RefinerSettings
+from deployments.types import GenerationRequest, Handoff, InvalidRequestError, LoraRef, RefinerSettings
 
 FIDELITY_ATOL = 1e-4
 SPEC = TinySpec(device="cpu")
@@ -148,6 +148,20 @@ def test_rows_of_both_stages_sharing_forwards_equal_their_solo_images(engines, t
     for request, image in zip(requests, together):
         (alone,) = _two_stages(engines, [request])
         assert np.abs(image - alone).max() <= FIDELITY_ATOL
+
+
+def test_the_refiner_stage_of_a_request_with_loras_runs_without_them(engines):
+    """LoRAs steer the base stage only: the refiner engine (which serves none) runs the stage of
+    a request naming one as it runs the same stage without (it used to refuse it with a 400
+    after the base stage had run)."""
+    base, refiner = engines
+    request = _request({"mode": "ensemble", "switch_at": 0.5}, seed=4)
+    (output,) = base.generate([request])
+    plain = _handoff(request, output)
+    styled = plain.model_copy(update={"loras": (LoraRef(name="pastel"),)})
+    alone, with_loras = refiner.generate([plain]), refiner.generate([styled])
+    assert isinstance(with_loras[0], RunOutput), with_loras[0]
+    assert np.abs(with_loras[0].image - alone[0].image).max() == 0.0
 
 
 def test_the_base_stage_ends_as_latents_and_each_engine_runs_its_own_stage_only(engines):

@@ -3,7 +3,9 @@ envelope, concurrent requests sharing forwards."""
 
 import base64
 import io
+import json
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -96,6 +98,11 @@ def test_txt2img_jpeg(http):
         ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 151}, 400, "num_inference_steps"),
         ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps"),
         ("/v1/images/generations", {"prompt": "x", "guidance_scale": -1}, 400, "guidance_scale"),
+        ("/v1/images/generations", {"prompt": "x", "guidance_end": 0}, 400, "guidance_end"),
+        ("/v1/images/generations", {"prompt": "x", "guidance_end": 1.5}, 400, "guidance_end"),
+        ("/v1/txt2img", {"prompt": "x", "guidance_scale": 1, "guidance_end": 0.5}, 400, "guidance_end"),
+        ("/v1/txt2img", {"prompt": "x", "guidance_end": 0.5, "refiner": {"mode": "post"}}, 400, "guidance_end"),
+        ("/v1/jobs", {"kind": "txt2img", "params": {"prompt": "x", "guidance_end": -1}}, 400, "params.guidance_end"),
         ("/v1/images/generations", {"prompt": "x", "scheduler": "warp"}, 400, "scheduler"),
         ("/v1/images/generations", {"prompt": "x", "seed": -5}, 400, "seed"),
         ("/v1/images/generations", {"prompt": "x", "output_format": "gif"}, 400, "output_format"),
@@ -115,6 +122,23 @@ def test_bad_input_gets_4xx_envelope_naming_the_field(http, path, body, status, 
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
     assert error["message"] and "Traceback" not in response.text
+
+
+def test_guidance_end_reaches_the_engine_and_the_batch_manifest_echoes_it(http):
+    """Ending guidance early changes the image (so the field reached the engine); a batch's
+    manifest echoes it beside the image it made, which equals the sync call's."""
+    shared = {"width": 64, "height": 64, "num_inference_steps": 4, "seed": 5}
+    body = {"prompt": "a red star", **shared}
+    early, ordinary = [http.post("/v1/txt2img", json={**body, **extra}) for extra in ({"guidance_end": 0.3}, {})]
+    assert early.status_code == ordinary.status_code == 200, early.text
+    early_pixels = np.asarray(Image.open(io.BytesIO(early.content)).convert("RGB"))
+    assert np.abs(early_pixels.astype(int) - np.asarray(Image.open(io.BytesIO(ordinary.content)).convert("RGB")).astype(int)).max() > 0
+    batch = http.post("/v1/images/batch", json={"prompts": [body["prompt"]], "params": {**shared, "guidance_end": 0.3}})
+    assert batch.status_code == 200, batch.text
+    archive = zipfile.ZipFile(io.BytesIO(batch.content))
+    (entry,) = json.loads(archive.read("manifest.json"))["images"]
+    assert entry["guidance_end"] == 0.3
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(archive.read(entry["file"]))).convert("RGB")), early_pixels)
 
 
 def test_malformed_json_is_400(http):

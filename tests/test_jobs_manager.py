@@ -390,7 +390,7 @@ def test_jobs_are_stored_as_versioned_json_in_private_files(tmp_path):
     job_id = asyncio.run(scenario())
     (raw,) = sqlite3.connect(tmp_path / "jobs.sqlite3").execute("SELECT payload FROM jobs WHERE id = ?", (job_id,)).fetchone()
     stored = json.loads(raw)
-    assert stored["version"] == 4 and stored["output_format"] == "webp" and "handoff" not in stored["requests"][0]
+    assert stored["version"] == 6 and stored["output_format"] == "webp" and "handoff" not in stored["requests"][0]
     restored = JobPayload.from_json(stored).requests[0]
     assert np.array_equal(restored.init_image, image) and restored.seed == 4 and restored.strength == 0.75
     assert restored.refiner == RefinerSettings(mode="post", strength=0.5, steps=4)  # stored resolved
@@ -401,6 +401,11 @@ def test_jobs_are_stored_as_versioned_json_in_private_files(tmp_path):
     hires = GenerationRequest(prompt="p", width=64, height=64, hires=HiresSettings(scale=1.5)).with_defaults(TinySpec())
     (hires_back,) = JobPayload.from_json(json.loads(json.dumps(JobPayload([hires]).to_json()))).requests
     assert hires_back.hires == hires.hires and hires_back.hires.width == 96  # stored resolved: the size, not the scale
+    early = GenerationRequest(prompt="p", guidance_end=0.6).with_defaults(TinySpec())
+    (early_back,) = JobPayload.from_json(json.loads(json.dumps(JobPayload([early]).to_json()))).requests
+    assert early_back.guidance_end == 0.6
+    version_4 = {**stored, "version": 4, "requests": [{k: v for k, v in stored["requests"][0].items() if k != "guidance_end"}]}
+    assert JobPayload.from_json(version_4).requests[0].guidance_end == 1.0  # guided on every step, as it was
     (restored_control,) = restored.controlnets
     assert np.array_equal(restored_control.image, control.image)
     assert restored_control.model_dump(exclude={"image"}) == control.model_dump(exclude={"image"})

@@ -26,6 +26,7 @@ from schemathesis.checks import (
 )
 
 from configs.app_args import AppArgs
+from configs.schedulers import DISTILLED_SCHEDULE_STEPS, canonical_scheduler
 from serve_app.http_app import create_app
 from serve_app.jobs.manager import JobManager
 from tests.fakes import FakeEngine, LocalHandle, engine_registry
@@ -52,9 +53,11 @@ schemathesis.openapi.format("binary", st.sampled_from(_UPLOADS))
 schemathesis.openapi.format("byte", st.sampled_from([base64.b64encode(data).decode() for data in _UPLOADS]))
 
 
-#: The served model's default steps (the refiner's post-pass counts from it) and size.
+#: The served model's default steps (the refiner's post-pass counts from it), size and guidance
+#: scale (`guidance_end` needs guidance).
 DEFAULT_STEPS = 4
 DEFAULT_SIZE = (64, 64)
+DEFAULT_GUIDANCE_SCALE = 5.0
 
 
 def _config(state_dir) -> AppArgs:
@@ -115,8 +118,10 @@ def _unstatable(case) -> bool:
     """Bodies breaking a rule JSON Schema cannot state: a ControlNet window must open before it
     closes (`guidance_start < guidance_end`, a comparison of two fields), a request names each
     ControlNet once and only ControlNets hosted together (here each is a variant of its own, so
-    one name; a rule across items), and a refiner post-pass runs at least one step (a product of
-    fields and a model default), as does a hires pass (`_hires_refused`); such bodies get a 400."""
+    one name; a rule across items), a refiner post-pass runs at least one step (a product of
+    fields and a model default), as does a hires pass (`_hires_refused`), and `guidance_end` below
+    1 needs guidance (`guidance_scale` > 1, or the model's default) and no refiner, and LCM and
+    TCD take no `timestep_spacing`; such bodies get a 400."""
     body = case.body if isinstance(case.body, dict) else {}
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
     items = [body, params, *(r.get("params", r) for r in body.get("requests", []) if isinstance(r, dict))]
@@ -128,6 +133,14 @@ def _unstatable(case) -> bool:
                 return True
         if isinstance(item.get("hires"), dict) and _hires_refused(item, params):
             return True
+        if item.get("guidance_end", 1.0) < 1.0:
+            scale = item.get("guidance_scale")
+            if item.get("refiner") is not None or (scale if scale is not None else DEFAULT_GUIDANCE_SCALE) <= 1.0:
+                return True
+        if _distilled(item.get("scheduler") or params.get("scheduler")) and (
+            item.get("timestep_spacing") or params.get("timestep_spacing")
+        ):
+            return True
         controls = item.get("controlnet")
         controls = controls if isinstance(controls, list) else [controls]
         names = [control.get("name") for control in controls if isinstance(control, dict)]
@@ -137,6 +150,11 @@ def _unstatable(case) -> bool:
             if isinstance(control, dict) and control.get("guidance_start", 0.0) >= control.get("guidance_end", 1.0):
                 return True
     return False
+
+
+def _distilled(scheduler) -> bool:
+    """LCM or TCD (by id or name): they refuse a `timestep_spacing`."""
+    return isinstance(scheduler, str) and canonical_scheduler(scheduler) in DISTILLED_SCHEDULE_STEPS
 
 
 def _hires_refused(item: dict, params: dict) -> bool:

@@ -49,6 +49,27 @@ def test_compile_path_with_cache_dir(tiny_spec, baseline, tmp_path, monkeypatch)
     assert _with(tiny_spec, compile="unet", compile_dynamic=True).optimize.buckets() is None
 
 
+def test_regional_compile_compiles_each_transformer_block_and_keeps_the_image(tiny_spec, baseline):
+    spec = _with(tiny_spec, compile="unet", compile_scope="regional", compile_backend="eager")
+    pipe = load_pipeline(spec)
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert pipe.unet._compiled_call_impl is None  # the rest of the UNet runs eager
+    (outcome,) = StepEngine(pipe, buckets=spec.optimize.buckets()).generate([REQUEST])
+    assert np.abs(outcome.image - baseline).max() <= 1e-4
+
+
+@pytest.mark.parametrize("setting", [{"compile_scope": "regional"}, {"warmup_sizes": [[256, 256]]}])
+def test_compile_settings_without_compile_are_refused(setting):
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        OptimizeConfig(**setting)
+
+
+def test_bad_warmup_sizes_are_refused():
+    with pytest.raises(ValueError, match=r"warmup_sizes entry \[1020, 1024\]"):
+        OptimizeConfig(compile="unet", warmup_sizes=[[1020, 1024]])
+
+
 def test_bfloat16_stays_close(tiny_spec, baseline):
     image = _image(tiny_spec.model_copy(update={"dtype": "bfloat16"}))
     mse = float(np.mean((image - baseline) ** 2))

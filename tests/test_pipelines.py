@@ -156,3 +156,13 @@ def test_dtype_and_device_resolution():
     assert resolve_dtype(spec, torch.device("cpu")) == torch.float32
     assert resolve_dtype(spec, torch.device("cuda")) == torch.float16
     assert resolve_dtype(TinySpec(dtype="bfloat16"), torch.device("cpu")) == torch.bfloat16
+
+
+def test_a_guidance_distilled_unet_is_refused_at_load(tiny_pipe):
+    """A UNet with a guidance embedding (the full LCM-SDXL UNet) would draw wrongly without an
+    error: the engine never passes `timestep_cond`. It is refused, naming the setting."""
+    from deployments.pipelines import check_served_unet
+
+    check_served_unet(tiny_pipe.unet.config)  # the served UNet has none
+    with pytest.raises(ValueError, match=r"time_cond_proj_dim=256.*LCM-LoRA"):
+        check_served_unet({**tiny_pipe.unet.config, "time_cond_proj_dim": 256})

@@ -78,6 +78,9 @@ def test_shipped_serve_configs_validate(path):
     assert app.import_path == "serve_app.builder:build_app"
     args = AppArgs.model_validate(app.args)
     assert build_app(app.args) is not None
+    # The ingress replica validates the resolved args again, from a dump (autoscaled deployments
+    # among them: their dump must not name num_replicas too).
+    assert AppArgs.model_validate(args.with_state_paths().model_dump(mode="json")) == args.with_state_paths()
     if "gpu" in path:
         assert args.engine.num_gpus == 1 and args.model.device == "cuda"
 

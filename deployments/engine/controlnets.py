@@ -33,11 +33,12 @@ from deployments.types import ControlRef, check_known_controlnets
 
 @dataclass
 class Condition:
-    """One ControlNet steering one row: its map as UNet rows (twice with guidance), its scale and
-    its window as fractions of the row's steps."""
+    """One ControlNet steering one row: its map (one, whether the row runs one UNet row or the
+    two of guidance: diffusers repeats the same map for both), its scale and its window as
+    fractions of the row's steps."""
 
     name: str
-    image: torch.Tensor  # (unet rows, 3, H, W), in [0, 1]
+    image: torch.Tensor  # (3, H, W), in [0, 1]
     scale: float
     start: float
     end: float
@@ -72,13 +73,11 @@ class ConditionFactory:
         self._device = device
         self._dtype = dtype
 
-    def prepare(self, controls: Sequence[ControlRef], width: int, height: int, guided: bool) -> tuple[Condition, ...]:
+    def prepare(self, controls: Sequence[ControlRef], width: int, height: int) -> tuple[Condition, ...]:
         conditions = []
         for control in controls:
             image = self._processor.preprocess(Image.fromarray(control_map(control)), height=height, width=width)
-            image = image.to(dtype=torch.float32).to(device=self._device, dtype=self._dtype)
-            if guided:
-                image = torch.cat([image] * 2)
+            image = image.to(dtype=torch.float32).to(device=self._device, dtype=self._dtype)[0]
             conditions.append(
                 Condition(control.name, image, control.conditioning_scale, control.guidance_start, control.guidance_end)
             )

@@ -94,7 +94,7 @@ class EngineFactory:
             # two steps compile the same graphs as thirty.
             before = compile_cache_counts()
             warmup = GenerationRequest(prompt="warm-up", seed=0, num_inference_steps=2).with_defaults(spec)
-            engine.warmup(warmup)
+            engine.warmup(warmup, spec.optimize.warmup_sizes)
             compile_cache = {name: count - before[name] for name, count in compile_cache_counts().items()}
         engine.startup = {
             "load_s": round(load_s, 3),

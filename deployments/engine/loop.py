@@ -365,7 +365,9 @@ class StepEngine:
         """The LoRA slot of a request (0: none), resident from here until its row ends."""
         if self._warm_slot is not None:
             return self._warm_slot
-        if not request.loras:
+        # A refiner stage (a handoff) runs without the request's LoRAs: they were made for the
+        # base's UNet and steered its stage (README, "The refiner").
+        if not request.loras or request.handoff is not None:
             return 0
         if self.adapters is None:
             raise InvalidRequestError("this deployment serves no LoRAs", param="loras", code="loras_disabled")
@@ -485,16 +487,17 @@ class StepEngine:
         return results
 
     def _unet(self, rows: list[Row]) -> list[torch.Tensor]:
-        """One forward over every row (two UNet rows per guided image), run as the planned calls
-        of compiled sizes; returns each row's noise prediction rows."""
+        """One forward over every row (two UNet rows per image at a guided step), run as the
+        planned calls of compiled sizes; returns each row's noise prediction rows."""
         unet = self._pipe.unet
-        inputs = torch.cat([row.model_input() for row in rows])
+        # Contiguous whatever the rows' layouts: an img2img or hires row's latents come from the
+        # VAE encoder in channels-last strides (diffusers' image tensor is a permuted HWC array),
+        # and a compiled UNet guards on strides, so such a row recompiled a warmed graph.
+        inputs = torch.cat([row.model_input() for row in rows]).contiguous()
         timesteps = torch.cat(
             [row.timestep.to(torch.float32).reshape(1).repeat(row.unet_rows()) for row in rows]
         ).to(inputs.device)
-        prompt = torch.cat([row.embeds.prompt for row in rows])
-        pooled = torch.cat([row.embeds.pooled for row in rows])
-        time_ids = torch.cat([row.time_ids for row in rows])
+        prompt, pooled, time_ids = (torch.cat(part) for part in zip(*(row.conditioning() for row in rows)))
         slots = [row.slot for row in rows for _ in range(row.unet_rows())]
         steered = [steering for row in rows for steering in row.steering()]
         outputs, start = [], 0
@@ -642,10 +645,14 @@ class StepEngine:
         ))
 
     def _fail_raised(self, control: RequestControl, error: Exception, doing: str) -> None:
-        """A request whose own work (not shared with others) raised `error`: out of GPU memory is
-        a 503 and one log line, anything else a 500 and its traceback."""
+        """A request whose own work (not shared with others) raised `error`: a typed service
+        error keeps its status (a 400 found while preparing is the client's), out of GPU memory
+        is a 503 and one log line, anything else a 500 and its traceback."""
         self._restore_vae()
-        if isinstance(error, torch.OutOfMemoryError):
+        if isinstance(error, ServiceError):
+            logger.info("%s refused: %s", doing, error)
+            self._finish_failed(control, error)
+        elif isinstance(error, torch.OutOfMemoryError):
             logger.warning("%s ran out of GPU memory (503 out_of_memory)", doing)
             self._fail_oom(control)
         else:
@@ -659,20 +666,32 @@ class StepEngine:
 
     # -- warm-up --------------------------------------------------------------------------------
 
-    def warmup(self, request: GenerationRequest) -> None:
+    def warmup(self, request: GenerationRequest, image_sizes: Sequence[tuple[int, int]] = ()) -> None:
         """Compile (or load from the compile cache) every bucket before serving: run `request`
-        at each image bucket size to completion, then time one UNet call and one decode per
-        bucket, the costs forwards and decodes are split by."""
+        at each image bucket size to completion, and again at each of `image_sizes` (width,
+        height), then time one UNet call and one decode per bucket at `request`'s size, the
+        costs forwards and decodes are split by."""
         sizes = self.decode_calls.buckets or [1]
-        # Each branch a forward can take is a graph of its own: plain; steered (residuals passed
+        # Each latent shape is a graph of its own (a hires pass's 2048² as much as a plain
+        # request's), and so is each branch a forward can take: plain; steered (residuals passed
         # to the UNet, every hosted ControlNet on a blank map); and each of them with the LoRA
         # slot layers' other branch (on a slot of zeros: the base image). All are compiled now,
         # not on the first request that takes them.
         requests = [request]
+        requests += [request.model_copy(update={"width": w, "height": h}) for w, h in image_sizes]
         if self.controlnets:
-            blank = np.zeros((request.height, request.width, 3), dtype=np.uint8)
-            steered = tuple(ControlRef(name=name, image=blank) for name in self.controlnets)
-            requests.append(request.model_copy(update={"controlnets": steered}))
+            names = tuple(self.controlnets)
+            requests += [
+                plain.model_copy(
+                    update={
+                        "controlnets": tuple(
+                            ControlRef(name=name, image=np.zeros((plain.height, plain.width, 3), dtype=np.uint8))
+                            for name in names
+                        )
+                    }
+                )
+                for plain in list(requests)
+            ]
         for warm in requests:
             for size in sizes:
                 self._warm(warm, size)

@@ -35,7 +35,7 @@ from PIL import Image
 from deployments.engine.control import RequestControl
 from deployments.engine.controlnets import Condition, ConditionFactory
 from deployments.pipelines import make_scheduler
-from deployments.types import GenerationRequest
+from deployments.types import GenerationRequest, guided_steps
 
 #: The diffusers pipeline class of each kind; all are built over the same loaded components.
 PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
@@ -100,8 +100,11 @@ class Row:
 
     @property
     def guided(self) -> bool:
-        """Classifier-free guidance: an unconditional UNet row beside the conditional one."""
-        return self.request.guidance_scale > 1.0
+        """Classifier-free guidance at this step: an unconditional UNet row beside the conditional
+        one, for the first `guided_steps` of the row's steps (`guidance_end`); after them the
+        conditional row alone, as diffusers' dynamic-CFG callback leaves its pipeline."""
+        guided_until = guided_steps(len(self.timesteps), self.request.guidance_end)
+        return self.request.guidance_scale > 1.0 and self.index < guided_until
 
     @property
     def done(self) -> bool:
@@ -134,6 +137,13 @@ class Row:
     def unet_rows(self) -> int:
         return 2 if self.guided else 1
 
+    def conditioning(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's prompt embeddings, pooled embeddings and `add_time_ids`, one per UNet row.
+        Once guidance has ended, the conditional (last) rows only: the callback keeps `chunk(2)[-1]`
+        of each. The unconditional rows stay stored, since a hires pass starts guided again from them."""
+        rows = self.unet_rows()
+        return self.embeds.prompt[-rows:], self.embeds.pooled[-rows:], self.time_ids[-rows:]
+
     def model_input(self) -> torch.Tensor:
         """This step's UNet input rows: the scaled latents (twice with guidance), plus the mask
         and masked image latents for a 9-channel inpainting UNet."""
@@ -143,10 +153,11 @@ class Row:
         return torch.cat([sample] * self.unet_rows())
 
     def steering(self) -> list[dict[str, tuple[torch.Tensor, float]]]:
-        """Per UNet row of this step: the ControlNets that steer it, with its map row and scale."""
+        """Per UNet row of this step: the ControlNets that steer it, with its map and scale (one
+        map for both halves of guidance, so a row past `guidance_end` steers its one UNet row)."""
         steps = len(self.timesteps)
         steered = {c.name: (c.image, c.scale_at(self.index, steps)) for c in self.conditions}
-        return [{name: (image[row], scale) for name, (image, scale) in steered.items()} for row in range(self.unet_rows())]
+        return [{name: (image, scale) for name, (image, scale) in steered.items()} for _ in range(self.unet_rows())]
 
     def advance(self, noise_pred: torch.Tensor) -> None:
         """Apply guidance and this row's scheduler step (and inpainting's blend) for one step."""
@@ -178,7 +189,8 @@ class RowFactory:
         """A light pipeline of the request's kind over the shared weights (as `from_pipe` makes,
         ~0.2 ms) owning the request's own scheduler."""
         base = self._base
-        components = {**self._components, "scheduler": make_scheduler(request.scheduler, base.scheduler.config)}
+        scheduler = make_scheduler(request.scheduler, base.scheduler.config, request.timestep_spacing)
+        components = {**self._components, "scheduler": scheduler}
         options = {}
         if "requires_aesthetics_score" in base.config:  # a refiner (or an img2img-built base)
             options["requires_aesthetics_score"] = base.config.requires_aesthetics_score
@@ -246,7 +258,7 @@ class RowFactory:
             prepared.pop("negative_time_ids", None)
         # The ControlNet pipelines prepare the control image before their latents; it draws
         # nothing from the generator, so the order only matters for readability.
-        conditions = self._conditions.prepare(request.controlnets, request.width, request.height, request.guidance_scale > 1.0)
+        conditions = self._conditions.prepare(request.controlnets, request.width, request.height)
         return Row(
             request=request,
             control=control,
@@ -255,6 +267,7 @@ class RowFactory:
             conditions=conditions,
             pipe=pipe,
             generator=generator,
+            # eta 0.0: the SDXL pipelines' default (DDIM's and TCD's steps are deterministic).
             step_kwargs=pipe.prepare_extra_step_kwargs(generator, 0.0),
             embeds=TextEmbeds(embeds.prompt.to(self.device), embeds.pooled.to(self.device)),
             time_ids=time_ids.to(self.device),

@@ -3,9 +3,9 @@
 Rows share a forward when they run on the same weights with inputs of the same shape: the latent
 height and width, and the UNet input channels (a 9-channel inpainting UNet takes mask and masked
 image latents with every row). Everything else is per row: kind, steps, the step a row is at,
-scheduler, guidance (with or without its unconditional row), strength, seed, prompts, init image,
-mask, crop. Later features add a field here (the LoRA adapter set, the ControlNet), not a branch
-elsewhere.
+scheduler, guidance (with or without its unconditional row, which a row drops at its
+`guidance_end`), strength, seed, prompts, init image, mask, crop. Later features add a field here
+(the LoRA adapter set, the ControlNet), not a branch elsewhere.
 """
 
 from typing import Hashable

@@ -87,10 +87,13 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class JobManager:
-    async def __init__(self, engines: dict[str, Any], jobs: dict[str, Any], controlnet_roles: Optional[dict[str, str]] = None):
+    async def __init__(
+        self, engines: dict[str, Any], jobs: dict[str, Any], controlnet_roles: Optional[dict[str, str]] = None,
+        lora_routing: str = "multiplexed",
+    ):
         """`engines`: the engine handles by role; `jobs`: a `JobsConfig` whose paths are resolved
         (`AppArgs.with_state_paths`); `controlnet_roles`: which role hosts each ControlNet
-        (`AppArgs.controlnet_roles`)."""
+        (`AppArgs.controlnet_roles`); `lora_routing`: `loras.routing`."""
         quiet_client_errors()
         self._config = JobsConfig.model_validate(jobs)
         if self._config.db_path is None or self._config.results_dir is None:
@@ -98,6 +101,7 @@ class JobManager:
         self._store = SqliteJobStore(self._config.db_path, self._config.results_dir)
         self._engines = engines
         self._controlnet_roles = dict(controlnet_roles or {})
+        self._multiplexed = lora_routing == "multiplexed"
         self._running: dict[str, asyncio.Task] = {}
         # Webhook deliveries in flight: the event loop only keeps weak references to tasks.
         self._deliveries: set[asyncio.Task] = set()
@@ -321,7 +325,7 @@ class JobManager:
     async def _run_one(self, request: GenerationRequest, index: int, progress: "_Progress") -> GenerationResult:
         """One image: its engine's stage, then (a refined request) the refiner's, with progress
         counted over both: the refiner's steps are estimated until its stage reports them."""
-        engine = engine_handle(self._engines, request, self._controlnet_roles)
+        engine = engine_handle(self._engines, request, self._controlnet_roles, self._multiplexed)
         refiner = refiner_handle(self._engines, request)
         if refiner is None:
             return await self._generate(engine, request, lambda step, total: progress.report(index, step, total))

@@ -16,9 +16,11 @@ from deployments.types import GenerationRequest
 
 #: Bump when the layout below changes; `from_json` refuses versions it does not know. 2 added
 #: `controlnets` (settings, image as PNG), 3 `refiner` (its settings), 4 `hires` (its resolved
-#: settings); an older payload is read as one without them.
-PAYLOAD_VERSION = 4
-_READABLE_VERSIONS = (1, 2, 3, 4)
+#: settings), 5 `guidance_end`, 6 `timestep_spacing`; an older payload is read as one without
+#: them (guidance on every step, the model's own spacing). A version a server does not know is
+#: refused by name rather than failing on an unknown field, when an older server reads a newer job.
+PAYLOAD_VERSION = 6
+_READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 _IMAGE_FIELDS = ("init_image", "mask_image")
 
