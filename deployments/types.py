@@ -686,6 +686,16 @@ class GenerationRequest(BaseModel):
         resolved._check_distilled_schedule()
         return resolved
 
+    def steps_by_field(self) -> dict[str, int]:
+        """The scheduler steps of each pass this (resolved) request runs, by the field that
+        sets them: what the step limits check and name in their 400s."""
+        steps = {"num_inference_steps": self.num_inference_steps}
+        if self.refiner is not None:
+            steps["refiner.steps"] = self.refiner.steps
+        if self.hires is not None:
+            steps["hires.steps"] = self.hires.steps
+        return steps
+
     def _check_distilled_schedule(self) -> None:
         """A 400 naming the steps field of a pass that asks LCM or TCD (the resolved scheduler:
         perhaps the model's default) for more steps than their distillation schedule holds, which
@@ -701,12 +711,7 @@ class GenerationRequest(BaseModel):
                 "come from its distillation schedule); leave it out",
                 param="timestep_spacing",
             )
-        steps = {"num_inference_steps": self.num_inference_steps}
-        if self.refiner is not None:
-            steps["refiner.steps"] = self.refiner.steps
-        if self.hires is not None:
-            steps["hires.steps"] = self.hires.steps
-        for name, count in steps.items():
+        for name, count in self.steps_by_field().items():
             if count > limit:
                 raise InvalidRequestError(
                     f"{name} {count} is above the {limit} steps scheduler {self.scheduler!r} can run "
@@ -983,12 +988,7 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig) -> None:
         raise InvalidRequestError(
             f"{len(request.loras)} LoRAs were asked for; the limit is {limits.max_loras}", param="loras", code="too_many_loras"
         )
-    steps = {"num_inference_steps": request.num_inference_steps}
-    if request.refiner is not None:
-        steps["refiner.steps"] = request.refiner.steps
-    if request.hires is not None:
-        steps["hires.steps"] = request.hires.steps
-    for name, count in steps.items():
+    for name, count in request.steps_by_field().items():
         if count > limits.max_steps:
             raise InvalidRequestError(
                 f"{name} {count} is above the limit of {limits.max_steps}", param=name, code="invalid_steps"
