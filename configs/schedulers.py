@@ -21,9 +21,9 @@ SCHEDULERS: dict[str, str] = {
 }
 
 #: The schedulers that pick their timesteps from a distillation schedule of their own instead of
-#: spacing them over the training timesteps: they ignore `timestep_spacing`, and run at most as
-#: many steps as that schedule has (diffusers raises above it). 50 is diffusers'
-#: `original_inference_steps` default, which SDXL scheduler configs leave unset.
+#: spacing them over the training timesteps: a request gives them no `timestep_spacing` (a 400),
+#: and they run at most as many steps as that schedule has (diffusers raises above it). 50 is
+#: diffusers' `original_inference_steps` default, which SDXL scheduler configs leave unset.
 DISTILLED_SCHEDULE_STEPS: dict[str, int] = {"lcm": 50, "tcd": 50}
 
 _ALIASES: dict[str, str] = {}

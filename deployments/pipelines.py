@@ -94,8 +94,9 @@ if set(_SCHEDULER_FACTORIES) != set(SCHEDULERS):  # the public list and the fact
 def make_scheduler(scheduler_id: str, base_config: Any, timestep_spacing: Optional[str] = None) -> SchedulerMixin:
     """A fresh scheduler of the given id, keeping the model's own betas, offset and (unless
     `timestep_spacing` overrides it) spacing, as diffusers' `from_config(config, timestep_spacing=...)`
-    makes it. LCM and TCD keep the override in their config but do not read it: their timesteps
-    come from their distillation schedule (`configs.schedulers.DISTILLED_SCHEDULE_STEPS`)."""
+    makes it. LCM and TCD would keep the override in their config without reading it (their
+    timesteps come from their distillation schedule), so requests refuse the pair
+    (`GenerationRequest._check_distilled_schedule`)."""
     cls, overrides = _SCHEDULER_FACTORIES[scheduler_id]
     if timestep_spacing is not None:
         overrides = {**overrides, "timestep_spacing": timestep_spacing}

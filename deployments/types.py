@@ -927,12 +927,14 @@ def engine_role(request: GenerationRequest, controlnet_roles: Mapping[str, str])
     return roles[0]
 
 
-def engine_handle(engines: Any, request: GenerationRequest, controlnet_roles: Mapping[str, str], multiplexed: bool = True) -> Any:
+def engine_handle(
+    engines: Any, request: GenerationRequest, controlnet_roles: Mapping[str, str], lora_routing: str = "multiplexed"
+) -> Any:
     """The handle a request goes through, from a `{role: handle}` registry: its role's engine,
-    asking for a replica that holds its LoRA set when it has one (unless `multiplexed` is off:
-    `loras.routing: any`). The one routing rule the ingress and the job manager share."""
+    asking for a replica that holds its LoRA set when it has one (unless `lora_routing`, the
+    `loras.routing` setting, is `any`). The one routing rule the ingress and the job manager share."""
     handle = engines[engine_role(request, controlnet_roles)]
-    set_id = lora_set_id(request.loras) if multiplexed else None
+    set_id = lora_set_id(request.loras) if lora_routing == "multiplexed" else None
     return handle if set_id is None else handle.options(multiplexed_model_id=set_id)
 
 

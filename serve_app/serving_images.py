@@ -88,7 +88,7 @@ class ImageServing:
     def engine_for(self, request: GenerationRequest) -> Any:
         """The handle that serves `request`: its role's engine, preferring a replica that holds
         its LoRA set (Ray Serve's multiplexed routing)."""
-        return engine_handle(self._engines, request, self._controlnet_roles, self._args.loras.routing == "multiplexed")
+        return engine_handle(self._engines, request, self._controlnet_roles, self._args.loras.routing)
 
     # Each `requests_for_*` builds the engine requests of a body for `owner` (the API key's
     # tenant; None: everyone), whose LoRAs it may name.

@@ -680,18 +680,7 @@ class StepEngine:
         requests = [request]
         requests += [request.model_copy(update={"width": w, "height": h}) for w, h in image_sizes]
         if self.controlnets:
-            names = tuple(self.controlnets)
-            requests += [
-                plain.model_copy(
-                    update={
-                        "controlnets": tuple(
-                            ControlRef(name=name, image=np.zeros((plain.height, plain.width, 3), dtype=np.uint8))
-                            for name in names
-                        )
-                    }
-                )
-                for plain in list(requests)
-            ]
+            requests += [self._steered_by_every_controlnet(plain) for plain in list(requests)]
         for warm in requests:
             for size in sizes:
                 self._warm(warm, size)
@@ -713,6 +702,10 @@ class StepEngine:
             )
         with self._lock:
             self._stats = _Stats()
+
+    def _steered_by_every_controlnet(self, request: GenerationRequest) -> GenerationRequest:
+        blank = np.zeros((request.height, request.width, 3), dtype=np.uint8)
+        return request.model_copy(update={"controlnets": tuple(ControlRef(name=name, image=blank) for name in self.controlnets)})
 
     def _warm(self, request: GenerationRequest, size: int) -> None:
         for index in range(size):

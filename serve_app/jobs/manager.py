@@ -101,7 +101,7 @@ class JobManager:
         self._store = SqliteJobStore(self._config.db_path, self._config.results_dir)
         self._engines = engines
         self._controlnet_roles = dict(controlnet_roles or {})
-        self._multiplexed = lora_routing == "multiplexed"
+        self._lora_routing = lora_routing
         self._running: dict[str, asyncio.Task] = {}
         # Webhook deliveries in flight: the event loop only keeps weak references to tasks.
         self._deliveries: set[asyncio.Task] = set()
@@ -325,7 +325,7 @@ class JobManager:
     async def _run_one(self, request: GenerationRequest, index: int, progress: "_Progress") -> GenerationResult:
         """One image: its engine's stage, then (a refined request) the refiner's, with progress
         counted over both: the refiner's steps are estimated until its stage reports them."""
-        engine = engine_handle(self._engines, request, self._controlnet_roles, self._multiplexed)
+        engine = engine_handle(self._engines, request, self._controlnet_roles, self._lora_routing)
         refiner = refiner_handle(self._engines, request)
         if refiner is None:
             return await self._generate(engine, request, lambda step, total: progress.report(index, step, total))
