@@ -5,8 +5,8 @@ The page is plain HTML, CSS and JavaScript (no build step, nothing from a CDN): 
 loads comes from here, and its Content-Security-Policy says so. It holds no data, so its routes
 stay open with auth on; the API calls it makes carry the key typed into it (kept in the browser's
 `sessionStorage`). None of these routes is in the OpenAPI schema. `config.json` tells the page the
-deployment's defaults and limits (what `/openapi.json` states too); which optional parts to show
-(LoRAs, ControlNets, the refiner) it asks the API itself.
+deployment's defaults and limits (what `/openapi.json` states too) and the request schema of its
+advanced fields; which optional parts to show (LoRAs, ControlNets, the refiner) it asks the API itself.
 """
 
 from pathlib import Path
@@ -17,8 +17,13 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from configs.app_args import AppArgs
 from configs.schedulers import SCHEDULERS
-from serve_app.openapi import side_bounds
+from serve_app.openapi import body_schema, side_bounds
+from serve_app.protocol import Img2ImgRequest
 
+#: Request fields the page offers as advanced settings, empty unless set: their allowed values,
+#: bounds, default and description come from the request schema (their one definition), so the
+#: page follows it rather than copying it.
+ADVANCED_FIELDS = ("timestep_spacing", "guidance_end")
 #: The page's files, in the package (`[tool.setuptools.package-data]`).
 STATIC_DIR = Path(__file__).resolve().parent / "playground"
 _MEDIA_TYPES = {
@@ -66,7 +71,16 @@ def page_config(args: AppArgs) -> dict[str, Any]:
             "max_batch_items": args.jobs.max_batch_items,
         },
         "schedulers": SCHEDULERS,
+        "advanced": advanced_fields(),
     }
+
+
+def advanced_fields() -> dict[str, dict[str, Any]]:
+    """The schema of each of `ADVANCED_FIELDS` as `/openapi.json` states it for `/v1/img2img`'s
+    multipart form (every generation kind shares these fields): there an optional field is absent
+    rather than null, as the page leaves an empty control out of its request."""
+    form = body_schema(Img2ImgRequest)["requestBody"]["content"]["multipart/form-data"]["schema"]
+    return {name: form["properties"][name] for name in ADVANCED_FIELDS}
 
 
 def install_playground(app: FastAPI, args: AppArgs) -> None:

@@ -2,9 +2,10 @@
 Chromium (Debian's, driven by Playwright's Python package; `.ci/run` installs both, no browser is
 downloaded) against the whole app on a real socket, over the in-process tiny-model engines and a
 real job manager: txt2img with a moving progress bar and the seed shown, inpainting with a mask
-painted with the mouse, a LoRA picked from the list, cancel, a ControlNet map, a batch ZIP, and an
-API key kept in the tab's session. A screenshot of the finished page is saved under
-`bench-out/playground/` (and as `docs/playground.png` with `UPDATE_SCREENSHOT=1`).
+painted with the mouse, a LoRA picked from the list, the advanced settings (and the server's 400s
+shown), cancel, a ControlNet map, a batch ZIP, and an API key kept in the tab's session. A
+screenshot of the finished page is saved under `bench-out/playground/` (and as
+`docs/playground.png` with `UPDATE_SCREENSHOT=1`).
 """
 
 import asyncio
@@ -34,6 +35,8 @@ CHROMIUM = os.environ.get("PLAYGROUND_CHROMIUM") or shutil.which("chromium") or 
 KEY = "playground-test-key"
 #: Most seconds a browser step waits for the app (a tiny-model job takes well under one).
 WAIT_MS = 60_000
+#: How Chromium's console reports a response with an error status (then the status and its reason).
+REFUSED_RESPONSE = "Failed to load resource: the server responded with a status of"
 
 
 # -- the app on a real socket --------------------------------------------------------------------
@@ -156,6 +159,15 @@ def test_the_pages_are_served_open_and_outside_the_schema(app_url, auth_url):
         assert "dpmpp_2m_karras" in config["schedulers"]
         paths = http.get("/openapi.json").json()["paths"]
         assert not [path for path in paths if path == "/" or "playground" in path]
+        # The advanced fields: the API's own schema of them (as a form states it: absent, not null).
+        advanced = config["advanced"]
+        assert advanced["timestep_spacing"]["enum"] == ["leading", "trailing", "linspace"]
+        assert "default" not in advanced["timestep_spacing"]  # empty: the model's scheduler config
+        end = advanced["guidance_end"]
+        assert (end["exclusiveMinimum"], end["maximum"], end["default"]) == (0, 1, 1)
+        assert "guidance_scale > 1" in end["description"]
+        form = paths["/v1/img2img"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert advanced == {name: form["properties"][name] for name in ("timestep_spacing", "guidance_end")}
     with httpx.Client(base_url=auth_url, follow_redirects=False, timeout=30) as http:
         assert http.get("/").headers["location"] == "ui/play/"
         assert http.get("/ui/play").headers["location"] == "play/"
@@ -221,12 +233,20 @@ def open_page(browser):
     and failed requests are collected, and none may happen."""
     contexts, problems = [], []
 
-    def open_(url: str, width: int = 1280, height: int = 900):
+    def open_(url: str, width: int = 1280, height: int = 900, refused: tuple[int, ...] = ()):
+        """`refused`: the HTTP statuses the test expects the API to answer with (Chromium logs
+        each such response as a console error)."""
         context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(WAIT_MS)
-        page.on("console", lambda message: message.type == "error" and problems.append(f"console: {message.text}"))
+        expected = tuple(f"{REFUSED_RESPONSE} {status} " for status in refused)
+        page.on(
+            "console",
+            lambda message: message.type == "error"
+            and not message.text.startswith(expected)
+            and problems.append(f"console: {message.text}"),
+        )
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
         page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url} {request.failure}"))
         page.goto(url)
@@ -347,6 +367,7 @@ def test_txt2img_shows_progress_then_the_image_and_its_seed(open_page, app_url, 
     assert card.locator("img").evaluate("img => img.complete && img.naturalWidth") == 128
     (body,) = bodies
     assert body["kind"] == "txt2img" and body["params"]["seed"] == 1234 and "loras" not in body["params"]
+    assert not {"timestep_spacing", "guidance_end"} & set(body["params"])  # empty: the server's defaults
     # One click reuses the seed; the download is the image.
     page.fill("#seed", "")
     card.locator("button.reuse-seed").click()
@@ -408,6 +429,39 @@ def test_a_lora_picked_from_the_list_changes_the_request(open_page, app_url):
     assert "loras" not in without["params"]
     assert with_lora["params"]["loras"] == [{"name": "pastel", "weight": 0.8}]
     assert {key: value for key, value in with_lora["params"].items() if key != "loras"} == without["params"]
+
+
+def test_advanced_settings_are_sent_and_the_servers_refusals_shown(open_page, app_url):
+    """Timestep spacing and guidance end, offered from the schema config.json serves, go with the
+    request when set; the combinations the server refuses come back as its 400, shown, naming the field."""
+    page = open_page(app_url + "/playground/", refused=(400,))
+    bodies = _job_bodies(page)
+    page.fill("#prompt", "a green triangle")
+    _settings(page, steps=6, width=64, height=64, seed=5, guidance=5)
+    assert page.is_hidden("#timestep-spacing")  # folded away until asked for
+    page.click("#advanced summary")
+    assert page.locator("#timestep-spacing option").all_inner_texts() == ["default", "leading", "trailing", "linspace"]
+    assert page.get_attribute("#guidance-end", "placeholder") == "1"
+    assert page.get_attribute("#guidance-end", "max") == "1"
+    page.select_option("#timestep-spacing", "trailing")
+    page.fill("#guidance-end", "0.5")
+    page.click("#generate")
+    _wait_done(page)
+    assert page.locator("#gallery li").count() == 1
+    params = bodies[-1]["params"]
+    assert (params["scheduler"], params["timestep_spacing"], params["guidance_end"]) == ("euler", "trailing", 0.5)
+    # LCM takes no spacing: the server's 400 is shown and no job runs.
+    page.select_option("#scheduler", "lcm")
+    page.click("#generate")
+    page.locator("#error", has_text="timestep_spacing 'trailing' does not apply to scheduler 'lcm'").wait_for()
+    assert page.get_attribute("#progress-label", "data-status") == "failed"
+    # Guidance end without guidance: the same, naming guidance_end.
+    page.select_option("#scheduler", "euler")
+    page.fill("#guidance", "1")
+    page.click("#generate")
+    page.locator("#error", has_text="guidance_end 0.5 needs classifier-free guidance").wait_for()
+    assert page.get_attribute("#progress-label", "data-status") == "failed"
+    assert len(bodies) == 3 and page.locator("#gallery li").count() == 1
 
 
 def test_cancel_stops_a_running_job(open_page, app_url):

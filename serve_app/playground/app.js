@@ -116,6 +116,19 @@ function fillForm(config) {
   const scheduler = $("scheduler");
   for (const [id, name] of Object.entries(config.schedulers)) scheduler.append(new Option(name, id, false, id === defaults.scheduler));
   $("batch-title").textContent = `Batch of prompts (up to ${limits.max_batch_items})`;
+  fillAdvanced(config.advanced);
+}
+
+function fillAdvanced({ timestep_spacing: spacing, guidance_end: end }) {
+  // The request schema's own values, bounds and descriptions (config.json): nothing copied here.
+  const select = $("timestep-spacing");
+  for (const value of spacing.enum) select.append(new Option(value, value));
+  select.title = spacing.description;
+  const input = $("guidance-end");
+  input.min = end.exclusiveMinimum;
+  input.max = end.maximum;
+  input.placeholder = String(end.default);
+  input.title = end.description;
 }
 
 function wire() {
@@ -490,6 +503,8 @@ function generationParams(kind) {
     num_inference_steps: number("steps"),
     guidance_scale: number("guidance"),
     scheduler: $("scheduler").value,
+    timestep_spacing: $("timestep-spacing").value || undefined,
+    guidance_end: number("guidance-end"),
     seed: number("seed"),
   };
   const negative = $("negative-prompt").value;
