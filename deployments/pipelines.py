@@ -6,6 +6,7 @@ dtype. The tiny default is a trained model shipped as a diffusers folder and loa
 (`build_random_pipeline`) serve the full-size benchmarks and the start of training.
 """
 
+import functools
 import inspect
 import json
 import logging
@@ -103,9 +104,17 @@ def make_scheduler(scheduler_id: str, base_config: Any, timestep_spacing: Option
     # `from_config` ignores the keys no argument of the class takes, with a warning for each: a
     # log line per LCM or TCD row, since they are not registered as compatible with SDXL's Euler
     # config and do not take its `skip_prk_steps`. Dropped here instead, to the same effect.
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = _init_arguments(cls)
     config = {key: value for key, value in base_config.items() if key in accepted or key.startswith("_")}
     return cls.from_config(config, **overrides)
+
+
+@functools.cache
+def _init_arguments(cls: type[SchedulerMixin]) -> frozenset[str]:
+    """The argument names of `cls.__init__`. Cached by class: every admitted row makes its own
+    scheduler, and inspecting the signature each time would repeat the same work (a class's
+    signature does not change)."""
+    return frozenset(inspect.signature(cls.__init__).parameters)
 
 
 def resolve_device(spec: AnySpec) -> torch.device:
