@@ -56,6 +56,18 @@ VARIANTS: dict[str, dict] = {
             "batch_buckets": [1, 8],
         },
     },
+    # One graph for every bucket (dynamic batch and sizes): one compile per module instead of
+    # one per bucket, if its kernels are not slower than static ones.
+    "compile_vae_dynamic": {
+        "dtype": "float16",
+        "optimize": {
+            "channels_last": True,
+            "fuse_qkv": True,
+            "compile": "unet+vae",
+            "compile_dynamic": True,
+            "batch_buckets": [1, 8],
+        },
+    },
     "compile_cudagraphs": {
         "dtype": "float16",
         "optimize": {

@@ -694,6 +694,13 @@ class StepEngine:
                 finally:
                     self._warm_slot = None
         if self.decode_calls.buckets:
+            # A hypothesis, not yet verified: in 2 of 4 GPU runs the replica that had just compiled
+            # from an empty cache timed (and in one, served) 16-row calls at 407-435 ms where
+            # replicas that loaded the same graphs from the cache took 258-267 ms, while its 2-row
+            # calls were normal. Compiling allocates and frees in odd sizes; handing the cached
+            # blocks back gives the timed and served calls unfragmented memory
+            # (BENCHMARKS.md, "fourth run").
+            _release_cached_memory(self._pipe.device)
             self._time_buckets(request)
             logger.info(
                 "seconds per call by bucket: UNet %s, decode %s",
@@ -829,6 +836,11 @@ def _median_seconds(call, device: torch.device) -> float:
         _synchronize(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _synchronize(device: torch.device) -> None:
