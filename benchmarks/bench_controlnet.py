@@ -52,7 +52,10 @@ def main() -> None:
     memory_before = torch.cuda.memory_allocated() if device.type == "cuda" else None
     net = load_controlnet(net_spec, device, pipe.unet.dtype)
     memory_net = torch.cuda.memory_allocated() - memory_before if device.type == "cuda" else None
-    engine = StepEngine(pipe, max_rows=args.batch, controlnets={"net": net}, buckets=spec.optimize.buckets())
+    engine = StepEngine(
+        pipe, max_rows=args.batch, controlnets={"net": net}, buckets=spec.optimize.buckets(),
+        unguided_bucket=spec.optimize.unguided_bucket,
+    )
     side = args.size or spec.default_size[0]
     edges = np.zeros((side, side, 3), dtype=np.uint8)
     edges[side // 4 : 3 * side // 4, side // 4] = 255

@@ -103,7 +103,10 @@ def main() -> None:
     )
     memory["with_slots_gib"] = _memory(device)
     memory["slot_bytes"] = cache.slots.bytes()
-    engine = StepEngine(pipe, max_rows=args.batch, adapters=cache, buckets=spec.optimize.buckets())
+    engine = StepEngine(
+        pipe, max_rows=args.batch, adapters=cache, buckets=spec.optimize.buckets(),
+        unguided_bucket=spec.optimize.unguided_bucket,
+    )
     side = args.size or spec.default_size[0]
     request = GenerationRequest(prompt="a red circle", seed=0, width=side, height=side, num_inference_steps=2).with_defaults(spec)
     started = time.perf_counter()

@@ -5,9 +5,14 @@ with random weights (`sdxl-arch`): the real cost, noise images.
 
     python benchmarks/bench_pipeline.py --out $OUT                         # every variant below
     python benchmarks/bench_pipeline.py --variants baseline,bf16 --batches 1,8 --out $OUT
+    # few-step unguided requests (LCM/Lightning/Turbo), with and without the one-row UNet bucket:
+    python benchmarks/bench_pipeline.py --variants compile_vae,compile_vae_unguided --guidance 1.0 --steps 4 \
+        --batches 1,8 --out $OUT
 
-Variants are `ModelSpec.optimize` switch sets (see VARIANTS). Prints a table, writes
-`bench_pipeline.json` to --out. Run one variant per process (`--variants compile`) to measure a
+Variants are `ModelSpec.optimize` switch sets (see VARIANTS). Compiled variants time their buckets
+after each batch's first call, as a replica's warm-up does, so forwards are planned on measured
+costs (an unguided batch of 8 is 8 UNet rows: unmeasured, four calls of 2 would look cheaper than
+one of 16). Prints a table, writes `bench_pipeline.json` to --out. Run one variant per process (`--variants compile`) to measure a
 cold compile, then again with the same `--compile-cache` for the warm start.
 """
 
@@ -83,6 +88,17 @@ VARIANTS: dict[str, dict] = {
         "dtype": "float16",
         "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet+vae", "batch_buckets": [1, 8]},
     },
+    # A lone unguided image (guidance ≤ 1: one UNet row a step) runs a one-row call, not two rows.
+    "compile_vae_unguided": {
+        "dtype": "float16",
+        "optimize": {
+            "channels_last": True,
+            "fuse_qkv": True,
+            "compile": "unet+vae",
+            "batch_buckets": [1, 8],
+            "unguided_bucket": True,
+        },
+    },
     "fp8": {"dtype": "bfloat16", "optimize": {"fp8": True, "fuse_qkv": True}},
     "fp8_cl": {"dtype": "bfloat16", "optimize": {"fp8": True, "fuse_qkv": True, "channels_last": True}},
     "fp8_compile": {
@@ -114,15 +130,15 @@ def _cuda_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _request(size: int, steps: int, seed: int) -> GenerationRequest:
+def _request(args, seed: int) -> GenerationRequest:
     return GenerationRequest(
         prompt="a photo of a lighthouse on a cliff at dusk, detailed, 35mm",
         negative_prompt="blurry",
-        width=size,
-        height=size,
-        num_inference_steps=steps,
-        guidance_scale=5.0,
-        scheduler="euler",
+        width=args.size,
+        height=args.size,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        scheduler=args.scheduler,
         seed=seed,
     )
 
@@ -181,7 +197,9 @@ def bench_variant(name: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     pipe = load_pipeline(spec)
-    engine = StepEngine(pipe, max_rows=max(args.batches), buckets=spec.optimize.buckets())
+    engine = StepEngine(
+        pipe, max_rows=max(args.batches), buckets=spec.optimize.buckets(), unguided_bucket=spec.optimize.unguided_bucket
+    )
     load_s = time.perf_counter() - started
     row: dict = {
         "variant": name,
@@ -192,21 +210,21 @@ def bench_variant(name: str, args) -> dict:
     }
 
     first = time.perf_counter()
-    (probe,) = engine.generate([_request(args.size, args.steps, seed=0)])
+    (probe,) = engine.generate([_request(args, seed=0)])
     row["first_image_s"] = round(time.perf_counter() - first, 2)  # includes compile when on
     row["batches"], row["stages"] = {}, {}
+    requests = {batch: [_request(args, seed=i) for i in range(batch)] for batch in args.batches}
     for batch in args.batches:
-        requests = [_request(args.size, args.steps, seed=i) for i in range(batch)]
         warm_up = time.perf_counter()
-        engine.generate(requests)  # warm-up (compiles this bucket)
-        first_call_s = time.perf_counter() - warm_up
+        engine.generate(requests[batch])  # warm-up (compiles this bucket)
+        # includes this bucket's compile when on
+        row["batches"][batch] = {"first_call_s": round(time.perf_counter() - warm_up, 2)}
+    if spec.optimize.buckets():
+        engine.time_buckets(_request(args, seed=0))
+    for batch in args.batches:
         repeats = 3 if batch <= 4 else 2
-        latency = _cuda_time(lambda: engine.generate(requests), repeats)
-        row["batches"][batch] = {
-            "latency_s": round(latency, 3),
-            "img_per_s": round(batch / latency, 3),
-            "first_call_s": round(first_call_s, 2),  # includes this bucket's compile when on
-        }
+        latency = _cuda_time(lambda: engine.generate(requests[batch]), repeats)
+        row["batches"][batch].update(latency_s=round(latency, 3), img_per_s=round(batch / latency, 3))
         print(f"  {name} batch {batch}: {latency:.3f} s, {batch / latency:.3f} img/s", flush=True)
     if not args.no_stages:
         row["stages"] = {batch: stage_times(pipe, batch, args.size) for batch in sorted({1, max(args.batches)})}
@@ -226,6 +244,9 @@ def main() -> None:
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=5.0,
+                        help="guidance_scale of every request; ≤ 1 runs one UNet row a step (few-step models)")
+    parser.add_argument("--scheduler", default="euler", help="scheduler of every request (e.g. lcm, tcd, euler_a)")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers", "auto"],
                         help="attention kernel of variants that name none")
     parser.add_argument("--compile-cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "sdxl-compile"))
@@ -247,7 +268,10 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": _versions(),
-        "settings": {"size": args.size, "steps": args.steps, "attention": args.attention},
+        "settings": {
+            "size": args.size, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
+            "attention": args.attention,
+        },
         "rows": [],
     }
     rows = report["rows"]

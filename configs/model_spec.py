@@ -91,6 +91,16 @@ class OptimizeConfig(BaseModel):
         ),
     )
 
+    unguided_bucket: bool = Field(
+        False,
+        description=(
+            "Add a UNet call of one row to the compiled sizes: a row with guidance ≤ 1 (few-step "
+            "models, or past `guidance_end`) is one UNet row, which without it pads to the two rows "
+            "of a guided image. Costs one more compiled graph per branch and warm-up size at "
+            "warm-up; needs `compile` with batch buckets (not `compile_dynamic` alone)."
+        ),
+    )
+
     @field_validator("batch_buckets")
     @classmethod
     def _sorted_positive(cls, value: Optional[list[int]]) -> Optional[list[int]]:
@@ -114,6 +124,13 @@ class OptimizeConfig(BaseModel):
             raise ValueError(f"compile_scope {self.compile_scope!r} needs compile 'unet' or 'unet+vae'")
         if self.warmup_sizes and self.compile == "off":
             raise ValueError(f"warmup_sizes {self.warmup_sizes!r} needs compile 'unet' or 'unet+vae'")
+        # A bucket exists only for compiled static shapes: a dynamic graph (or an eager UNet)
+        # runs one row at its own size already.
+        if self.unguided_bucket and (self.compile == "off" or self.buckets() is None):
+            raise ValueError(
+                "unguided_bucket needs compile 'unet' or 'unet+vae' with batch buckets "
+                "(batch_buckets when compile_dynamic is on)"
+            )
         return self
 
     def buckets(self) -> Optional[list[int]]:

@@ -481,6 +481,23 @@ def test_when_one_padded_call_is_cheapest_every_row_takes_every_step(tiny_pipe):
     assert bucketed.stats()["deferred_row_steps"] == 0
 
 
+def test_a_guided_row_steps_when_one_row_calls_are_cheapest(tiny_pipe, engine):
+    """With the one-row bucket (`unguided_bucket`) timed at under half a call of two, a lone
+    guided row's cheapest plan is two calls of one row, neither of which holds the whole row: it
+    takes every step as those two calls (before, no row took the step and the engine looped on
+    empty forwards), and its image is unchanged."""
+    bucketed = StepEngine(tiny_pipe, max_rows=8, buckets=[1, 2], unguided_bucket=True)
+    bucketed.forward_calls.costs = {1: 1.0, 2: 3.0, 4: 6.0}
+    request = GenerationRequest(prompt="guided", seed=4, **SMALL)
+    control = bucketed.submit(_resolved(request))
+    for _ in range(SMALL["num_inference_steps"]):
+        bucketed.step()
+    assert control.done and isinstance(control.outcome, RunOutput), control.outcome
+    stats = bucketed.stats()
+    assert (stats["forwards"], stats["unet_calls"], stats["padded_unet_rows"]) == (3, 6, 0)
+    assert np.abs(control.outcome.image - _alone(engine, request)).max() <= FIDELITY_ATOL
+
+
 @pytest.mark.parametrize(
     "count, costs, sizes",
     [

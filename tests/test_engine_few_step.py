@@ -179,3 +179,46 @@ def test_an_lcm_row_sharing_forwards_with_an_euler_row_equals_each_alone(engine)
     assert [outcome.batch_size for outcome in together] == [2, 2]  # they did share forwards
     for outcome, image in zip(together, alone):
         assert np.abs(outcome.image - image).max() <= FIDELITY_ATOL
+
+
+def test_the_unguided_bucket_runs_a_lone_unguided_row_unpadded_and_never_recompiles(tiny_pipe):
+    """`optimize.unguided_bucket`: the warm-up compiles a UNet call of one row at the default size
+    and at each of `warmup_sizes`, so a lone unguided request runs one UNet row a step with no
+    padding, and neither it, a guided request nor a mix recompiles the warmed UNet. Its image
+    equals the one padded to two rows. Dynamo's limit is set below the warm-up's 6 graphs (3 UNet
+    buckets at 2 sizes), as a GPU replica's 12 (buckets [1, 8], the one-row bucket, LoRA slots, one
+    warm-up size) exceed its default 8, and hitting it fails: the warm-up must make room."""
+    from configs.app_args import BatchingConfig
+    from deployments.engine.factory import EngineFactory
+    from deployments.pipelines import load_pipeline
+
+    optimize = {
+        "compile": "unet", "compile_backend": "eager", "batch_buckets": [1, 2], "warmup_sizes": [[96, 64]],
+        "unguided_bucket": True,
+    }
+    spec = TinySpec(device="cpu", default_size=(64, 64), optimize=optimize)
+    unguided = [
+        GenerationRequest(prompt="a red circle", seed=5, num_inference_steps=3, guidance_scale=1.0, width=width, height=64)
+        for width in (64, 96)
+    ]
+    guided = GenerationRequest(prompt="a blue square", seed=6, num_inference_steps=3, guidance_scale=5.0, **SIZE)
+    images = []
+    with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+        engine = EngineFactory(
+            spec.model_dump(mode="json"), BatchingConfig(max_batch_size=2).model_dump(mode="json"),
+            pipeline_factory=load_pipeline,
+        )(None)
+        assert engine.forward_calls.buckets == [1, 2, 4] and engine.decode_calls.buckets == [1, 2]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for request in unguided:
+                before = engine.stats()
+                images.append(_one(engine, request).image)
+                after = engine.stats()
+                counts = [after[name] - before[name] for name in ("unet_calls", "unet_rows", "padded_unet_rows")]
+                assert counts == [3, 3, 0]  # one row a step, unpadded
+            _one(engine, guided)
+            mixed = engine.generate([request.with_defaults(SPEC) for request in (guided, *unguided)])
+    assert all(isinstance(outcome, RunOutput) for outcome in mixed)
+    padding = StepEngine(tiny_pipe, buckets=[1, 2])  # each unguided row padded to two
+    for request, image in zip(unguided, images):
+        assert np.abs(image - _one(padding, request).image).max() <= FIDELITY_ATOL

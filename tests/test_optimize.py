@@ -59,7 +59,16 @@ def test_regional_compile_compiles_each_transformer_block_and_keeps_the_image(ti
     assert np.abs(outcome.image - baseline).max() <= 1e-4
 
 
-@pytest.mark.parametrize("setting", [{"compile_scope": "regional"}, {"warmup_sizes": [[256, 256]]}])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"compile_scope": "regional"},
+        {"warmup_sizes": [[256, 256]]},
+        {"unguided_bucket": True},
+        # A dynamic graph runs any batch size: without batch_buckets there is no bucket to add.
+        {"unguided_bucket": True, "compile": "unet", "compile_dynamic": True},
+    ],
+)
 def test_compile_settings_without_compile_are_refused(setting):
     with pytest.raises(ValueError, match=next(iter(setting))):
         OptimizeConfig(**setting)

@@ -81,6 +81,7 @@ class EngineFactory:
             max_waiting=self.max_waiting,
             # The speed switches are the base's: the refiner runs eager, at any batch size.
             buckets=None if self.refiner is not None else spec.optimize.buckets(),
+            unguided_bucket=self.refiner is None and spec.optimize.unguided_bucket,
             adapters=adapters,
             controlnets=controlnets,
             refiner=self.refiner is not None,

@@ -43,6 +43,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence
 import numpy as np
 import torch
 from diffusers import ControlNetModel, StableDiffusionXLPipeline
+from diffusers.models.attention import BasicTransformerBlock
 
 from deployments.engine.calls import CallPlanner
 from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
@@ -62,6 +63,8 @@ _RECENT = 10_000
 _RATE_WINDOW_S = 10.0
 #: Calls timed per bucket at warm-up (the median is the bucket's cost).
 _TIMED_CALLS = 3
+#: Graphs dynamo may compile per code object beyond the warm-up's: its default `recompile_limit`.
+_UNWARMED_GRAPHS = 8
 
 
 class EngineObserver(Protocol):
@@ -117,6 +120,7 @@ class StepEngine:
         batch_wait_s: float = 0.0,
         max_waiting: Optional[int] = None,
         buckets: Optional[Sequence[int]] = None,
+        unguided_bucket: bool = False,
         adapters: Optional[AdapterCache] = None,
         controlnets: Optional[Mapping[str, ControlNetModel]] = None,
         refiner: bool = False,
@@ -127,10 +131,12 @@ class StepEngine:
         """`max_rows`: most requests denoising at once. `max_waiting`: most requests waiting to be
         admitted (beyond it `submit` raises a 503); None is unbounded. `buckets`: the image batch
         sizes compiled graphs exist for; a forward of guided rows runs at twice these (each image
-        is an unconditional and a conditional UNet row), a decode at these. `adapters`: the LoRA
-        sets rows may use (None: requests with LoRAs are refused). `controlnets`: the ControlNets
-        this engine hosts, by name (requests naming another are refused). `refiner`: `pipeline` is a
-        refiner, which runs the refiner stage of requests (those with a `handoff`) and nothing else.
+        is an unconditional and a conditional UNet row), a decode at these. `unguided_bucket`: a
+        UNet call of one row is compiled too, so a lone row with guidance ≤ 1 (one UNet row) runs
+        unpadded (needs `buckets`). `adapters`: the LoRA sets rows may use (None: requests with
+        LoRAs are refused). `controlnets`: the ControlNets this engine hosts, by name (requests
+        naming another are refused). `refiner`: `pipeline` is a refiner, which runs the refiner
+        stage of requests (those with a `handoff`) and nothing else.
         `vae_tiling_above`: VAE encodes and decodes of images above this many pixels run tiled.
         `background`: work `run` does a unit at a time when no request is active or waiting (a
         `TrainingQueue`); requests always go first."""
@@ -142,7 +148,8 @@ class StepEngine:
         self.scheduling = scheduling
         self.batch_wait_s = batch_wait_s
         self.max_waiting = max_waiting
-        self.forward_calls = CallPlanner([2 * size for size in buckets] if buckets else None)
+        self.unguided_bucket = unguided_bucket
+        self.forward_calls = CallPlanner(_unet_buckets(buckets, unguided_bucket))
         self.decode_calls = CallPlanner(buckets)
         self.adapters = adapters
         self.controlnets = dict(controlnets or {})
@@ -390,15 +397,19 @@ class StepEngine:
         each image finishing 2-5× later than it would alone; so one call runs, taking the rows due
         earliest (shortest work first, and since a waiting row's due step does not move, every row
         is reached), the others wait a step. Without compiled sizes (one call of any size) every
-        row takes every step."""
+        row takes every step. With a one-row bucket (`unguided_bucket`) the first call may be one
+        row, which holds no guided row: then the row due first takes the step alone, as calls of
+        one row (else no row would ever step)."""
         calls = self.forward_calls.split(sum(row.unet_rows() for row in rows))
         if len(calls) == 1:
             return rows
+        by_due = sorted(rows, key=lambda row: row.due)  # stable: admission order among equals
         taking, room = [], calls[0]
-        for row in sorted(rows, key=lambda row: row.due):  # stable: admission order among equals
+        for row in by_due:
             if row.unet_rows() <= room:
                 taking.append(row)
                 room -= row.unet_rows()
+        taking = taking or by_due[:1]
         with self._lock:
             self._stats.deferred(len(rows) - len(taking))
         return taking
@@ -668,9 +679,10 @@ class StepEngine:
 
     def warmup(self, request: GenerationRequest, image_sizes: Sequence[tuple[int, int]] = ()) -> None:
         """Compile (or load from the compile cache) every bucket before serving: run `request`
-        at each image bucket size to completion, and again at each of `image_sizes` (width,
-        height), then time one UNet call and one decode per bucket at `request`'s size, the
-        costs forwards and decodes are split by."""
+        at each image bucket size to completion (and unguided at one image, with
+        `unguided_bucket`), and again at each of `image_sizes` (width, height), then time one UNet
+        call and one decode per bucket at `request`'s size, the costs forwards and decodes are
+        split by."""
         sizes = self.decode_calls.buckets or [1]
         # Each latent shape is a graph of its own (a hires pass's 2048² as much as a plain
         # request's), and so is each branch a forward can take: plain; steered (residuals passed
@@ -681,16 +693,14 @@ class StepEngine:
         requests += [request.model_copy(update={"width": w, "height": h}) for w, h in image_sizes]
         if self.controlnets:
             requests += [self._steered_by_every_controlnet(plain) for plain in list(requests)]
-        for warm in requests:
-            for size in sizes:
-                self._warm(warm, size)
+        graphs_per_bucket = len(requests) * (2 if self.adapters is not None else 1)  # shapes × branches
+        _make_room_for(graphs_per_bucket * len(self.forward_calls.buckets or [1]), self._pipe.unet)
+        self._warm_branches(requests, sizes)
         if self.adapters is not None:
             with self.adapters.zero_slot() as slot:
                 self._warm_slot = slot
                 try:
-                    for warm in requests:
-                        for size in sizes:
-                            self._warm(warm, size)
+                    self._warm_branches(requests, sizes)
                 finally:
                     self._warm_slot = None
         if self.decode_calls.buckets:
@@ -701,7 +711,7 @@ class StepEngine:
             # blocks back gives the timed and served calls unfragmented memory
             # (BENCHMARKS.md, "fourth run").
             _release_cached_memory(self._pipe.device)
-            self._time_buckets(request)
+            self.time_buckets(request)
             logger.info(
                 "seconds per call by bucket: UNet %s, decode %s",
                 {k: round(v, 4) for k, v in self.forward_calls.costs.items()},
@@ -714,21 +724,38 @@ class StepEngine:
         blank = np.zeros((request.height, request.width, 3), dtype=np.uint8)
         return request.model_copy(update={"controlnets": tuple(ControlRef(name=name, image=blank) for name in self.controlnets)})
 
+    def _warm_branches(self, requests: list[GenerationRequest], sizes: Sequence[int]) -> None:
+        """Each request at each image bucket; with `unguided_bucket`, also alone and unguided:
+        its one UNet row is the one-row graph, which no guided request runs."""
+        for warm in requests:
+            for size in sizes:
+                self._warm(warm, size)
+            if self.unguided_bucket:
+                self._warm(_unguided(warm), 1)
+
     def _warm(self, request: GenerationRequest, size: int) -> None:
         for index in range(size):
             self.submit(request.model_copy(update={"request_id": f"warmup-{size}-{index}"}))
         self.run_until_idle()
 
     @torch.inference_mode()
-    def _time_buckets(self, request: GenerationRequest) -> None:
-        """The median of `_TIMED_CALLS` calls per bucket: one call's time is not enough to plan a
-        replica's life on (H200, compiled, 16 UNet rows: one timing each gave 267 ms on one
-        replica and 441 ms on the next, and the second batched only from 8 images instead of 6)."""
-        (embeds,) = self._rows.encode([request])
-        row = self._rows.prepare(request, RequestControl(), embeds, time.perf_counter())
+    def time_buckets(self, request: GenerationRequest) -> None:
+        """Measure the cost of one UNet call and one decode per bucket at `request`'s size (the
+        warm-up's last part; a benchmark that compiles its buckets itself calls it to plan calls
+        as a served replica does). The median of `_TIMED_CALLS` calls per bucket: one call's time
+        is not enough to plan a replica's life on (H200, compiled, 16 UNet rows: one timing each
+        gave 267 ms on one replica and 441 ms on the next, and the second batched only from 8
+        images instead of 6)."""
+        requests = [request, _unguided(request)]
+        row, unguided = (
+            self._rows.prepare(each, RequestControl(), embeds, time.perf_counter())
+            for each, embeds in zip(requests, self._rows.encode(requests))
+        )
         device = row.latents.device
         for size in self.forward_calls.buckets:
-            rows = [row] * (size // row.unet_rows())
+            # A guided row fills even buckets only: the one-row bucket is timed with an unguided row.
+            filling = row if size % row.unet_rows() == 0 else unguided
+            rows = [filling] * (size // filling.unet_rows())
             self.forward_calls.costs[size] = _median_seconds(lambda: self._unet(rows), device)
         for size in self.decode_calls.buckets:
             latents = row.latents.repeat(size, 1, 1, 1)
@@ -791,6 +818,29 @@ def _sharing_groups(rows: list[Row]) -> list[list[Row]]:
     return list(groups.values())
 
 
+def _make_room_for(graphs: int, unet: torch.nn.Module) -> None:
+    """Dynamo keeps at most `recompile_limit` graphs per code object (8 by default); past it a
+    frame runs eager, silently, and a regional (fullgraph) compile fails the call instead. The
+    warm-up compiles `graphs` UNet graphs, one per latent shape, UNet bucket and branch (12 with
+    buckets [1, 8], the unguided bucket, LoRA slots and one of `warmup_sizes`), and a regional
+    compile that many per transformer-block width (SDXL's: 640 and 1280): the limit makes room for
+    all of them, plus dynamo's default for a size the warm-up did not run (which compiles on its
+    first request, as it would on a replica warmed with fewer graphs)."""
+    widths = len({block.dim for block in unet.modules() if isinstance(block, BasicTransformerBlock)}) or 1
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, graphs * widths + _UNWARMED_GRAPHS)
+
+
+def _unet_buckets(buckets: Optional[Sequence[int]], unguided_bucket: bool) -> Optional[list[int]]:
+    """The UNet-row sizes compiled graphs exist for: twice the image `buckets` (a guided image is
+    two UNet rows), and one row with `unguided_bucket` (a lone row with guidance ≤ 1 would pad to two)."""
+    if not buckets:
+        if unguided_bucket:
+            raise ValueError("unguided_bucket needs buckets")
+        return None
+    return ([1] if unguided_bucket else []) + [2 * size for size in buckets]
+
+
 def _smaller_calls(group: list[int], weights: list[int], planner: Optional[CallPlanner]) -> list[list[int]]:
     """The calls the items `group` (indexes into `weights`) run as after their call ran out of
     memory, in order; none when no smaller call exists: one item, or, with buckets, a call that
@@ -846,6 +896,11 @@ def _release_cached_memory(device: torch.device) -> None:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _unguided(request: GenerationRequest) -> GenerationRequest:
+    """`request` without classifier-free guidance: one UNet row a step."""
+    return request.model_copy(update={"guidance_scale": 1.0})
 
 
 def _is_resolved(request: GenerationRequest) -> bool:
