@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_suite.sh controlnet # in-process: step-time overhead of ControlNet rows, full-size ControlNet (needs no Ray)
 #   bash benchmarks/gpu_suite.sh controlnet_http # over HTTP: a ControlNet variant under load, base + variant sharing one GPU
 #   bash benchmarks/gpu_suite.sh refiner    # over HTTP: base-only vs refined latency, half refined under load, replica ratio
+#   bash benchmarks/gpu_suite.sh fewstep    # in-process: 4-step unguided requests, compiled with and without the one-row UNet bucket (needs no Ray)
 #   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh training   # in-process: LoRA training steps/s (rank 16, 64), pause latency (needs no Ray)
 #   bash benchmarks/gpu_suite.sh soak       # over HTTP: a long mixed load (LoRAs, ControlNet, refiner), GPU memory sampled
@@ -28,7 +29,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, hires, training, soak or scaleout}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, hires, training, soak or scaleout}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -210,6 +211,13 @@ refiner)
   # 1024², 30 steps, ensemble at 0.8.
   python3 benchmarks/bench_refiner.py --model "$base" --refiner '{"source": "sdxl-arch"}' --size 1024 --steps 30 \
     --switch-at 0.8 --requests ${REQUESTS:-8} --clients 16 --rounds 2 --engine-gpus 0.5 --engine-cpus 4 --ray-cpus 10 --out "$OUT/refiner"
+  ;;
+fewstep)
+  # Few-step serving (issue #21): 4 Euler steps unguided (what SDXL-Lightning/Turbo-style LoRAs
+  # run), the served compile against the same with the one-row UNet bucket, batches 1 and 8, in
+  # process (needs no Ray). Random weights: this measures cost, not images.
+  python3 benchmarks/bench_pipeline.py --variants compile_vae,compile_vae_unguided --guidance 1.0 --steps 4 \
+    --batches 1,8 --no-stages --compile-cache "$CACHE" --tag fewstep --out "$OUT"
   ;;
 hires)
   # 30 steps at 1024², then 15 at 2048² (38 scheduler steps at strength 0.4), eager fp16: one image

@@ -514,6 +514,22 @@ def test_plan_calls_takes_the_cheapest_split(count, costs, sizes):
     assert sum(sizes) == count
 
 
+def test_a_warm_up_request_that_fails_fails_the_start(tiny_pipe, monkeypatch):
+    # A UNet that cannot run the 2-image bucket (as a compiled graph past its recompile limit or
+    # out of memory would): the replica must not start and report healthy.
+    forward = tiny_pipe.unet.forward
+
+    def failing_at_four_rows(sample, *args, **kwargs):
+        if sample.shape[0] == 4:
+            raise RuntimeError("no graph for 4 rows")
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.unet, "forward", failing_at_four_rows)
+    engine = StepEngine(tiny_pipe, max_rows=4, buckets=[1, 2])
+    with pytest.raises(RuntimeError, match=r"warm-up failed running 2 image\(s\) of 64x64"):
+        engine.warmup(_resolved(GenerationRequest(prompt="w", seed=0, **{**SMALL, "num_inference_steps": 2})))
+
+
 def test_warmup_compiles_every_bucket_then_times_each(tiny_pipe):
     engine = StepEngine(tiny_pipe, max_rows=4, buckets=[1, 2])
     assert engine.forward_calls.costs == {2: 2.0, 4: 4.0}  # until measured: the padded size

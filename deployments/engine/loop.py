@@ -734,9 +734,16 @@ class StepEngine:
                 self._warm(_unguided(warm), 1)
 
     def _warm(self, request: GenerationRequest, size: int) -> None:
-        for index in range(size):
-            self.submit(request.model_copy(update={"request_id": f"warmup-{size}-{index}"}))
-        self.run_until_idle()
+        """Run `request` as `size` images at once; a failure fails the warm-up: a replica whose
+        compiled graph cannot run (a fullgraph break, a recompile limit, out of memory at a bucket)
+        must not report healthy and fail requests that take that branch."""
+        outcomes = self.generate([request.model_copy(update={"request_id": f"warmup-{size}-{index}"}) for index in range(size)])
+        failed = next((outcome for outcome in outcomes if isinstance(outcome, ServiceError)), None)
+        if failed is not None:
+            raise RuntimeError(
+                f"warm-up failed running {size} image(s) of {request.width}x{request.height} "
+                f"(guidance {request.guidance_scale}, controlnets {len(request.controlnets)}): {failed.message}"
+            )
 
     @torch.inference_mode()
     def time_buckets(self, request: GenerationRequest) -> None:
