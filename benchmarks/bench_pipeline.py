@@ -12,8 +12,9 @@ with random weights (`sdxl-arch`): the real cost, noise images.
 Variants are `ModelSpec.optimize` switch sets (see VARIANTS). Compiled variants time their buckets
 after each batch's first call, as a replica's warm-up does, so forwards are planned on measured
 costs (an unguided batch of 8 is 8 UNet rows: unmeasured, four calls of 2 would look cheaper than
-one of 16). Prints a table, writes `bench_pipeline.json` to --out. Run one variant per process (`--variants compile`) to measure a
-cold compile, then again with the same `--compile-cache` for the warm start.
+one of 16). Prints a table, writes `bench_pipeline.json` to --out. Run one variant per process
+(`--variants compile`) to measure a cold compile, then again with the same `--compile-cache` for
+the warm start.
 """
 
 import argparse
