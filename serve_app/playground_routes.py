@@ -6,7 +6,8 @@ loads comes from here, and its Content-Security-Policy says so. It holds no data
 stay open with auth on; the API calls it makes carry the key typed into it (kept in the browser's
 `sessionStorage`). None of these routes is in the OpenAPI schema. `config.json` tells the page the
 deployment's defaults and limits (what `/openapi.json` states too) and the request schema of its
-advanced fields; which optional parts to show (LoRAs, ControlNets, the refiner) it asks the API itself.
+advanced fields and numeric controls (bounds, steps, defaults, descriptions: the page copies none);
+which optional parts to show (LoRAs, ControlNets, the refiner) it asks the API itself.
 """
 
 from pathlib import Path
@@ -18,12 +19,35 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from configs.app_args import AppArgs
 from configs.schedulers import SCHEDULERS
 from serve_app.openapi import body_schema, side_bounds
-from serve_app.protocol import Img2ImgRequest
+from serve_app.protocol import Img2ImgRequest, InpaintRequest, Txt2ImgJob, Txt2ImgRequest
 
 #: Request fields the page offers as advanced settings, empty unless set: their allowed values,
 #: bounds, default and description come from the request schema (their one definition), so the
 #: page follows it rather than copying it.
 ADVANCED_FIELDS = ("timestep_spacing", "guidance_end")
+#: The request fields the page's other numeric controls set (`a.b`: field `b` of the object `a`, or
+#: of each item of the list `a`), with the request whose schema states each: the page takes their
+#: bounds, integer steps, defaults and descriptions (its tooltips) from config.json's `fields`. Where
+#: the deployment bounds a field further (steps, the sides, `n`), the page takes that from `limits`,
+#: as `/openapi.json` writes those limits over the same fields.
+FIELDS: dict[str, type] = {
+    "width": Img2ImgRequest,
+    "height": Img2ImgRequest,
+    "num_inference_steps": Img2ImgRequest,
+    "guidance_scale": Img2ImgRequest,
+    "seed": Img2ImgRequest,
+    "n": Txt2ImgJob,
+    "strength": Img2ImgRequest,
+    "mask_blur": InpaintRequest,
+    "loras.weight": Img2ImgRequest,
+    "controlnet.conditioning_scale": Img2ImgRequest,
+    "controlnet.guidance_start": Img2ImgRequest,
+    "controlnet.guidance_end": Img2ImgRequest,
+    "refiner.switch_at": Img2ImgRequest,
+    "refiner.strength": Img2ImgRequest,
+    "hires.scale": Txt2ImgRequest,
+    "hires.strength": Txt2ImgRequest,
+}
 #: The page's files, in the package (`[tool.setuptools.package-data]`).
 STATIC_DIR = Path(__file__).resolve().parent / "playground"
 _MEDIA_TYPES = {
@@ -72,6 +96,7 @@ def page_config(args: AppArgs) -> dict[str, Any]:
         },
         "schedulers": SCHEDULERS,
         "advanced": advanced_fields(),
+        "fields": field_schemas(),
     }
 
 
@@ -79,8 +104,26 @@ def advanced_fields() -> dict[str, dict[str, Any]]:
     """The schema of each of `ADVANCED_FIELDS` as `/openapi.json` states it for `/v1/img2img`'s
     multipart form (every generation kind shares these fields): there an optional field is absent
     rather than null, as the page leaves an empty control out of its request."""
-    form = body_schema(Img2ImgRequest)["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form = _form(Img2ImgRequest)
     return {name: form["properties"][name] for name in ADVANCED_FIELDS}
+
+
+def field_schemas() -> dict[str, dict[str, Any]]:
+    """The schema of each of `FIELDS` in its request's multipart form, as `advanced_fields`'s (an
+    optional field absent rather than null; a request served as JSON only, or a job's `n`, states
+    the same bounds there), without the deployment's limits (`page_config`'s `limits`)."""
+    forms = {model: _form(model) for model in set(FIELDS.values())}
+    schemas = {}
+    for path, model in FIELDS.items():
+        node = forms[model]
+        for name in path.split("."):
+            node = node.get("items", node)["properties"][name]
+        schemas[path] = node
+    return schemas
+
+
+def _form(model: type) -> dict[str, Any]:
+    return body_schema(model)["requestBody"]["content"]["multipart/form-data"]["schema"]
 
 
 def install_playground(app: FastAPI, args: AppArgs) -> None:

@@ -2,8 +2,9 @@
 Chromium (Debian's, driven by Playwright's Python package; `.ci/run` installs both, no browser is
 downloaded) against the whole app on a real socket, over the in-process tiny-model engines and a
 real job manager: txt2img with a moving progress bar and the seed shown, inpainting with a mask
-painted with the mouse, a LoRA picked from the list, the advanced settings (and the server's 400s
-shown), cancel, a ControlNet map, a batch ZIP, and an API key kept in the tab's session. A
+painted with the mouse, a LoRA picked from the list, every numeric control bounded and explained as
+the request schema states it (config.json's `fields`, checked against `/openapi.json`), the
+advanced settings (and the server's 400s shown), cancel, a ControlNet map, a batch ZIP, and an API key kept in the tab's session. A
 screenshot of the finished page is saved under `bench-out/playground/` (and as
 `docs/playground.png` with `UPDATE_SCREENSHOT=1`).
 """
@@ -178,6 +179,64 @@ def test_the_pages_are_served_open_and_outside_the_schema(app_url, auth_url):
         assert http.get("/v1/loras").status_code == 401  # the API still is not open
 
 
+#: The keywords of a field's schema the page follows: its bounds, type (integer: steps of one, or
+#: `multipleOf`), default and description (the control's tooltip).
+FOLLOWED = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "default", "description")
+
+
+def _followed(prop: dict) -> dict:
+    """`FOLLOWED` of a property, from its non-null branch where it is nullable (a JSON body's)."""
+    branches = [branch for branch in prop.get("anyOf", []) if branch.get("type") != "null"]
+    merged = {**prop, **(branches[0] if len(branches) == 1 else {})}
+    return {key: merged[key] for key in FOLLOWED if key in merged and merged[key] is not None}
+
+
+def test_the_controls_bounds_are_the_served_schemas(app_url):
+    """config.json's `fields`, the schema of each numeric control, state what `/openapi.json` states
+    for the same request field; where the deployment bounds a field further, the served schema's
+    bound is config.json's `limits` (what the page applies)."""
+    with httpx.Client(base_url=app_url, timeout=30) as http:
+        config = http.get("/playground/config.json").json()
+        schema = http.get("/openapi.json").json()
+    fields, limits = config["fields"], config["limits"]
+
+    def form(route: str) -> dict:
+        return schema["paths"][route]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+
+    img2img, components = form("/v1/img2img"), schema["components"]["schemas"]
+    served = {name: img2img[name] for name in ("width", "height", "num_inference_steps", "guidance_scale", "seed", "strength")}
+    served |= {
+        "n": components["Txt2ImgJob"]["properties"]["n"],  # POST /v1/jobs, which the page calls
+        "mask_blur": form("/v1/inpaint")["mask_blur"],
+        "loras.weight": img2img["loras"]["items"]["properties"]["weight"],
+        **{f"controlnet.{name}": img2img["controlnet"]["properties"][name] for name in ("conditioning_scale", "guidance_start", "guidance_end")},
+        **{f"refiner.{name}": img2img["refiner"]["properties"][name] for name in ("switch_at", "strength")},
+        **{f"hires.{name}": components["HiresSettings"]["properties"][name] for name in ("scale", "strength")},
+    }
+    assert set(fields) == set(served)
+    sides = {"minimum": limits["min_side"], "maximum": limits["max_side"]}
+    deployment = {
+        "width": sides,
+        "height": sides,
+        "num_inference_steps": {"maximum": limits["max_steps"]},
+        "n": {"maximum": limits["max_n"]},
+    }
+    for name, prop in served.items():
+        mine, theirs = _followed(fields[name]), _followed(prop)
+        for key, limit in deployment.get(name, {}).items():
+            assert theirs.pop(key) == limit, (name, key)  # the page takes these from `limits`
+            mine.pop(key, None)
+        if name in ("width", "height"):  # the served text states the deployment's sides
+            assert f"{limits['min_side']} to {limits['max_side']}" in theirs.pop("description")
+            mine.pop("description")
+        assert mine == theirs, name
+        assert fields[name].get("description"), name  # every control gets a tooltip
+    # Spot checks of what the page applies (the browser test reads them back).
+    assert (fields["guidance_scale"]["minimum"], fields["guidance_scale"]["maximum"]) == (0, 50)
+    assert (fields["controlnet.conditioning_scale"]["maximum"], fields["hires.scale"]["exclusiveMinimum"]) == (4, 1)
+    assert fields["controlnet.guidance_end"]["description"] != config["advanced"]["guidance_end"]["description"]
+
+
 def test_the_page_loads_nothing_from_elsewhere():
     """No CDN, no external fonts: every URL in the page's files is relative or the API's."""
     import re
@@ -342,6 +401,58 @@ def test_the_page_loads_clean_and_shows_what_the_server_offers(open_page, app_ur
             .filter(node => !node.labels.length && !node.getAttribute("aria-label")).map(node => node.id)"""
     )
     assert unlabelled == []
+
+
+def test_the_controls_bounds_and_tooltips_come_from_config(open_page, app_url):
+    """Every numeric control's min, max, integer step, default and tooltip are what config.json
+    serves (its `fields`, the request schema's, and its `limits`): index.html states none."""
+    config = httpx.get(f"{app_url}/playground/config.json", timeout=30).json()
+    fields, limits = config["fields"], config["limits"]
+    page = open_page(app_url + "/playground/")
+    page.click("#advanced summary")
+
+    def control(id_: str) -> dict:
+        return page.locator(f"#{id_}").evaluate(
+            "node => ({min: node.min, max: node.max, step: node.step, value: node.value, title: node.title})"
+        )
+
+    # Bounds: (min, max) as numbers; an exclusive bound is the control's nearest step inside it.
+    expected = {
+        "guidance": (fields["guidance_scale"]["minimum"], fields["guidance_scale"]["maximum"]),
+        "steps": (fields["num_inference_steps"]["minimum"], limits["max_steps"]),
+        "width": (limits["min_side"], limits["max_side"]),
+        "n": (fields["n"]["minimum"], limits["max_n"]),
+        "seed": (fields["seed"]["minimum"], fields["seed"]["maximum"]),
+        "strength": (fields["strength"]["exclusiveMinimum"] + 0.01, fields["strength"]["maximum"]),
+        "mask-blur": (fields["mask_blur"]["minimum"], fields["mask_blur"]["maximum"]),
+        "control-scale": (0, fields["controlnet.conditioning_scale"]["maximum"]),
+        "control-end": (0, fields["controlnet.guidance_end"]["maximum"]),
+        "refiner-switch": (fields["refiner.switch_at"]["exclusiveMinimum"] + 0.05, fields["refiner.switch_at"]["exclusiveMaximum"] - 0.05),
+        "hires-scale": (fields["hires.scale"]["exclusiveMinimum"] + 0.25, fields["hires.scale"]["maximum"]),
+        "guidance-end": (config["advanced"]["guidance_end"]["exclusiveMinimum"] + 0.05, 1),
+    }
+    for id_, (low, high) in expected.items():
+        seen = control(id_)
+        assert (float(seen["min"]), float(seen["max"])) == pytest.approx((low, high)), id_
+    assert (float(control("guidance")["max"]), float(control("hires-scale")["min"])) == (50, 1.25)
+    # Integer fields step as their schema does; schema defaults fill the controls that send them.
+    assert [control(id_)["step"] for id_ in ("width", "steps", "n", "seed", "mask-blur")] == ["8", "1", "1", "1", "1"]
+    assert (control("n")["value"], control("mask-blur")["value"]) == ("1", "0")
+    assert [control(id_)["value"] for id_ in ("control-scale", "control-start", "control-end")] == ["1", "0", "1"]
+    # Tooltips: the schema's descriptions; the ControlNet's end is told apart from guidance's end.
+    assert control("guidance")["title"] == fields["guidance_scale"]["description"]
+    assert control("hires-strength")["title"] == fields["hires.strength"]["description"]
+    assert control("control-end")["title"] == fields["controlnet.guidance_end"]["description"]
+    assert control("guidance-end")["title"] == config["advanced"]["guidance_end"]["description"]
+    assert page.inner_text("label[for=control-end]") == "Control end"
+    assert page.inner_text("label[for=guidance-end]") == "Guidance end"
+    weight = page.get_by_label("Weight of pastel")
+    assert [float(weight.get_attribute(name)) for name in ("min", "max", "value")] == [-4, 4, 1]
+    assert weight.get_attribute("title") == fields["loras.weight"]["description"]
+    assert "weights −4 to 4" in page.inner_text("#lora-hint")
+    # index.html itself bounds none of them: the page does not follow the schema by accident.
+    html = httpx.get(f"{app_url}/playground/index.html", timeout=30).text
+    assert 'max="50"' not in html and 'max="4"' not in html and 'min="1.25"' not in html
 
 
 def test_phone_width_fits_without_sideways_scrolling(open_page, app_url):

@@ -10,6 +10,26 @@
 const KEY_STORAGE = "sdxl-serve.api-key";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const $ = (id) => document.getElementById(id);
+// The page's numeric controls and the request field each sets: their bounds, integer steps,
+// defaults and tooltips come from that field's schema (config.json's `fields`). A LoRA's weight
+// ("loras.weight") is set on each weight field as the list is drawn.
+const FIELD_CONTROLS = {
+  width: "width",
+  height: "height",
+  steps: "num_inference_steps",
+  guidance: "guidance_scale",
+  seed: "seed",
+  n: "n",
+  strength: "strength",
+  "mask-blur": "mask_blur",
+  "control-scale": "controlnet.conditioning_scale",
+  "control-start": "controlnet.guidance_start",
+  "control-end": "controlnet.guidance_end",
+  "refiner-switch": "refiner.switch_at",
+  "refiner-strength": "refiner.strength",
+  "hires-scale": "hires.scale",
+  "hires-strength": "hires.strength",
+};
 
 const state = {
   config: null,
@@ -101,6 +121,13 @@ async function init() {
 
 function fillForm(config) {
   const { defaults, limits } = config;
+  for (const [id, field] of Object.entries(FIELD_CONTROLS)) {
+    const input = $(id);
+    const schema = config.fields[field];
+    applySchema(input, schema);
+    if (input.value === "" && schema.default !== undefined) input.value = String(schema.default);
+  }
+  // The model's defaults, and the deployment's limits (/openapi.json writes those over these schemas too).
   for (const side of ["width", "height"]) {
     const input = $(side);
     input.value = defaults[side];
@@ -125,10 +152,22 @@ function fillAdvanced({ timestep_spacing: spacing, guidance_end: end }) {
   for (const value of spacing.enum) select.append(new Option(value, value));
   select.title = spacing.description;
   const input = $("guidance-end");
-  input.min = end.exclusiveMinimum;
-  input.max = end.maximum;
+  applySchema(input, end);
   input.placeholder = String(end.default);
-  input.title = end.description;
+}
+
+function applySchema(input, schema) {
+  // A request field's bounds, integer step and description (the control's tooltip) from its
+  // schema. A number's `step` in index.html is only how finely the page offers it: an exclusive
+  // bound becomes the nearest step inside it.
+  if (schema.type === "integer") input.step = String(schema.multipleOf || 1);
+  const step = Number(input.step) || 0;
+  const inside = (bound, toward) => String(Number((bound + toward * step).toFixed(6)));
+  if (schema.minimum !== undefined) input.min = String(schema.minimum);
+  else if (schema.exclusiveMinimum !== undefined) input.min = inside(schema.exclusiveMinimum, 1);
+  if (schema.maximum !== undefined) input.max = String(schema.maximum);
+  else if (schema.exclusiveMaximum !== undefined) input.max = inside(schema.exclusiveMaximum, -1);
+  if (schema.description) input.title = schema.description;
 }
 
 function wire() {
@@ -264,7 +303,9 @@ function renderLoras(loras) {
   const list = $("lora-list");
   list.replaceChildren();
   const most = state.config.limits.max_loras;
-  $("lora-hint").textContent = `Blend up to ${most}, weights −4 to 4.`;
+  const schema = state.config.fields["loras.weight"];
+  const signed = (value) => String(value).replace("-", "−");
+  $("lora-hint").textContent = `Blend up to ${most}, weights ${signed(schema.minimum)} to ${signed(schema.maximum)}.`;
   loras.forEach((lora, index) => {
     const item = element("li");
     const box = element("input", { type: "checkbox", id: `lora-${index}`, value: lora.name });
@@ -273,9 +314,10 @@ function renderLoras(loras) {
     box.addEventListener("change", limitLoras);
     const label = element("label", { for: box.id }, lora.name);
     const weight = element("input", {
-      type: "number", id: `lora-${index}-weight`, min: "-4", max: "4", step: "0.05", value: "1",
+      type: "number", id: `lora-${index}-weight`, step: "0.05", value: String(schema.default),
       "aria-label": `Weight of ${lora.name}`,
     });
+    applySchema(weight, schema);
     const details = lora.fits
       ? `rank ${lora.rank} · ${(lora.components || []).join(", ")}${lora.builtin ? " · example" : ""}`
       : `does not fit this model: ${lora.error || "unknown"}`;
