@@ -446,7 +446,8 @@ def test_the_controls_bounds_and_tooltips_come_from_config(open_page, app_url):
     assert control("guidance-end")["title"] == config["advanced"]["guidance_end"]["description"]
     assert page.inner_text("label[for=control-end]") == "Control end"
     assert page.inner_text("label[for=guidance-end]") == "Guidance end"
-    weight = page.get_by_label("Weight of pastel")
+    # Exact: an earlier test in the session may have trained "pastel-trained" (its label holds this one's).
+    weight = page.get_by_label("Weight of pastel", exact=True)
     assert [float(weight.get_attribute(name)) for name in ("min", "max", "value")] == [-4, 4, 1]
     assert weight.get_attribute("title") == fields["loras.weight"]["description"]
     assert "weights −4 to 4" in page.inner_text("#lora-hint")
