@@ -11,12 +11,14 @@ checks they exist on the real class) and draws a flat image whose colour is its 
 import asyncio
 import contextlib
 import inspect
+import io
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from configs.app_args import AppArgs
 from deployments.lora_registry import describe
@@ -213,3 +215,8 @@ def post_concurrently(server: Any, path: str, bodies: list[dict]) -> list[httpx.
             return list(await asyncio.gather(*(client.post(path, json=body) for body in bodies)))
 
     return server.client.portal.call(post_all)
+
+
+def decoded_rgb(content: bytes) -> np.ndarray:
+    """An encoded image response's pixels, (H, W, 3) uint8."""
+    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))

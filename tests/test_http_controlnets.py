@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from deployments.canny import canny
-from tests.fakes import post_concurrently
+from tests.fakes import decoded_rgb, post_concurrently
 from training import judge, shapes
 from training.evaluate import held_out_scenes
 
@@ -32,9 +32,6 @@ def _png(pixels: np.ndarray) -> bytes:
 def _b64(pixels: np.ndarray) -> str:
     return base64.b64encode(_png(pixels)).decode()
 
-
-def _pixels(content: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
 
 
 def _completed(replica) -> int:
@@ -72,7 +69,7 @@ def _images(local_server, bodies: list[dict]) -> torch.Tensor:
     responses = post_concurrently(local_server, "/v1/txt2img", bodies)
     for response in responses:
         assert response.status_code == 200, response.text
-    return torch.stack([torch.from_numpy(_pixels(r.content).copy()).permute(2, 0, 1) for r in responses]).float() / 255
+    return torch.stack([torch.from_numpy(decoded_rgb(r.content).copy()).permute(2, 0, 1) for r in responses]).float() / 255
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +121,9 @@ def test_controlnet_requests_reach_their_variant_and_base_requests_never_do(loca
 def test_a_control_image_sets_the_size_and_others_are_resized_to_it(local_server):
     picture = np.zeros((96, 64, 3), dtype=np.uint8)
     body = {"prompt": "a blue circle", "num_inference_steps": 2, "controlnet": {"name": "canny", "image": _b64(picture)}}
-    assert _pixels(local_server.client.post("/v1/txt2img", json=body).content).shape == (96, 64, 3)
+    assert decoded_rgb(local_server.client.post("/v1/txt2img", json=body).content).shape == (96, 64, 3)
     body["width"], body["height"] = 128, 128
-    assert _pixels(local_server.client.post("/v1/txt2img", json=body).content).shape == (128, 128, 3)
+    assert decoded_rgb(local_server.client.post("/v1/txt2img", json=body).content).shape == (128, 128, 3)
 
 
 def test_the_openai_door_and_jobs_take_the_extra_field(local_server):
@@ -184,7 +181,7 @@ def test_the_preprocess_endpoint_shows_the_map_the_service_follows(local_server)
     picture[16:48, 16:48] = (220, 40, 40)
     response = local_server.client.post("/v1/controlnets/preprocess", json={"image": _b64(picture), "preprocess": "canny"})
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-    edges = _pixels(response.content)
+    edges = decoded_rgb(response.content)
     expected = canny(torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 255)[0, 0].numpy()
     assert np.array_equal(edges[..., 0] > 0, expected > 0) and expected.sum() > 50
     form = local_server.client.post(

@@ -9,7 +9,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.fakes import post_concurrently
+from tests.fakes import decoded_rgb, post_concurrently
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
-
 
 def test_img2img_json_and_multipart_give_the_same_image(http):
     image = _png(_picture())
@@ -55,7 +52,7 @@ def test_img2img_json_and_multipart_give_the_same_image(http):
     assert as_json.status_code == 200, as_json.text
     assert as_form.status_code == 200, as_form.text
     assert as_json.headers["content-type"] == "image/png" and as_json.headers["x-seed"] == "3"
-    assert np.array_equal(_pixels(as_json.content), _pixels(as_form.content))
+    assert np.array_equal(decoded_rgb(as_json.content), decoded_rgb(as_form.content))
 
 
 def test_img2img_strength_is_applied(http):
@@ -66,7 +63,7 @@ def test_img2img_strength_is_applied(http):
     def run(strength: float) -> np.ndarray:
         response = http.post("/v1/img2img", json={"prompt": "x", "image": _b64(image), "strength": strength, "seed": 1, **FAST})
         assert response.status_code == 200, response.text
-        return _pixels(response.content)
+        return decoded_rgb(response.content).astype(int)
 
     low, high = run(0.25), run(1.0)
     assert np.array_equal(low, run(0.25))
@@ -103,7 +100,7 @@ def test_inpaint_keeps_the_unmasked_area_with_full_res_crop(http):
         json={"prompt": "a red circle", "image": _b64(_png(source)), "mask": _b64(_png(_mask())), "padding_mask_crop": 4, "seed": 1, **FAST},
     )
     assert response.status_code == 200, response.text
-    out = _pixels(response.content)
+    out = decoded_rgb(response.content).astype(int)
     keep = np.asarray(_mask()) == 0
     assert np.array_equal(out[keep], np.asarray(source).astype(int)[keep])
     assert np.abs(out[~keep] - np.asarray(source).astype(int)[~keep]).mean() > 5
@@ -192,7 +189,7 @@ def test_openai_edit_with_mask_changes_only_the_transparent_area(client):
         extra_body={"seed": 11, "num_inference_steps": 4, "padding_mask_crop": 0},
     )
     assert [item.model_extra["seed"] for item in result.data] == [11, 12]
-    out = _pixels(base64.b64decode(result.data[0].b64_json))
+    out = decoded_rgb(base64.b64decode(result.data[0].b64_json)).astype(int)
     keep = np.ones((64, 64), dtype=bool)
     keep[16:48, 16:48] = False
     assert out.shape == (64, 64, 3)
@@ -217,7 +214,7 @@ def test_openai_edit_uses_image_transparency_as_mask(client):
         prompt="sky",
         extra_body={**FAST, "padding_mask_crop": 0, "seed": 2},
     )
-    out = _pixels(base64.b64decode(result.data[0].b64_json))
+    out = decoded_rgb(base64.b64decode(result.data[0].b64_json)).astype(int)
     source = np.asarray(_picture(seed=9)).astype(int)
     assert np.array_equal(out[32:], source[32:])  # opaque rows are kept
     assert np.abs(out[:32] - 255).mean() > 5  # the transparent rows (flattened white) were repainted

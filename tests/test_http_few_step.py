@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from configs.model_spec import TinySpec
 from deployments.types import GenerationRequest, HiresSettings, InvalidRequestError, RefinerSettings
 from serve_app.jobs.payload import PAYLOAD_VERSION, JobPayload
+from tests.fakes import decoded_rgb
 
 SPEC = TinySpec(device="cpu")
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 4, "guidance_scale": 1.0, "seed": 3}
@@ -84,14 +85,11 @@ def http(local_server):
     return local_server.client
 
 
-def _pixels(content: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
-
 
 def _txt2img(http, **fields) -> np.ndarray:
     response = http.post("/v1/txt2img", json={"prompt": "a red star", **SMALL, **fields})
     assert response.status_code == 200, response.text
-    return _pixels(response.content)
+    return decoded_rgb(response.content)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +133,7 @@ def test_the_spacing_reaches_the_engine_through_every_door(http):
               "scheduler": "euler", "timestep_spacing": "trailing"},
     )
     assert generated.status_code == 200, generated.text
-    assert np.array_equal(_pixels(base64.b64decode(generated.json()["data"][0]["b64_json"])), trailing)
+    assert np.array_equal(decoded_rgb(base64.b64decode(generated.json()["data"][0]["b64_json"])), trailing)
 
     params = {"prompt": "a red star", **SMALL, "scheduler": "euler", "timestep_spacing": "trailing"}
     job = http.post("/v1/jobs", json={"kind": "txt2img", "params": params})
@@ -145,14 +143,14 @@ def test_the_spacing_reaches_the_engine_through_every_door(http):
         assert time.time() < deadline, view
         time.sleep(0.1)
     assert view["status"] == "succeeded", view
-    assert np.array_equal(_pixels(http.get(f"/v1/jobs/{view['id']}/result").content), trailing)
+    assert np.array_equal(decoded_rgb(http.get(f"/v1/jobs/{view['id']}/result").content), trailing)
 
     batch = http.post("/v1/images/batch", json={"prompts": ["a red star"], "params": {k: v for k, v in params.items() if k != "prompt"}})
     assert batch.status_code == 200, batch.text
     archive = zipfile.ZipFile(io.BytesIO(batch.content))
     (entry,) = json.loads(archive.read("manifest.json"))["images"]
     assert entry["timestep_spacing"] == "trailing" and entry["scheduler"] == "euler"
-    assert np.array_equal(_pixels(archive.read(entry["file"])), trailing)
+    assert np.array_equal(decoded_rgb(archive.read(entry["file"])), trailing)
 
 
 @pytest.mark.parametrize("scheduler", ["lcm", "TCD"])

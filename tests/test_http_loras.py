@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests import lora_files
-from tests.fakes import post_concurrently
+from tests.fakes import decoded_rgb, post_concurrently
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +19,11 @@ def http(local_server):
     return local_server.client
 
 
-def _pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
 
 def _txt2img(http, **body) -> np.ndarray:
     response = http.post("/v1/txt2img", json={"prompt": "a large red circle on a blue background", "seed": 4, **body})
     assert response.status_code == 200, response.text
-    return _pixels(response.content)
+    return decoded_rgb(response.content)
 
 
 def _upload(http, path, name=None, file_name=None):
@@ -54,7 +51,7 @@ def test_pastel_lowers_saturation_and_weight_zero_is_the_base_image(local_server
     bodies = [{"prompt": p, "seed": 4} for p in prompts[1:]] + [{"prompt": p, "seed": 4, "loras": [{"name": "pastel"}]} for p in prompts]
     responses = post_concurrently(local_server, "/v1/txt2img", bodies)
     assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
-    drawn = [_pixels(response.content) for response in responses]
+    drawn = [decoded_rgb(response.content) for response in responses]
     plain, pastel = [first, *drawn[: len(prompts) - 1]], drawn[len(prompts) - 1 :]
 
     def saturation(images):
@@ -73,12 +70,12 @@ def test_every_door_takes_loras(http):
     styled = _txt2img(http, **fast, loras=pastel)
     assert not np.array_equal(base, styled)
     generations = http.post("/v1/images/generations", json={**fast, "loras": pastel})
-    assert np.array_equal(_pixels(base64.b64decode(generations.json()["data"][0]["b64_json"])), styled)
+    assert np.array_equal(decoded_rgb(base64.b64decode(generations.json()["data"][0]["b64_json"])), styled)
     job = http.post("/v1/jobs", json={"kind": "txt2img", "params": {**fast, "loras": pastel}}).json()
     from tests.test_http_jobs import wait
 
     assert wait(http, job["id"])["status"] == "succeeded"
-    assert np.array_equal(_pixels(http.get(f"/v1/jobs/{job['id']}/result").content), styled)
+    assert np.array_equal(decoded_rgb(http.get(f"/v1/jobs/{job['id']}/result").content), styled)
     picture = io.BytesIO()
     Image.fromarray(base).save(picture, format="PNG")
     multipart = http.post(

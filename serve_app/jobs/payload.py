@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from deployments.types import GenerationRequest
+from serve_app.png import COMPRESS_LEVEL
 
 #: Bump when the layout below changes; `from_json` refuses versions it does not know. 2 added
 #: `controlnets` (settings, image as PNG), 3 `refiner` (its settings), 4 `hires` (its resolved
@@ -78,7 +79,7 @@ def _request_from_json(data: dict[str, Any]) -> GenerationRequest:
 
 def png_base64(pixels: np.ndarray) -> str:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=COMPRESS_LEVEL)  # Pillow: masks are (H, W)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
