@@ -40,7 +40,11 @@ fi
 mkdir -p "$OUT" "$site"
 # A call cut short by its time limit can leave its Ray cluster (and a replica holding the GPU)
 # behind on a machine that stays warm for the next call: stop it before measuring anything.
-pkill -f "ray::|raylet|gcs_server" 2>/dev/null && sleep 2
+# By process name and by a command line that starts with "ray::" (workers' titles), never by a
+# word anywhere in a command line: the device tool's own shell holds the whole command, and
+# `pkill -f raylet` killed it (the call returned at once, with no output) whenever that command
+# mentioned the word.
+{ pkill -x raylet; pkill -x gcs_server; pkill -f '^ray::'; } 2>/dev/null && sleep 2
 tar xJf .gpu/bundle.tar.xz -C "$site"
 if compgen -G ".gpu/whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/whl/*.whl
@@ -63,6 +67,13 @@ compiled() {
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
   python3 -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
 } | tee "$OUT/gpu-$step.txt"
+# The card's clocks, power, temperature, load and throttle reasons every 5 s while the step runs:
+# two processes on one machine have served 1.5-2x apart (BENCHMARKS.md, scheduling runs 4 and 5),
+# and this log says whether the card or the process was slow.
+nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used,clocks_event_reasons.active \
+  --format=csv -l 5 > "$OUT/gpu-clocks-$step.csv" 2>&1 &
+clock_log=$!
+trap 'kill $clock_log 2>/dev/null' EXIT
 # The GPUs this step may use: those CUDA_VISIBLE_DEVICES names, else all of the host's.
 IFS=, read -r -a gpu_ids <<< "${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)}"
 gpus=${#gpu_ids[@]}
@@ -79,11 +90,14 @@ pipeline)
   done
   ;;
 startup)
-  # Start-up cost of the compiled variant alone: an empty cache, then the same process again.
+  # Start-up cost of a compiled variant alone (STARTUP_VARIANT, default `compile`; e.g.
+  # compile_vae_dynamic: one graph per module for every bucket): an empty cache, then the same
+  # process again.
+  variant=${STARTUP_VARIANT:-compile}
   rm -rf "$CACHE"
   for start in cold warm; do
-    python3 benchmarks/bench_pipeline.py --variants compile --batches 1,8 --compile-cache "$CACHE" --no-stages \
-      --tag "compile_$start" --out "$OUT"
+    python3 benchmarks/bench_pipeline.py --variants "$variant" --batches 1,8 --compile-cache "$CACHE" --no-stages \
+      --tag "${variant}_$start" --out "$OUT"
   done
   ;;
 graphs)
@@ -216,8 +230,12 @@ fewstep)
   # Few-step serving (issue #21): 4 Euler steps unguided (what SDXL-Lightning/Turbo-style LoRAs
   # run), the served compile against the same with the one-row UNet bucket, batches 1 and 8, in
   # process (needs no Ray). Random weights: this measures cost, not images.
-  python3 benchmarks/bench_pipeline.py --variants compile_vae,compile_vae_unguided --guidance 1.0 --steps 4 \
-    --batches 1,8 --no-stages --compile-cache "$CACHE" --tag fewstep --out "$OUT"
+  # FEWSTEP_STEPS="4 8" runs each step count in turn (the second on the first's compile cache);
+  # FEWSTEP_BATCHES=1 compiles the batch-1 graphs only (each more bucket is ~90 s of cold compile).
+  for steps in ${FEWSTEP_STEPS:-4}; do
+    python3 benchmarks/bench_pipeline.py --variants compile_vae,compile_vae_unguided --guidance 1.0 --steps "$steps" \
+      --batches "${FEWSTEP_BATCHES:-1,8}" --no-stages --compile-cache "$CACHE" --tag "fewstep_$steps" --out "$OUT"
+  done
   ;;
 hires)
   # 30 steps at 1024², then 15 at 2048² (38 scheduler steps at strength 0.4), eager fp16: one image

@@ -669,7 +669,8 @@ def test_the_finished_page_with_a_controlnet_map(open_page, app_url):
     assert (ARTIFACTS / "playground.png").stat().st_size > 10_000
 
 
-def test_nothing_is_left_running(app_url):
+def test_nothing_is_left_running(browser, app_url):
+    # After the browser tests (the `browser` fixture skips it with them where no chromium is).
     jobs = httpx.get(f"{app_url}/v1/jobs", params={"limit": 100}, timeout=30).json()["data"]
     assert jobs and not [job for job in jobs if job["status"] not in ("succeeded", "cancelled")]
 

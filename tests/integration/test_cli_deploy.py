@@ -32,7 +32,8 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def head_node():
     dashboard = free_port()
     started = _cli(
-        "ray", "start", "--head", "--num-cpus=5",  # logical: what serve_config.yaml reserves f"--port={free_port()}",
+        # --num-cpus is logical: what serve_config.yaml reserves.
+        "ray", "start", "--head", "--num-cpus=5", f"--port={free_port()}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         "--disable-usage-stats",
     )
