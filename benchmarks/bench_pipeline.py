@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs.model_spec import SdxlArchSpec, TinySpec  # noqa: E402
 from deployments.engine.loop import StepEngine  # noqa: E402
+from deployments.optimize import deep_cache_unet  # noqa: E402
 from deployments.pipelines import load_pipeline  # noqa: E402
 from deployments.types import GenerationRequest  # noqa: E402
 
@@ -100,6 +101,21 @@ VARIANTS: dict[str, dict] = {
             "unguided_bucket": True,
         },
     },
+    # Deep-feature caching (DeepCache): requests with `deep_cache_interval` N run the whole UNet
+    # every N-th step and its shallow branch between; a variant's `request` sets request fields.
+    # N = 1: plain requests on a deployment serving deep cache (every step the full pass).
+    **{
+        f"deep_cache_{n}": {"dtype": "float16", "optimize": {"deep_cache": True}, "request": {"deep_cache_interval": n}}
+        for n in (1, 2, 3, 5)
+    },
+    **{
+        f"compile_vae_deep_cache_{n}": {
+            "dtype": "float16",
+            "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet+vae", "batch_buckets": [1, 8], "deep_cache": True},
+            "request": {"deep_cache_interval": n},
+        }
+        for n in (1, 2, 3, 5)
+    },
     "fp8": {"dtype": "bfloat16", "optimize": {"fp8": True, "fuse_qkv": True}},
     "fp8_cl": {"dtype": "bfloat16", "optimize": {"fp8": True, "fuse_qkv": True, "channels_last": True}},
     "fp8_compile": {
@@ -131,7 +147,7 @@ def _cuda_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _request(args, seed: int) -> GenerationRequest:
+def _request(args, seed: int, **fields) -> GenerationRequest:
     return GenerationRequest(
         prompt="a photo of a lighthouse on a cliff at dusk, detailed, 35mm",
         negative_prompt="blurry",
@@ -141,6 +157,7 @@ def _request(args, seed: int) -> GenerationRequest:
         guidance_scale=args.guidance,
         scheduler=args.scheduler,
         seed=seed,
+        **fields,
     )
 
 
@@ -199,22 +216,28 @@ def bench_variant(name: str, args) -> dict:
     started = time.perf_counter()
     pipe = load_pipeline(spec)
     engine = StepEngine(
-        pipe, max_rows=max(args.batches), buckets=spec.optimize.buckets(), unguided_bucket=spec.optimize.unguided_bucket
+        pipe,
+        max_rows=max(args.batches),
+        buckets=spec.optimize.buckets(),
+        unguided_bucket=spec.optimize.unguided_bucket,
+        deep_cache=deep_cache_unet(pipe.unet, spec.optimize) if spec.optimize.deep_cache else None,
     )
+    fields = config.get("request", {})
     load_s = time.perf_counter() - started
     row: dict = {
         "variant": name,
         "dtype": config["dtype"],
         "attention": spec.attention,
         "optimize": config["optimize"],
+        "request": fields,
         "load_s": round(load_s, 1),
     }
 
     first = time.perf_counter()
-    (probe,) = engine.generate([_request(args, seed=0)])
+    (probe,) = engine.generate([_request(args, seed=0, **fields)])
     row["first_image_s"] = round(time.perf_counter() - first, 2)  # includes compile when on
     row["batches"], row["stages"] = {}, {}
-    requests = {batch: [_request(args, seed=i) for i in range(batch)] for batch in args.batches}
+    requests = {batch: [_request(args, seed=i, **fields) for i in range(batch)] for batch in args.batches}
     for batch in args.batches:
         warm_up = time.perf_counter()
         engine.generate(requests[batch])  # warm-up (compiles this bucket)

@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_suite.sh controlnet_http # over HTTP: a ControlNet variant under load, base + variant sharing one GPU
 #   bash benchmarks/gpu_suite.sh refiner    # over HTTP: base-only vs refined latency, half refined under load, replica ratio
 #   bash benchmarks/gpu_suite.sh fewstep    # in-process: 4-step unguided requests, compiled with and without the one-row UNet bucket (needs no Ray)
+#   bash benchmarks/gpu_suite.sh deepcache  # in-process: deep-feature caching, intervals 2/3/5 eager, then compiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh training   # in-process: LoRA training steps/s (rank 16, 64), pause latency (needs no Ray)
 #   bash benchmarks/gpu_suite.sh soak       # over HTTP: a long mixed load (LoRAs, ControlNet, refiner), GPU memory sampled
@@ -29,7 +30,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, hires, training, soak or scaleout}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, deepcache, hires, training, soak or scaleout}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -236,6 +237,19 @@ fewstep)
     python3 benchmarks/bench_pipeline.py --variants compile_vae,compile_vae_unguided --guidance 1.0 --steps "$steps" \
       --batches "${FEWSTEP_BATCHES:-1,8}" --no-stages --compile-cache "$CACHE" --tag "fewstep_$steps" --out "$OUT"
   done
+  ;;
+deepcache)
+  # Deep-feature caching (issue #21), in process (needs no Ray), 30 steps at 1024²: eager fp16, the
+  # baseline and deep_cache_interval 2, 3 and 5 (DEEPCACHE_VARIANTS), each image's PSNR against
+  # the baseline's (saved as $OUT/baseline_seed0.npy; DEEPCACHE_REFERENCE names a saved one for a
+  # run without the baseline). DEEPCACHE_VARIANTS="compile_vae,compile_vae_deep_cache_3" compares
+  # the served compile with and without it (each bucket of each is ~90 s of cold compile:
+  # DEEPCACHE_BATCHES=1 first, then 1,8 on the warm cache).
+  reference=()
+  [ -n "${DEEPCACHE_REFERENCE:-}" ] && reference=(--reference "$DEEPCACHE_REFERENCE")
+  python3 benchmarks/bench_pipeline.py --variants "${DEEPCACHE_VARIANTS:-baseline,deep_cache_2,deep_cache_3,deep_cache_5}" \
+    --batches "${DEEPCACHE_BATCHES:-1,8}" --no-stages --compile-cache "$CACHE" --save-reference "${reference[@]}" \
+    --tag "deepcache_${DEEPCACHE_TAG:-eager}" --out "$OUT"
   ;;
 hires)
   # 30 steps at 1024², then 15 at 2048² (38 scheduler steps at strength 0.4), eager fp16: one image

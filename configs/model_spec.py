@@ -96,6 +96,16 @@ class OptimizeConfig(BaseModel):
         ),
     )
 
+    deep_cache: bool = Field(
+        False,
+        description=(
+            "Serve requests' `deep_cache_interval` (DeepCache-style reuse of the UNet's deep features "
+            "between steps; the base deployment only). Every full UNet step then runs a pass that "
+            "also returns the deep features (the same prediction); with `compile` that pass is "
+            "compiled instead of the UNet, and the shallow branch besides it, per bucket and branch. "
+            "Off: such requests are a 400 `deep_cache_disabled`."
+        ),
+    )
     unguided_bucket: bool = Field(
         False,
         description=(

@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline
 
 from configs.model_spec import OptimizeConfig
 from configs.paths import default_cache_dir, private_dir
+from deployments.engine.deep_cache import DeepCacheUNet
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,7 @@ def apply_optimizations(pipe: DiffusionPipeline, options: OptimizeConfig, device
         applied.append("vae_slicing")
     if options.compile != "off":
         cache = use_compile_cache(options.compile_cache_dir)
-        compile_args = dict(
-            mode=None if options.compile_mode == "default" else options.compile_mode,
-            backend=options.compile_backend,
-            dynamic=True if options.compile_dynamic else False,
-        )
+        compile_args = _compile_args(options)
         if options.compile_scope == "regional":
             # Every BasicTransformerBlock (SDXL's 70) compiled from one traced code object: dynamo
             # reuses the graph across blocks of one width, and fullgraph refuses a graph break
@@ -55,6 +52,24 @@ def apply_optimizations(pipe: DiffusionPipeline, options: OptimizeConfig, device
             applied.append("compile:vae")
         logger.info("torch.compile cache in %s", cache)
     return applied
+
+
+def deep_cache_unet(unet: torch.nn.Module, options: OptimizeConfig) -> DeepCacheUNet:
+    """The UNet's two deep-cache passes (`optimize.deep_cache`), compiled as the UNet is: with
+    `compile_scope: full` each pass is a graph of its own (per shape, as the UNet's); with
+    `regional` the transformer blocks they call are the UNet's compiled ones already."""
+    passes = DeepCacheUNet(unet)
+    if options.compile != "off" and options.compile_scope == "full":
+        passes.compile(**_compile_args(options))
+    return passes
+
+
+def _compile_args(options: OptimizeConfig) -> dict:
+    return dict(
+        mode=None if options.compile_mode == "default" else options.compile_mode,
+        backend=options.compile_backend,
+        dynamic=True if options.compile_dynamic else False,
+    )
 
 
 def use_compile_cache(cache_dir: str | None) -> Path:

@@ -130,6 +130,20 @@ GuidanceEnd = Annotated[
         ),
     ),
 ]
+DeepCacheInterval = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=10,
+        description=(
+            "Reuse the UNet's deep features between steps (DeepCache; an approximation): the whole UNet "
+            "runs on every deep_cache_interval-th step of a pass (the first included) and the steps between "
+            "run only its full-resolution branch on the features kept from the last full step. "
+            "1 (the default): every step runs the whole UNet. Not with controlnet or refiner; needs a "
+            "deployment with model.optimize.deep_cache (400 deep_cache_disabled otherwise)."
+        ),
+    ),
+]
 Scheduler = Annotated[
     Optional[str],
     Field(description=f"Sampler: {_SCHEDULER_NAMES} (or their ids). Absent: the model's default."),
@@ -538,6 +552,7 @@ class GenerationRequest(BaseModel):
     num_inference_steps: Steps = None
     guidance_scale: GuidanceScale = None
     guidance_end: GuidanceEnd = 1.0
+    deep_cache_interval: DeepCacheInterval = 1
     scheduler: Scheduler = None
     timestep_spacing: TimestepSpacing = None
     seed: Seed = None
@@ -670,6 +685,7 @@ class GenerationRequest(BaseModel):
         height = self.height if self.height is not None else height
         guidance_scale = self.guidance_scale if self.guidance_scale is not None else spec.default_guidance_scale
         self._check_guidance_end(guidance_scale)
+        self._check_deep_cache()
         resolved = self.model_copy(
             update={
                 "refiner": refiner,
@@ -740,6 +756,21 @@ class GenerationRequest(BaseModel):
                 param="guidance_end",
                 code="unsupported_value",
             )
+
+    def _check_deep_cache(self) -> None:
+        """A 400 naming `deep_cache_interval` with what its shallow steps would silently drop: a
+        ControlNet's residuals enter the deep blocks those steps skip, and the refiner's ensemble
+        continues the base's schedule on another engine (whose steps would restart the interval)."""
+        if self.deep_cache_interval == 1:
+            return
+        for name, given in (("controlnet", bool(self.controlnets)), ("refiner", self.refiner is not None)):
+            if given:
+                raise InvalidRequestError(
+                    f"deep_cache_interval {self.deep_cache_interval} cannot be combined with {name} (yet): "
+                    "give 1 or leave it out",
+                    param="deep_cache_interval",
+                    code="unsupported_value",
+                )
 
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the image this (resolved) request answers: the hires pass's when it

@@ -31,6 +31,7 @@ from deployments.types import (
     MAX_CONTROLNETS,
     CannyThresholds,
     ControlSettings,
+    DeepCacheInterval,
     GuidanceEnd,
     GuidanceScale,
     Loras,
@@ -177,6 +178,7 @@ class _Settings(_Strict):
     num_inference_steps: Steps = None
     guidance_scale: GuidanceScale = None
     guidance_end: GuidanceEnd = 1.0
+    deep_cache_interval: DeepCacheInterval = 1
     scheduler: Scheduler = None
     timestep_spacing: TimestepSpacing = None
     loras: Loras = ()

@@ -200,6 +200,7 @@ class ImageServing:
                     num_inference_steps=body.num_inference_steps,
                     guidance_scale=body.guidance_scale,
                     guidance_end=body.guidance_end,
+                    deep_cache_interval=body.deep_cache_interval,
                     scheduler=body.scheduler,
                     timestep_spacing=body.timestep_spacing,
                     loras=body.loras,

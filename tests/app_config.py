@@ -9,7 +9,7 @@ MAX_BATCH = 8
 def app_args_for(state_dir) -> dict:
     """The app configuration the in-process and the cluster tests share."""
     return {
-        "model": {"source": "tiny", "name": "sdxl-tiny", "device": "cpu"},
+        "model": {"source": "tiny", "name": "sdxl-tiny", "device": "cpu", "optimize": {"deep_cache": True}},
         "batching": {"max_batch_size": MAX_BATCH},
         "engine": {"num_replicas": 1, "num_cpus": 1},
         "ingress": {"num_replicas": 1, "num_cpus": 0.5, "engine_timeout_s": 120},

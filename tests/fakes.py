@@ -220,3 +220,12 @@ def post_concurrently(server: Any, path: str, bodies: list[dict]) -> list[httpx.
 def decoded_rgb(content: bytes) -> np.ndarray:
     """An encoded image response's pixels, (H, W, 3) uint8."""
     return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
+
+
+def finished_job(client: Any, job_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll `GET /v1/jobs/{id}` on a sync client until the job ends; its last view."""
+    deadline = time.time() + timeout_s
+    while (view := client.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.time() < deadline, view
+        time.sleep(0.1)
+    return view

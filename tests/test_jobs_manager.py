@@ -390,7 +390,7 @@ def test_jobs_are_stored_as_versioned_json_in_private_files(tmp_path):
     job_id = asyncio.run(scenario())
     (raw,) = sqlite3.connect(tmp_path / "jobs.sqlite3").execute("SELECT payload FROM jobs WHERE id = ?", (job_id,)).fetchone()
     stored = json.loads(raw)
-    assert stored["version"] == 6 and stored["output_format"] == "webp" and "handoff" not in stored["requests"][0]
+    assert stored["version"] == 7 and stored["output_format"] == "webp" and "handoff" not in stored["requests"][0]
     restored = JobPayload.from_json(stored).requests[0]
     assert np.array_equal(restored.init_image, image) and restored.seed == 4 and restored.strength == 0.75
     assert restored.refiner == RefinerSettings(mode="post", strength=0.5, steps=4)  # stored resolved

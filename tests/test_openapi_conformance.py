@@ -120,8 +120,9 @@ def _unstatable(case) -> bool:
     ControlNet once and only ControlNets hosted together (here each is a variant of its own, so
     one name; a rule across items), a refiner post-pass runs at least one step (a product of
     fields and a model default), as does a hires pass (`_hires_refused`), and `guidance_end` below
-    1 needs guidance (`guidance_scale` > 1, or the model's default) and no refiner, and LCM and
-    TCD take no `timestep_spacing`; such bodies get a 400."""
+    1 needs guidance (`guidance_scale` > 1, or the model's default) and no refiner, a
+    `deep_cache_interval` above 1 neither a refiner nor a ControlNet, and LCM and TCD take no
+    `timestep_spacing`; such bodies get a 400."""
     body = case.body if isinstance(case.body, dict) else {}
     params = body.get("params") if isinstance(body.get("params"), dict) else {}
     items = [body, params, *(r.get("params", r) for r in body.get("requests", []) if isinstance(r, dict))]
@@ -137,6 +138,8 @@ def _unstatable(case) -> bool:
             scale = item.get("guidance_scale")
             if item.get("refiner") is not None or (scale if scale is not None else DEFAULT_GUIDANCE_SCALE) <= 1.0:
                 return True
+        if (item.get("deep_cache_interval") or 1) > 1 and (item.get("refiner") is not None or item.get("controlnet")):
+            return True
         if _distilled(item.get("scheduler") or params.get("scheduler")) and (
             item.get("timestep_spacing") or params.get("timestep_spacing")
         ):

@@ -106,3 +106,21 @@ def test_fp8_quantizes_the_fused_projections(tiny_spec, monkeypatch):
 def test_bad_buckets_are_rejected():
     with pytest.raises(ValueError, match="batch_buckets"):
         OptimizeConfig(batch_buckets=[4, 2])
+
+
+def test_deep_cache_passes_compile_with_the_unet_and_keep_the_image(tiny_spec):
+    """`deep_cache` under `compile`: the factory compiles both passes as the UNet is and the
+    warm-up runs them (every full step is the full pass; a deep-cache request's second step the
+    shallow one); a request then draws what an eager engine draws."""
+    from deployments.engine.deep_cache import DeepCacheUNet
+    from deployments.engine.factory import EngineFactory
+
+    spec = _with(tiny_spec, compile="unet", compile_backend="eager", batch_buckets=[1], deep_cache=True)
+    engine = EngineFactory(model_spec=spec.model_dump(mode="json"), batching={"max_batch_size": 2})()
+    assert all(hasattr(step, "_torchdynamo_orig_callable") for step in (engine.deep_cache._full, engine.deep_cache._shallow))
+    request = REQUEST.model_copy(update={"deep_cache_interval": 2})
+    (compiled,) = engine.generate([request])
+    eager_pipe = load_pipeline(tiny_spec)
+    (eager,) = StepEngine(eager_pipe, deep_cache=DeepCacheUNet(eager_pipe.unet)).generate([request])
+    assert engine.stats()["shallow_unet_calls"] == 1
+    assert np.abs(compiled.image - eager.image).max() <= 1e-4

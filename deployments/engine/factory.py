@@ -44,7 +44,7 @@ class EngineFactory:
     def __call__(self, observer: Any = None) -> Any:
         from deployments.engine.lora import AdapterCache
         from deployments.engine.loop import StepEngine
-        from deployments.optimize import compile_cache_counts
+        from deployments.optimize import compile_cache_counts, deep_cache_unet
         from deployments.pipelines import load_controlnet, load_pipeline, load_refiner
 
         spec = TypeAdapter(ModelSpec).validate_python(self.model_spec)
@@ -59,6 +59,9 @@ class EngineFactory:
             name: load_controlnet(TypeAdapter(ControlNetSpec).validate_python(net), pipeline.device, pipeline.unet.dtype)
             for name, net in (self.controlnets or {}).items()
         }
+        # Deep-cache requests are plain base requests (no ControlNet, no refiner stage).
+        serves_deep_cache = spec.optimize.deep_cache and self.refiner is None and not controlnets
+        deep_cache = deep_cache_unet(pipeline.unet, spec.optimize) if serves_deep_cache else None
         load_s = time.perf_counter() - started
         adapters = None
         if self.loras is not None:
@@ -84,6 +87,7 @@ class EngineFactory:
             unguided_bucket=self.refiner is None and spec.optimize.unguided_bucket,
             adapters=adapters,
             controlnets=controlnets,
+            deep_cache=deep_cache,
             refiner=self.refiner is not None,
             vae_tiling_above=spec.optimize.vae_tiling_above_pixels,
             observer=observer,

@@ -8,7 +8,8 @@ Each `step()`:
    step they arrived at plus their steps): their prompts in one pass, their latents from their
    own generators;
 3. runs one UNet forward per group of rows that may share it (`sharing.forward_key`), every row
-   with its own timestep, embeddings and `add_time_ids`. With compiled batch sizes, a forward is
+   with its own timestep, embeddings and `add_time_ids` (rows reusing kept deep features run the
+   UNet's shallow branch: `deep_cache`). With compiled batch sizes, a forward is
    one call: of every row of the group when one call is their cheapest plan (`calls.plan_calls`
    on the measured cost of each size), else of the rows the plan's first call holds, the rows
    due earliest (admission step + their steps) first and the others waiting a step;
@@ -48,6 +49,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from deployments.engine.calls import CallPlanner
 from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
 from deployments.engine.controlnets import check_hosted, residuals
+from deployments.engine.deep_cache import DeepCacheUNet
 from deployments.engine.lora import AdapterCache, rows_on_slots
 from deployments.engine.rows import Row, RowFactory, TextEmbeds, decode, to_pixels, vae_tiling
 from deployments.engine.sharing import forward_key
@@ -123,6 +125,7 @@ class StepEngine:
         unguided_bucket: bool = False,
         adapters: Optional[AdapterCache] = None,
         controlnets: Optional[Mapping[str, ControlNetModel]] = None,
+        deep_cache: Optional[DeepCacheUNet] = None,
         refiner: bool = False,
         vae_tiling_above: Optional[int] = None,
         observer: Optional[EngineObserver] = None,
@@ -135,8 +138,10 @@ class StepEngine:
         UNet call of one row is compiled too, so a lone row with guidance ≤ 1 (one UNet row) runs
         unpadded (needs `buckets`). `adapters`: the LoRA sets rows may use (None: requests with
         LoRAs are refused). `controlnets`: the ControlNets this engine hosts, by name (requests
-        naming another are refused). `refiner`: `pipeline` is a refiner, which runs the refiner
-        stage of requests (those with a `handoff`) and nothing else.
+        naming another are refused). `deep_cache`: the UNet's two passes for rows that keep deep
+        features between steps (None: requests with `deep_cache_interval` > 1 are refused).
+        `refiner`: `pipeline` is a refiner, which runs the refiner stage of requests (those with
+        a `handoff`) and nothing else.
         `vae_tiling_above`: VAE encodes and decodes of images above this many pixels run tiled.
         `background`: work `run` does a unit at a time when no request is active or waiting (a
         `TrainingQueue`); requests always go first."""
@@ -153,6 +158,7 @@ class StepEngine:
         self.decode_calls = CallPlanner(buckets)
         self.adapters = adapters
         self.controlnets = dict(controlnets or {})
+        self.deep_cache = deep_cache
         self.refiner = refiner
         self.vae_tiling_above = vae_tiling_above
         self._vae_dtype = pipeline.vae.dtype  # the dtype `_restore_vae` returns the VAE to
@@ -184,6 +190,13 @@ class StepEngine:
         if not _is_resolved(request):
             raise ValueError(f"request {request.request_id} has unresolved settings; call with_defaults(spec) first")
         check_hosted(request.controlnets, self.controlnets)
+        if request.deep_cache_interval > 1 and self.deep_cache is None:
+            raise InvalidRequestError(
+                f"deep_cache_interval {request.deep_cache_interval} needs a deployment that caches deep features "
+                "(model.optimize.deep_cache); leave it out or give 1",
+                param="deep_cache_interval",
+                code="deep_cache_disabled",
+            )
         if (request.handoff is not None) != self.refiner:
             stage = "a refiner stage (a request with a handoff)" if self.refiner else "a base stage (no handoff)"
             raise InvalidRequestError(f"this engine runs {stage} only", param="handoff", code="wrong_stage")
@@ -499,8 +512,16 @@ class StepEngine:
 
     def _unet(self, rows: list[Row]) -> list[torch.Tensor]:
         """One forward over every row (two UNet rows per image at a guided step), run as the
-        planned calls of compiled sizes; returns each row's noise prediction rows."""
+        planned calls of compiled sizes; returns each row's noise prediction rows. The rows of a
+        group reusing deep features run the UNet's shallow branch (`sharing.forward_key`). With
+        `deep_cache`, every full forward runs its full pass, the UNet's own prediction plus the
+        deep features, which are stored on the rows that cache them: one compiled graph per
+        shape serves both kinds of row (a deployment compiles the full pass instead of the UNet,
+        not besides it)."""
         unet = self._pipe.unet
+        reuse = rows[0].reuses_deep
+        full_pass = self.deep_cache is not None and not reuse
+        keep = full_pass and any(row.caches_deep for row in rows)
         # Contiguous whatever the rows' layouts: an img2img or hires row's latents come from the
         # VAE encoder in channels-last strides (diffusers' image tensor is a permuted HWC array),
         # and a compiled UNet guards on strides, so such a row recompiled a warmed graph.
@@ -509,9 +530,10 @@ class StepEngine:
             [row.timestep.to(torch.float32).reshape(1).repeat(row.unet_rows()) for row in rows]
         ).to(inputs.device)
         prompt, pooled, time_ids = (torch.cat(part) for part in zip(*(row.conditioning() for row in rows)))
+        deep = torch.cat([row.deep_features() for row in rows]) if reuse else None
         slots = [row.slot for row in rows for _ in range(row.unet_rows())]
         steered = [steering for row in rows for steering in row.steering()]
-        outputs, start = [], 0
+        outputs, kept, start = [], [], 0
         for size in self.forward_calls.split(inputs.shape[0]):
             end, padded = start + size, self.forward_calls.padded(size)
             call_slots = slots[start:end] + slots[end - 1 : end] * (padded - size)
@@ -521,20 +543,32 @@ class StepEngine:
             added = {"text_embeds": _pad(pooled[start:end], padded), "time_ids": _pad(time_ids[start:end], padded)}
             call_steered = steered[start:end] + steered[end - 1 : end] * (padded - size)
             with rows_on_slots(self.adapters, call_slots, inputs.device, ("unet",)):
-                control = residuals(self.controlnets, call_steered, call_inputs, call_timesteps, call_prompt, added)
-                output = unet(
-                    call_inputs,
-                    call_timesteps,
-                    encoder_hidden_states=call_prompt,
-                    added_cond_kwargs=added,
-                    return_dict=False,
-                    **(control or {}),
-                )[0]
+                if reuse:  # deep-cache rows are never steered (the request refuses controlnets)
+                    output = self.deep_cache.shallow(call_inputs, call_timesteps, call_prompt, added, _pad(deep[start:end], padded))
+                else:
+                    control = residuals(self.controlnets, call_steered, call_inputs, call_timesteps, call_prompt, added)
+                    if full_pass:
+                        output, features = self.deep_cache.full(call_inputs, call_timesteps, call_prompt, added, **(control or {}))
+                        kept.append(features[:size] if keep else None)
+                    else:
+                        output = unet(
+                            call_inputs,
+                            call_timesteps,
+                            encoder_hidden_states=call_prompt,
+                            added_cond_kwargs=added,
+                            return_dict=False,
+                            **(control or {}),
+                        )[0]
             outputs.append(output[:size])
             with self._lock:
-                self._stats.unet_call(size, padded)
+                self._stats.unet_call(size, padded, shallow=reuse)
             start = end
-        return list(torch.cat(outputs).split([row.unet_rows() for row in rows]))
+        split = [row.unet_rows() for row in rows]
+        if keep:
+            for row, features in zip(rows, torch.cat(kept).split(split)):
+                if row.caches_deep:
+                    row.deep = features
+        return list(torch.cat(outputs).split(split))
 
     def _retire(self) -> None:
         """The rows that finished leave the batch:
@@ -561,7 +595,7 @@ class StepEngine:
                     steps=len(row.timesteps),
                     **self._output_fields(row, time.perf_counter()),
                 ))
-        for rows in _sharing_groups([row for row in finished if not (row.hands_off or row.upscales_latents)]):
+        for rows in _shape_groups([row for row in finished if not (row.hands_off or row.upscales_latents)]):
             try:
                 images = self._split_on_oom(rows, self._decode_rows, "VAE decode", self.decode_calls)
                 pixels = [
@@ -686,13 +720,16 @@ class StepEngine:
         sizes = self.decode_calls.buckets or [1]
         # Each latent shape is a graph of its own (a hires pass's 2048² as much as a plain
         # request's), and so is each branch a forward can take: plain; steered (residuals passed
-        # to the UNet, every hosted ControlNet on a blank map); and each of them with the LoRA
+        # to the UNet, every hosted ControlNet on a blank map); with `deep_cache`, its shallow
+        # pass (unsteered: a deep-cache request has no ControlNet); and each of them with the LoRA
         # slot layers' other branch (on a slot of zeros: the base image). All are compiled now,
         # not on the first request that takes them.
         requests = [request]
         requests += [request.model_copy(update={"width": w, "height": h}) for w, h in image_sizes]
         if self.controlnets:
             requests += [self._steered_by_every_controlnet(plain) for plain in list(requests)]
+        if self.deep_cache is not None:  # the shallow pass (every full forward is the full pass already)
+            requests += [plain.model_copy(update={"deep_cache_interval": 2}) for plain in list(requests) if not plain.controlnets]
         graphs_per_bucket = len(requests) * (2 if self.adapters is not None else 1)  # shapes × branches
         _make_room_for(graphs_per_bucket * len(self.forward_calls.buckets or [1]), self._pipe.unet)
         self._warm_branches(requests, sizes)
@@ -775,7 +812,7 @@ class _Stats:
     def __init__(self):
         self.counts = {
             "admitted": 0, "admitted_into_running": 0, "completed": 0, "cancelled": 0, "expired": 0,
-            "failed": 0, "forwards": 0, "row_steps": 0, "deferred_row_steps": 0, "unet_calls": 0, "unet_rows": 0,
+            "failed": 0, "forwards": 0, "row_steps": 0, "deferred_row_steps": 0, "unet_calls": 0, "shallow_unet_calls": 0, "unet_rows": 0,
             "padded_unet_rows": 0, "forward_s": 0.0, "oom_splits": 0, "oom_failures": 0,
         }
         self.rows_per_forward: deque[int] = deque(maxlen=_RECENT)
@@ -800,8 +837,9 @@ class _Stats:
     def deferred(self, rows: int) -> None:
         self.counts["deferred_row_steps"] += rows
 
-    def unet_call(self, rows: int, padded: int) -> None:
+    def unet_call(self, rows: int, padded: int, shallow: bool) -> None:
         self.counts["unet_calls"] += 1
+        self.counts["shallow_unet_calls"] += shallow
         self.counts["unet_rows"] += rows
         self.counts["padded_unet_rows"] += padded - rows
 
@@ -818,10 +856,20 @@ class _Stats:
 
 
 def _sharing_groups(rows: list[Row]) -> list[list[Row]]:
-    """`rows` split by what may share a forward (`sharing.forward_key`), in order of first row."""
+    """`rows` split by what may share this step's forward (`sharing.forward_key`)."""
+    return _groups(rows, lambda row: forward_key(tuple(row.latents.shape), row.reuses_deep))
+
+
+def _shape_groups(rows: list[Row]) -> list[list[Row]]:
+    """`rows` split by latent shape: what may share a VAE decode."""
+    return _groups(rows, lambda row: tuple(row.latents.shape))
+
+
+def _groups(rows: list[Row], key: Callable[[Row], Any]) -> list[list[Row]]:
+    """`rows` split by `key`, in order of first row."""
     groups: dict[Any, list[Row]] = {}
     for row in rows:
-        groups.setdefault(forward_key(tuple(row.latents.shape)), []).append(row)
+        groups.setdefault(key(row), []).append(row)
     return list(groups.values())
 
 

@@ -97,6 +97,9 @@ class Row:
     #: both passes.
     steps_before: int = 0
     steps_after: int = 0
+    #: `deep_cache_interval` > 1: the deep features of the row's last full UNet step, one per UNet
+    #: row of that step (`deep_cache`), which its steps until the next full one reuse.
+    deep: Optional[torch.Tensor] = None
 
     @property
     def guided(self) -> bool:
@@ -136,6 +139,22 @@ class Row:
 
     def unet_rows(self) -> int:
         return 2 if self.guided else 1
+
+    @property
+    def caches_deep(self) -> bool:
+        """The row keeps its UNet's deep features between full steps (`deep_cache_interval` > 1)."""
+        return self.request.deep_cache_interval > 1
+
+    @property
+    def reuses_deep(self) -> bool:
+        """This step runs the UNet's shallow branch on the deep features of the row's last full
+        step: every step but each `deep_cache_interval`-th of the row's own steps (0 included)."""
+        return self.deep is not None and self.index % self.request.deep_cache_interval != 0
+
+    def deep_features(self) -> torch.Tensor:
+        """The kept deep features for this step's UNet rows: once guidance has ended, the
+        conditional (last) row of a guided full step's pair."""
+        return self.deep[-self.unet_rows():]
 
     def conditioning(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This step's prompt embeddings, pooled embeddings and `add_time_ids`, one per UNet row.
