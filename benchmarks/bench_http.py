@@ -12,7 +12,8 @@ then, for each --model (in order, in the same run), the Ray Serve app is started
 HTTP by closed-loop clients at each concurrency. A --model is `label=JSON`: a model spec
 (configs/model_spec.py), or `{"model": spec, ...}` with any of `replicas` (engine replicas, each
 with --engine-gpus), `max_batch_size`, `batch_wait_s`, `scheduling` and `concurrency` overriding
-the flags for that run. Batch sizes come from each response's `X-Batch-Size` header (the most
+the flags for that run, and `request`: fields every request body of that run adds (e.g.
+`{"deep_cache_interval": 3}` with a spec whose `optimize.deep_cache` is on). Batch sizes come from each response's `X-Batch-Size` header (the most
 requests that shared a UNet forward with it), so they count every replica.
 Prints a table and writes `bench_http.json` into --out.
 """
@@ -63,7 +64,7 @@ def _run_settings(args, raw: dict) -> tuple[dict, dict]:
     """Split a --model JSON into the model spec and this run's serving settings."""
     if "model" not in raw:
         raw = {"model": raw}
-    unknown = set(raw) - {"model", "replicas", "max_batch_size", "batch_wait_s", "scheduling", "concurrency"}
+    unknown = set(raw) - {"model", "replicas", "max_batch_size", "batch_wait_s", "scheduling", "concurrency", "request"}
     if unknown:
         raise SystemExit(f"--model: unknown keys {sorted(unknown)}")
     settings = {
@@ -72,6 +73,7 @@ def _run_settings(args, raw: dict) -> tuple[dict, dict]:
         "batch_wait_s": raw.get("batch_wait_s", args.batch_wait_s),
         "scheduling": raw.get("scheduling", args.scheduling),
         "concurrency": raw.get("concurrency", args.concurrency),
+        "request": raw.get("request", {}),
     }
     return raw["model"], settings
 
@@ -99,7 +101,7 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     info = serve.get_deployment_handle("SDXLBase", app_name="sdxl").model_info.remote().result()
     start = {"load_s": info["load_s"], "warmup_s": info["warmup_s"], "compile_cache": info["compile_cache"]}
     base_url = f"http://127.0.0.1:{args.port}"
-    body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps}
+    body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps, **settings["request"]}
     rows = []
     try:
         warm = 2 * settings["replicas"]
@@ -128,6 +130,7 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
                     "max_batch_size": settings["max_batch_size"],
                     "batch_wait_s": settings["batch_wait_s"],
                     "scheduling": settings["scheduling"],
+                    "request": settings["request"],
                     "concurrency": concurrency,
                     **run_summary,
                     "req_per_s_per_replica": round(run_summary["req_per_s"] / settings["replicas"], 3),

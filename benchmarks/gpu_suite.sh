@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_suite.sh refiner    # over HTTP: base-only vs refined latency, half refined under load, replica ratio
 #   bash benchmarks/gpu_suite.sh fewstep    # in-process: 4-step unguided requests, compiled with and without the one-row UNet bucket (needs no Ray)
 #   bash benchmarks/gpu_suite.sh deepcache  # in-process: deep-feature caching, intervals 2/3/5 eager, then compiled (needs no Ray)
+#   bash benchmarks/gpu_suite.sh deepcache_http # over HTTP: a deep-cache deployment, plain requests then interval 3
 #   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh training   # in-process: LoRA training steps/s (rank 16, 64), pause latency (needs no Ray)
 #   bash benchmarks/gpu_suite.sh soak       # over HTTP: a long mixed load (LoRAs, ControlNet, refiner), GPU memory sampled
@@ -30,7 +31,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, deepcache, hires, training, soak or scaleout}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, deepcache, deepcache_http, hires, training, soak or scaleout}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -250,6 +251,16 @@ deepcache)
   python3 benchmarks/bench_pipeline.py --variants "${DEEPCACHE_VARIANTS:-baseline,deep_cache_2,deep_cache_3,deep_cache_5}" \
     --batches "${DEEPCACHE_BATCHES:-1,8}" --no-stages --compile-cache "$CACHE" --save-reference "${reference[@]}" \
     --tag "deepcache_${DEEPCACHE_TAG:-eager}" --out "$OUT"
+  ;;
+deepcache_http)
+  # Deep-feature caching over HTTP: the served compile with `deep_cache` on, plain requests, then
+  # the same deployment restarted (compile cache warm) with every request at interval 3; a lone
+  # client and 16 (CONCURRENCY). One compiled replica, step scheduling.
+  cached=$(compiled "$CACHE" | sed 's/"batch_buckets": \[1, 8\]/"batch_buckets": [1, 8], "deep_cache": true/')
+  python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus 8 --size 1024 --steps 30 \
+    --requests ${REQUESTS:-24} --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 \
+    --model "plain={\"model\": $cached}" --model "interval3={\"model\": $cached, \"request\": {\"deep_cache_interval\": 3}}" \
+    --out "$OUT"
   ;;
 hires)
   # 30 steps at 1024², then 15 at 2048² (38 scheduler steps at strength 0.4), eager fp16: one image
