@@ -16,11 +16,14 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionXLPipeline
 from pydantic import ValidationError
 
-from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TinySpec
+from configs.model_spec import TINY_CONTROLNET_CANNY_DIR, TINY_LORA_DIR, TinySpec
 from deployments.engine.control import RunOutput
 from deployments.engine.deep_cache import DeepCacheUNet
+from deployments.engine.lora import AdapterCache
 from deployments.engine.loop import StepEngine
-from deployments.types import ControlRef, GenerationRequest, InvalidRequestError, RefinerSettings
+from deployments.lora_registry import LoraRegistry
+from deployments.pipelines import load_pipeline
+from deployments.types import ControlRef, GenerationRequest, InvalidRequestError, LoraRef, RefinerSettings
 from tests.test_engine import _reference_image
 from training import evaluate, shapes
 
@@ -181,6 +184,31 @@ def test_a_caching_row_sharing_forwards_equals_it_alone(engine):
     engine.run_until_idle()
     for control, expected in zip(controls, alone):
         assert np.abs(_pixels(control.outcome) - expected).max() <= FIDELITY_ATOL
+
+
+def test_every_kind_and_a_lora_row_cache_and_each_equals_it_alone(tiny_dir, tmp_path):
+    """img2img, inpaint (with blur and a crop) and a LoRA row, each caching at interval 2 or 3,
+    one batch: each row's shallow steps run with its own latents, mask blend and LoRA slot, and
+    each image equals its image alone."""
+    pipe = load_pipeline(SPEC)  # its own: LoRA slot layers get wrapped
+    adapters = AdapterCache(pipe, LoraRegistry(tmp_path, builtin=(TINY_LORA_DIR,)), size=2, max_rank=64)
+    lora_engine = StepEngine(pipe, max_rows=8, adapters=adapters, deep_cache=DeepCacheUNet(pipe.unet))
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 20:44] = 255
+    requests = [
+        _resolved(kind="img2img", init_image=picture, strength=0.7, deep_cache_interval=2, seed=21),
+        _resolved(kind="inpaint", init_image=picture, mask_image=mask, strength=0.9, mask_blur=2, padding_mask_crop=8,
+                  deep_cache_interval=3, seed=22, width=None, height=None),
+        _resolved(loras=(LoraRef(name="pastel", weight=0.8),), deep_cache_interval=3, seed=23),
+        _resolved(seed=24),
+    ]
+    alone = [_pixels(lora_engine.generate([request])[0]) for request in requests]
+    together = lora_engine.generate(requests)
+    assert lora_engine.stats()["shallow_unet_calls"] > 0
+    for outcome, expected in zip(together, alone):
+        assert np.abs(_pixels(outcome) - expected).max() <= FIDELITY_ATOL
 
 
 def test_buckets_pad_a_caching_row_without_changing_it(tiny_pipe, engine):
