@@ -24,7 +24,7 @@ from serve_app.protocol import Img2ImgRequest, InpaintRequest, Txt2ImgJob, Txt2I
 #: Request fields the page offers as advanced settings, empty unless set: their allowed values,
 #: bounds, default and description come from the request schema (their one definition), so the
 #: page follows it rather than copying it.
-ADVANCED_FIELDS = ("timestep_spacing", "guidance_end")
+ADVANCED_FIELDS = ("timestep_spacing", "guidance_end", "deep_cache_interval")
 #: The request fields the page's other numeric controls set (`a.b`: field `b` of the object `a`, or
 #: of each item of the list `a`), with the request whose schema states each: the page takes their
 #: bounds, integer steps, defaults and descriptions (its tooltips) from config.json's `fields`. Where

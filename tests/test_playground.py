@@ -168,7 +168,9 @@ def test_the_pages_are_served_open_and_outside_the_schema(app_url, auth_url):
         assert (end["exclusiveMinimum"], end["maximum"], end["default"]) == (0, 1, 1)
         assert "guidance_scale > 1" in end["description"]
         form = paths["/v1/img2img"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-        assert advanced == {name: form["properties"][name] for name in ("timestep_spacing", "guidance_end")}
+        cache = advanced["deep_cache_interval"]
+        assert (cache["type"], cache["minimum"], cache["maximum"], cache["default"]) == ("integer", 1, 10, 1)
+        assert advanced == {name: form["properties"][name] for name in ("timestep_spacing", "guidance_end", "deep_cache_interval")}
     with httpx.Client(base_url=auth_url, follow_redirects=False, timeout=30) as http:
         assert http.get("/").headers["location"] == "ui/play/"
         assert http.get("/ui/play").headers["location"] == "play/"
@@ -430,6 +432,7 @@ def test_the_controls_bounds_and_tooltips_come_from_config(open_page, app_url):
         "refiner-switch": (fields["refiner.switch_at"]["exclusiveMinimum"] + 0.05, fields["refiner.switch_at"]["exclusiveMaximum"] - 0.05),
         "hires-scale": (fields["hires.scale"]["exclusiveMinimum"] + 0.25, fields["hires.scale"]["maximum"]),
         "guidance-end": (config["advanced"]["guidance_end"]["exclusiveMinimum"] + 0.05, 1),
+        "deep-cache": (1, 10),
     }
     for id_, (low, high) in expected.items():
         seen = control(id_)
@@ -444,6 +447,7 @@ def test_the_controls_bounds_and_tooltips_come_from_config(open_page, app_url):
     assert control("hires-strength")["title"] == fields["hires.strength"]["description"]
     assert control("control-end")["title"] == fields["controlnet.guidance_end"]["description"]
     assert control("guidance-end")["title"] == config["advanced"]["guidance_end"]["description"]
+    assert control("deep-cache")["title"] == config["advanced"]["deep_cache_interval"]["description"]
     assert page.inner_text("label[for=control-end]") == "Control end"
     assert page.inner_text("label[for=guidance-end]") == "Guidance end"
     # Exact: an earlier test in the session may have trained "pastel-trained" (its label holds this one's).
@@ -544,8 +548,8 @@ def test_a_lora_picked_from_the_list_changes_the_request(open_page, app_url):
 
 
 def test_advanced_settings_are_sent_and_the_servers_refusals_shown(open_page, app_url):
-    """Timestep spacing and guidance end, offered from the schema config.json serves, go with the
-    request when set; the combinations the server refuses come back as its 400, shown, naming the field."""
+    """Timestep spacing, guidance end and the deep cache interval, offered from the schema
+    config.json serves, go with the request when set; the combinations the server refuses come back as its 400, shown, naming the field."""
     page = open_page(app_url + "/playground/", refused=(400,))
     bodies = _job_bodies(page)
     page.fill("#prompt", "a green triangle")
@@ -557,11 +561,13 @@ def test_advanced_settings_are_sent_and_the_servers_refusals_shown(open_page, ap
     assert page.get_attribute("#guidance-end", "max") == "1"
     page.select_option("#timestep-spacing", "trailing")
     page.fill("#guidance-end", "0.5")
+    page.fill("#deep-cache", "2")
     page.click("#generate")
     _wait_done(page)
     assert page.locator("#gallery li").count() == 1
     params = bodies[-1]["params"]
     assert (params["scheduler"], params["timestep_spacing"], params["guidance_end"]) == ("euler", "trailing", 0.5)
+    assert params["deep_cache_interval"] == 2
     # LCM takes no spacing: the server's 400 is shown and no job runs.
     page.select_option("#scheduler", "lcm")
     page.click("#generate")

@@ -146,7 +146,7 @@ function fillForm(config) {
   fillAdvanced(config.advanced);
 }
 
-function fillAdvanced({ timestep_spacing: spacing, guidance_end: end }) {
+function fillAdvanced({ timestep_spacing: spacing, guidance_end: end, deep_cache_interval: cache }) {
   // The request schema's own values, bounds and descriptions (config.json): nothing copied here.
   const select = $("timestep-spacing");
   for (const value of spacing.enum) select.append(new Option(value, value));
@@ -154,6 +154,9 @@ function fillAdvanced({ timestep_spacing: spacing, guidance_end: end }) {
   const input = $("guidance-end");
   applySchema(input, end);
   input.placeholder = String(end.default);
+  const interval = $("deep-cache");
+  applySchema(interval, cache);
+  interval.placeholder = String(cache.default);
 }
 
 function applySchema(input, schema) {
@@ -547,6 +550,7 @@ function generationParams(kind) {
     scheduler: $("scheduler").value,
     timestep_spacing: $("timestep-spacing").value || undefined,
     guidance_end: number("guidance-end"),
+    deep_cache_interval: number("deep-cache"),
     seed: number("seed"),
   };
   const negative = $("negative-prompt").value;
