@@ -13,8 +13,9 @@ HTTP by closed-loop clients at each concurrency. A --model is `label=JSON`: a mo
 (configs/model_spec.py), or `{"model": spec, ...}` with any of `replicas` (engine replicas, each
 with --engine-gpus), `max_batch_size`, `batch_wait_s`, `scheduling` and `concurrency` overriding
 the flags for that run, and `request`: fields every request body of that run adds (e.g.
-`{"deep_cache_interval": 3}` with a spec whose `optimize.deep_cache` is on). Batch sizes come from each response's `X-Batch-Size` header (the most
-requests that shared a UNet forward with it), so they count every replica.
+`{"deep_cache_interval": 3}` with a spec whose `optimize.deep_cache` is on). Batch sizes come
+from each response's `X-Batch-Size` header (the most requests that shared a UNet forward with
+it), so they count every replica.
 Prints a table and writes `bench_http.json` into --out.
 """
 

@@ -549,7 +549,8 @@ class StepEngine:
                     control = residuals(self.controlnets, call_steered, call_inputs, call_timesteps, call_prompt, added)
                     if full_pass:
                         output, features = self.deep_cache.full(call_inputs, call_timesteps, call_prompt, added, **(control or {}))
-                        kept.append(features[:size] if keep else None)
+                        if keep:
+                            kept.append(features[:size])
                     else:
                         output = unet(
                             call_inputs,

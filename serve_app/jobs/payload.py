@@ -18,8 +18,9 @@ from serve_app.png import COMPRESS_LEVEL
 #: Bump when the layout below changes; `from_json` refuses versions it does not know. 2 added
 #: `controlnets` (settings, image as PNG), 3 `refiner` (its settings), 4 `hires` (its resolved
 #: settings), 5 `guidance_end`, 6 `timestep_spacing`, 7 `deep_cache_interval`; an older payload is
-#: read as one without them (guidance on every step, the model's own spacing, no deep cache). A version a server does not know is
-#: refused by name rather than failing on an unknown field, when an older server reads a newer job.
+#: read as one without them (guidance on every step, the model's own spacing, no deep cache). A
+#: version a server does not know is refused by name rather than failing on an unknown field, when
+#: an older server reads a newer job.
 PAYLOAD_VERSION = 7
 _READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 
