@@ -64,6 +64,16 @@ VARIANTS: dict[str, dict] = {
             "batch_buckets": [1, 8],
         },
     },
+    # Every transformer block, ResNet block and sampler compiled (the UNet's, and with unet+vae the
+    # VAE decoder's), the glue between them eager: a cold start between regional's and full's?
+    **{
+        f"{name}blocks{suffix}": {
+            "dtype": "float16",
+            "optimize": {**layout, "fuse_qkv": True, "compile": compile, "compile_scope": "blocks", "batch_buckets": [1, 8]},
+        }
+        for name, compile in (("compile_", "unet"), ("compile_vae_", "unet+vae"))
+        for suffix, layout in (("", {"channels_last": True}), ("_nocl", {}))
+    },
     # One graph for every bucket (dynamic batch and sizes): one compile per module instead of
     # one per bucket, if its kernels are not slower than static ones.
     "compile_vae_dynamic": {
@@ -217,6 +227,9 @@ def bench_variant(name: str, args) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    # A served replica's warm-up raises dynamo's per-code-object graph limit for what it compiles
+    # (a `blocks` compile: a graph per ResNet block and shape); this script compiles on first use.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
     started = time.perf_counter()
     pipe = load_pipeline(spec)
     engine = StepEngine(

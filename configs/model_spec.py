@@ -34,13 +34,16 @@ class OptimizeConfig(BaseModel):
     compile: Literal["off", "unet", "unet+vae"] = Field(
         "off", description="torch.compile the UNet (and the VAE decoder); warmed up at load, per batch bucket."
     )
-    compile_scope: Literal["full", "regional"] = Field(
+    compile_scope: Literal["full", "regional", "blocks"] = Field(
         "full",
         description=(
             "What of the UNet `compile` compiles: `full`, the whole UNet as one graph; `regional`, "
             "each transformer block (diffusers' `compile_repeated_blocks`, fullgraph): the repeated "
-            "block compiles once and is reused, so a cold start compiles far less; the ResNets and "
-            "up/down samplers between blocks run eager. The VAE decoder is compiled whole either way."
+            "block compiles once and is reused, so a cold start compiles far less, and the ResNets and "
+            "up/down samplers between blocks run eager; `blocks`, each transformer block, ResNet block "
+            "and up/down sampler (fullgraph), blocks of one shape sharing a graph, the glue between "
+            "them eager. With `unet+vae` the VAE decoder is compiled whole, except under `blocks`, "
+            "which compiles its ResNet blocks and upsamplers."
         ),
     )
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = Field(

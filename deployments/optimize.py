@@ -44,20 +44,43 @@ def apply_optimizations(pipe: DiffusionPipeline, options: OptimizeConfig, device
             # reuses the graph across blocks of one width, and fullgraph refuses a graph break
             # instead of silently splitting the block.
             pipe.unet.compile_repeated_blocks(fullgraph=True, **compile_args)
+        elif options.compile_scope == "blocks":
+            compile_blocks(pipe.unet, compile_args)
         else:
             pipe.unet.compile(**compile_args)
         applied.append(f"compile:unet:{options.compile_scope}({options.compile_mode},{options.compile_backend})")
         if options.compile == "unet+vae":
-            pipe.vae.decoder.compile(**compile_args)
+            if options.compile_scope == "blocks":
+                compile_blocks(pipe.vae.decoder, compile_args)
+            else:
+                pipe.vae.decoder.compile(**compile_args)
             applied.append("compile:vae")
         logger.info("torch.compile cache in %s", cache)
     return applied
 
 
+#: What `compile_scope: blocks` compiles, by class: regional compilation's transformer blocks and
+#: the ResNet blocks and samplers between them, where the whole-UNet graph's gain at 16 rows was
+#: (H200: regional alone served at the eager rate under load, BENCHMARKS.md). Modules of one class
+#: share a traced `forward`: instances of one shape reuse a graph, so SDXL compiles a few dozen
+#: small graphs per latent shape where the whole UNet is one large one.
+BLOCK_CLASSES = ("BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+
+
+def compile_blocks(model: torch.nn.Module, compile_args: dict) -> None:
+    """Compile each of `model`'s `BLOCK_CLASSES` modules (fullgraph: a graph break fails instead
+    of splitting the block); what lies between them runs eager."""
+    blocks = [module for module in model.modules() if type(module).__name__ in BLOCK_CLASSES]
+    if not blocks:
+        raise ValueError(f"compile_scope 'blocks' found none of {BLOCK_CLASSES} in {type(model).__name__}")
+    for block in blocks:
+        block.compile(fullgraph=True, **compile_args)
+
+
 def deep_cache_unet(unet: torch.nn.Module, options: OptimizeConfig) -> DeepCacheUNet:
     """The UNet's two deep-cache passes (`optimize.deep_cache`), compiled as the UNet is: with
     `compile_scope: full` each pass is a graph of its own (per shape, as the UNet's); with
-    `regional` the transformer blocks they call are the UNet's compiled ones already."""
+    `regional` or `blocks` the blocks they call are the UNet's compiled ones already."""
     passes = DeepCacheUNet(unet)
     if options.compile != "off" and options.compile_scope == "full":
         passes.compile(**_compile_args(options))

@@ -59,10 +59,41 @@ def test_regional_compile_compiles_each_transformer_block_and_keeps_the_image(ti
     assert np.abs(outcome.image - baseline).max() <= 1e-4
 
 
+def test_block_compile_warms_every_block_within_dynamo_limit_and_keeps_the_image(tiny_spec, baseline):
+    """`compile_scope: blocks` compiles each transformer block, ResNet block and sampler of the
+    UNet and (with `unet+vae`) the VAE decoder, fullgraph, and nothing whole. Those graphs sit on
+    a few shared `forward`s, a ResNet's once per instance and shape: with dynamo's limit at 4 and
+    hitting it an error, the factory's warm-up makes room for them, and a request afterwards
+    neither recompiles nor moves the image."""
+    import torch
+
+    from configs.app_args import BatchingConfig
+    from deployments.engine.factory import EngineFactory
+    from deployments.optimize import BLOCK_CLASSES
+
+    torch._dynamo.reset()  # graphs earlier tests left on the same forwards count towards the limit
+    spec = _with(tiny_spec, compile="unet+vae", compile_scope="blocks", compile_backend="eager", batch_buckets=[1, 2])
+    spec = spec.model_copy(update={"default_size": (REQUEST.width, REQUEST.height)})  # the size the warm-up compiles
+    with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+        engine = EngineFactory(
+            spec.model_dump(mode="json"), BatchingConfig(max_batch_size=2).model_dump(mode="json"), pipeline_factory=load_pipeline
+        )(None)
+        pipe = engine._pipe
+        for model in (pipe.unet, pipe.vae.decoder):
+            blocks = [m for m in model.modules() if type(m).__name__ in BLOCK_CLASSES]
+            assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+            assert model._compiled_call_impl is None
+        assert {type(m).__name__ for m in pipe.unet.modules() if m._compiled_call_impl is not None} == set(BLOCK_CLASSES)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            (outcome,) = engine.generate([REQUEST.with_defaults(spec)])
+    assert np.abs(outcome.image - baseline).max() <= 1e-4
+
+
 @pytest.mark.parametrize(
     "setting",
     [
         {"compile_scope": "regional"},
+        {"compile_scope": "blocks"},
         {"warmup_sizes": [[256, 256]]},
         {"unguided_bucket": True},
         # A dynamic graph runs any batch size: without batch_buckets there is no bucket to add.

@@ -37,14 +37,13 @@ import logging
 import statistics
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from diffusers import ControlNetModel, StableDiffusionXLPipeline
-from diffusers.models.attention import BasicTransformerBlock
 
 from deployments.engine.calls import CallPlanner
 from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
@@ -732,7 +731,7 @@ class StepEngine:
         if self.deep_cache is not None:  # the shallow pass (every full forward is the full pass already)
             requests += [plain.model_copy(update={"deep_cache_interval": 2}) for plain in list(requests) if not plain.controlnets]
         graphs_per_bucket = len(requests) * (2 if self.adapters is not None else 1)  # shapes × branches
-        _make_room_for(graphs_per_bucket * len(self.forward_calls.buckets or [1]), self._pipe.unet)
+        _make_room_for(graphs_per_bucket * len(self.forward_calls.buckets or [1]), (self._pipe.unet, self._pipe.vae))
         self._warm_branches(requests, sizes)
         if self.adapters is not None:
             with self.adapters.zero_slot() as slot:
@@ -874,17 +873,23 @@ def _groups(rows: list[Row], key: Callable[[Row], Any]) -> list[list[Row]]:
     return list(groups.values())
 
 
-def _make_room_for(graphs: int, unet: torch.nn.Module) -> None:
+def _make_room_for(graphs: int, models: Sequence[torch.nn.Module]) -> None:
     """Dynamo keeps at most `recompile_limit` graphs per code object (8 by default); past it a
-    frame runs eager, silently, and a regional (fullgraph) compile fails the call instead. The
-    warm-up compiles `graphs` UNet graphs, one per latent shape, UNet bucket and branch (12 with
-    buckets [1, 8], the unguided bucket, LoRA slots and one of `warmup_sizes`), and a regional
-    compile that many per transformer-block width (SDXL's: 640 and 1280): the limit makes room for
-    all of them, plus dynamo's default for a size the warm-up did not run (which compiles on its
-    first request, as it would on a replica warmed with fewer graphs)."""
-    widths = len({block.dim for block in unet.modules() if isinstance(block, BasicTransformerBlock)}) or 1
+    frame runs eager, silently, and a regional or block (fullgraph) compile fails the call instead.
+    The warm-up compiles `graphs` UNet graphs, one per latent shape, UNet bucket and branch (12 with
+    buckets [1, 8], the unguided bucket, LoRA slots and one of `warmup_sizes`; the VAE decoder's are
+    fewer). A compiled module's graphs sit on its class's `forward`, shared by every compiled
+    instance of the class in `models`, and each instance may need its own (SDXL's ResNet blocks
+    differ in shape; its 70 transformer blocks have two widths): the limit makes room for a graph
+    per instance and warm-up graph, plus dynamo's default for a size the warm-up did not run (which
+    compiles on its first request, as it would on a replica warmed with fewer graphs). A cap, not a
+    cost: guards are checked only against graphs that exist."""
+    compiled = Counter(
+        type(module).forward for model in models for module in model.modules() if module._compiled_call_impl is not None
+    )
+    instances = max(compiled.values(), default=1)
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, graphs * widths + _UNWARMED_GRAPHS)
+    config.recompile_limit = max(config.recompile_limit, graphs * instances + _UNWARMED_GRAPHS)
 
 
 def _unet_buckets(buckets: Optional[Sequence[int]], unguided_bucket: bool) -> Optional[list[int]]:
