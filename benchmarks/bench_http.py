@@ -99,8 +99,10 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")
     ready_s = time.perf_counter() - started
     # One replica's start: load and warm-up seconds, and whether its compile came from the cache.
-    info = serve.get_deployment_handle("SDXLBase", app_name="sdxl").model_info.remote().result()
-    start = {"load_s": info["load_s"], "warmup_s": info["warmup_s"], "compile_cache": info["compile_cache"]}
+    engine = serve.get_deployment_handle("SDXLBase", app_name="sdxl")
+    info = engine.model_info.remote().result()
+    # Its timed call costs decide how it splits a step's rows into calls ("Compiled batch shapes").
+    start = {name: info[name] for name in ("load_s", "warmup_s", "compile_cache", "unet_call_s", "decode_call_s")}
     base_url = f"http://127.0.0.1:{args.port}"
     body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps, **settings["request"]}
     rows = []
@@ -110,7 +112,9 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
         for concurrency in settings["concurrency"]:
             total = max(args.requests, concurrency * args.rounds)
             bodies = [{**body, "seed": i} for i in range(total)]
+            before = engine.stats.remote().result()
             answers, wall_s = asyncio.run(closed_loop(base_url, "/v1/txt2img", concurrency, bodies))
+            after = engine.stats.remote().result()  # one replica's (of several: whichever answered)
             for _, _, response in answers:
                 response.raise_for_status()
             latencies = [latency for _, latency, _ in answers]
@@ -139,12 +143,17 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
                     "mean_batch": round(statistics.fmean(batch_sizes), 2),
                     "max_batch": max(batch_sizes),
                     "mean_split": split,
+                    # What the engine ran meanwhile: forwards, calls, rows a call, rows left a step.
+                    "engine": {name: after[name] - before[name] for name in _ENGINE_COUNTS},
                 }
             )
             print(f"  {label} concurrency {concurrency}: {rows[-1]['req_per_s']} req/s", flush=True)
     finally:
         serve.delete("sdxl")
     return rows
+
+
+_ENGINE_COUNTS = ("forwards", "row_steps", "unet_calls", "unet_rows", "padded_unet_rows", "deferred_row_steps")
 
 
 def main() -> None:
