@@ -63,7 +63,9 @@ def apply_optimizations(pipe: DiffusionPipeline, options: OptimizeConfig, device
 #: the ResNet blocks and samplers between them, where the whole-UNet graph's gain at 16 rows was
 #: (H200: regional alone served at the eager rate under load, BENCHMARKS.md). Modules of one class
 #: share a traced `forward`: instances of one shape reuse a graph, so SDXL compiles a few dozen
-#: small graphs per latent shape where the whole UNet is one large one.
+#: small graphs per latent shape where the whole UNet is one large one. Measured (H200, `unet+vae`,
+#: buckets [1, 8]): 0.995 img/s at batch 8 against full compile's 1.02-1.05, both buckets compiled
+#: in 131 s against ~4.5 min, but a lone image 1.8-2.3 s against 1.2 (a dynamo entry per block call).
 BLOCK_CLASSES = ("BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
