@@ -93,7 +93,10 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
         },
         "engine": {"num_replicas": settings["replicas"], "num_cpus": args.engine_cpus, "num_gpus": args.engine_gpus},
         "ingress": {"num_replicas": 1, "num_cpus": 0.5},
-        "controlnets": {},  # the base engine only: no variant deployment taking CPUs or a GPU
+        # The base engine only: no variant or refiner deployment taking CPUs or a GPU (the tiny
+        # model's default refiner left the ingress unscheduled on a 3-CPU cluster).
+        "controlnets": {},
+        "refiner": False,
     }
     started = time.perf_counter()
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")
