@@ -133,3 +133,9 @@ def local_server(tiny_replica, tiny_controlnet_replicas, tiny_refiner_replica, l
         yield SimpleNamespace(client=client, app=app, replica=tiny_replica, replicas=replicas, manager=manager)
         for loop in manager._loops:
             client.portal.call(loop.cancel)
+
+
+@pytest.fixture(scope="module")
+def http(local_server):
+    """The in-process app's client (tests/integration/conftest.py's `http` is the cluster's)."""
+    return local_server.client

@@ -222,6 +222,13 @@ def decoded_rgb(content: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
 
 
+def txt2img_rgb(client: Any, body: dict[str, Any]) -> np.ndarray:
+    """`POST /v1/txt2img` with `body` on a sync client, which must answer 200; the image's pixels."""
+    response = client.post("/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    return decoded_rgb(response.content)
+
+
 def finished_job(client: Any, job_id: str, timeout_s: float = 120.0) -> dict[str, Any]:
     """Poll `GET /v1/jobs/{id}` on a sync client until the job ends; its last view."""
     deadline = time.time() + timeout_s

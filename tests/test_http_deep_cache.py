@@ -13,21 +13,14 @@ import pytest
 from configs.model_spec import TinySpec
 from deployments.types import GenerationRequest
 from serve_app.jobs.payload import JobPayload
-from tests.fakes import decoded_rgb, finished_job
+from tests.fakes import decoded_rgb, finished_job, txt2img_rgb
 
 SPEC = TinySpec(device="cpu")
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 6, "seed": 3}
 
 
-@pytest.fixture(scope="module")
-def http(local_server):
-    return local_server.client
-
-
 def _txt2img(http, **fields) -> np.ndarray:
-    response = http.post("/v1/txt2img", json={"prompt": "a red star", **SMALL, **fields})
-    assert response.status_code == 200, response.text
-    return decoded_rgb(response.content)
+    return txt2img_rgb(http, {"prompt": "a red star", **SMALL, **fields})
 
 
 def test_the_interval_reaches_the_engine_through_every_door(http):

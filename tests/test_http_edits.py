@@ -12,10 +12,6 @@ from PIL import Image
 from tests.fakes import decoded_rgb, post_concurrently
 
 
-@pytest.fixture(scope="module")
-def http(local_server):
-    return local_server.client
-
 FAST = {"num_inference_steps": 4}
 
 

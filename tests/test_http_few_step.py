@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from configs.model_spec import TinySpec
 from deployments.types import GenerationRequest, HiresSettings, InvalidRequestError, RefinerSettings
 from serve_app.jobs.payload import PAYLOAD_VERSION, JobPayload
-from tests.fakes import decoded_rgb, finished_job
+from tests.fakes import decoded_rgb, finished_job, txt2img_rgb
 
 SPEC = TinySpec(device="cpu")
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 4, "guidance_scale": 1.0, "seed": 3}
@@ -79,16 +79,8 @@ def test_a_job_payload_keeps_the_spacing_and_reads_older_payloads_without_it():
 # --- HTTP, in-process over the tiny engine ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def http(local_server):
-    return local_server.client
-
-
-
 def _txt2img(http, **fields) -> np.ndarray:
-    response = http.post("/v1/txt2img", json={"prompt": "a red star", **SMALL, **fields})
-    assert response.status_code == 200, response.text
-    return decoded_rgb(response.content)
+    return txt2img_rgb(http, {"prompt": "a red star", **SMALL, **fields})
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,6 @@ from tests.app_config import MAX_BATCH
 from tests.fakes import post_concurrently
 
 
-@pytest.fixture(scope="module")
-def http(local_server):
-    return local_server.client
-
 SMALL = {"size": "64x64", "num_inference_steps": 2}
 
 

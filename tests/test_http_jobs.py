@@ -17,11 +17,6 @@ from tests.fakes import post_concurrently
 from tests.app_config import free_port
 
 
-@pytest.fixture(scope="module")
-def http(local_server):
-    return local_server.client
-
-
 def _png(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

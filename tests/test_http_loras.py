@@ -11,19 +11,11 @@ import torch
 from PIL import Image
 
 from tests import lora_files
-from tests.fakes import decoded_rgb, post_concurrently
-
-
-@pytest.fixture(scope="module")
-def http(local_server):
-    return local_server.client
-
+from tests.fakes import decoded_rgb, post_concurrently, txt2img_rgb
 
 
 def _txt2img(http, **body) -> np.ndarray:
-    response = http.post("/v1/txt2img", json={"prompt": "a large red circle on a blue background", "seed": 4, **body})
-    assert response.status_code == 200, response.text
-    return decoded_rgb(response.content)
+    return txt2img_rgb(http, {"prompt": "a large red circle on a blue background", "seed": 4, **body})
 
 
 def _upload(http, path, name=None, file_name=None):
