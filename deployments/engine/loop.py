@@ -517,10 +517,8 @@ class StepEngine:
         deep features, which are stored on the rows that cache them: one compiled graph per
         shape serves both kinds of row (a deployment compiles the full pass instead of the UNet,
         not besides it)."""
-        unet = self._pipe.unet
         reuse = rows[0].reuses_deep
-        full_pass = self.deep_cache is not None and not reuse
-        keep = full_pass and any(row.caches_deep for row in rows)
+        keep = self.deep_cache is not None and not reuse and any(row.caches_deep for row in rows)
         # Contiguous whatever the rows' layouts: an img2img or hires row's latents come from the
         # VAE encoder in channels-last strides (diffusers' image tensor is a permuted HWC array),
         # and a compiled UNet guards on strides, so such a row recompiled a warmed graph.
@@ -541,25 +539,12 @@ class StepEngine:
             )
             added = {"text_embeds": _pad(pooled[start:end], padded), "time_ids": _pad(time_ids[start:end], padded)}
             call_steered = steered[start:end] + steered[end - 1 : end] * (padded - size)
+            call_deep = _pad(deep[start:end], padded) if reuse else None
             with rows_on_slots(self.adapters, call_slots, inputs.device, ("unet",)):
-                if reuse:  # deep-cache rows are never steered (the request refuses controlnets)
-                    output = self.deep_cache.shallow(call_inputs, call_timesteps, call_prompt, added, _pad(deep[start:end], padded))
-                else:
-                    control = residuals(self.controlnets, call_steered, call_inputs, call_timesteps, call_prompt, added)
-                    if full_pass:
-                        output, features = self.deep_cache.full(call_inputs, call_timesteps, call_prompt, added, **(control or {}))
-                        if keep:
-                            kept.append(features[:size])
-                    else:
-                        output = unet(
-                            call_inputs,
-                            call_timesteps,
-                            encoder_hidden_states=call_prompt,
-                            added_cond_kwargs=added,
-                            return_dict=False,
-                            **(control or {}),
-                        )[0]
+                output, features = self._unet_call(call_inputs, call_timesteps, call_prompt, added, call_steered, call_deep)
             outputs.append(output[:size])
+            if keep:
+                kept.append(features[:size])
             with self._lock:
                 self._stats.unet_call(size, padded, shallow=reuse)
             start = end
@@ -569,6 +554,29 @@ class StepEngine:
                 if row.caches_deep:
                     row.deep = features
         return list(torch.cat(outputs).split(split))
+
+    def _unet_call(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt: torch.Tensor,
+        added: dict[str, torch.Tensor],
+        steered: list,
+        deep: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One call of a compiled size: its noise predictions, and the deep features when the
+        deep-cache full pass ran. Given kept `deep` features, the shallow pass (deep-cache rows are
+        never steered: the request refuses controlnets); else the ControlNets' residuals of the
+        `steered` rows go into the full pass (with `deep_cache`) or the UNet."""
+        if deep is not None:
+            return self.deep_cache.shallow(sample, timesteps, prompt, added, deep), None
+        control = residuals(self.controlnets, steered, sample, timesteps, prompt, added) or {}
+        if self.deep_cache is not None:
+            return self.deep_cache.full(sample, timesteps, prompt, added, **control)
+        output = self._pipe.unet(
+            sample, timesteps, encoder_hidden_states=prompt, added_cond_kwargs=added, return_dict=False, **control
+        )[0]
+        return output, None
 
     def _retire(self) -> None:
         """The rows that finished leave the batch:
