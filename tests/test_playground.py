@@ -595,7 +595,7 @@ def test_cancel_stops_a_running_job(open_page, app_url):
     _until(page, "document.getElementById('progress').value > 0")
     assert page.is_enabled("#cancel")
     page.click("#cancel")
-    page.wait_for_selector("#progress-label[data-status=cancelled]")
+    _wait_done(page, "cancelled")
     assert page.inner_text("#progress-label") == "Cancelled"
     assert page.is_enabled("#generate") and page.is_disabled("#cancel")
     assert page.locator("#gallery li").count() == 0
