@@ -71,7 +71,8 @@ class OptimizeConfig(BaseModel):
         None,
         description=(
             "Pad fused groups up to the next of these sizes (e.g. [1, 2, 4, 8]) so compiled graphs "
-            "are reused; padded rows are discarded. Default with compile (not dynamic): [1, 2, 4, 8]."
+            "are reused; padded rows are discarded. Needs `compile`; default with compile (not "
+            "dynamic): [1, 2, 4, 8]."
         ),
     )
     vae_slicing: bool = Field(False, description="Decode a batch one image at a time (less memory, slower).")
@@ -142,6 +143,15 @@ class OptimizeConfig(BaseModel):
             raise ValueError(f"compile_scope {self.compile_scope!r} needs compile 'unet' or 'unet+vae'")
         if self.warmup_sizes and self.compile == "off":
             raise ValueError(f"warmup_sizes {self.warmup_sizes!r} needs compile 'unet' or 'unet+vae'")
+        # Buckets on an eager UNet only pad, and no warm-up times them: the planner's prior (a
+        # call costs its padded size) then splits every group into one-image calls and steps one
+        # call a step, so the replica served one image at a time (tiny model over HTTP, 4
+        # clients: batch 1.0 and 21 of 24 row-steps deferred; without buckets batch 4.0).
+        if self.batch_buckets is not None and self.compile == "off":
+            raise ValueError(
+                f"batch_buckets {self.batch_buckets!r} needs compile 'unet' or 'unet+vae': an eager UNet "
+                "runs every batch at its own size"
+            )
         # A bucket exists only for compiled static shapes: a dynamic graph (or an eager UNet)
         # runs one row at its own size already.
         if self.unguided_bucket and (self.compile == "off" or self.buckets() is None):

@@ -139,6 +139,15 @@ def test_bad_buckets_are_rejected():
         OptimizeConfig(batch_buckets=[4, 2])
 
 
+def test_buckets_without_compile_are_refused_naming_the_field():
+    """An eager UNet with buckets was served one image at a time (nothing timed the buckets, so
+    every group split into one-image calls): refused, as the other compile-only settings are."""
+    with pytest.raises(ValueError, match=r"batch_buckets \[1, 8\] needs compile"):
+        OptimizeConfig(batch_buckets=[1, 8])
+    assert OptimizeConfig(compile="unet", batch_buckets=[1, 8]).buckets() == [1, 8]
+    assert OptimizeConfig().buckets() is None  # eager: each group at its own size
+
+
 def test_deep_cache_passes_compile_with_the_unet_and_keep_the_image(tiny_spec):
     """`deep_cache` under `compile`: the factory compiles both passes as the UNet is and the
     warm-up runs them (every full step is the full pass; a deep-cache request's second step the
