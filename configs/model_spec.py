@@ -152,9 +152,9 @@ class OptimizeConfig(BaseModel):
                 f"batch_buckets {self.batch_buckets!r} needs compile 'unet' or 'unet+vae': an eager UNet "
                 "runs every batch at its own size"
             )
-        # A bucket exists only for compiled static shapes: a dynamic graph (or an eager UNet)
-        # runs one row at its own size already.
-        if self.unguided_bucket and (self.compile == "off" or self.buckets() is None):
+        # A bucket exists only for compiled static shapes: a dynamic graph (or an eager UNet,
+        # whose buckets are None: refused above) runs one row at its own size already.
+        if self.unguided_bucket and self.buckets() is None:
             raise ValueError(
                 "unguided_bucket needs compile 'unet' or 'unet+vae' with batch buckets "
                 "(batch_buckets when compile_dynamic is on)"

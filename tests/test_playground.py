@@ -377,8 +377,9 @@ def _until(page, condition: str, timeout_s: float = WAIT_MS / 1000) -> None:
 
 def _wait_done(page, status: str = "succeeded") -> None:
     page.wait_for_selector(f"#progress-label[data-status={status}]")
-    # The label turns "succeeded" on the stream's last event, before the page has fetched the
-    # result into the gallery; the output stops being busy only after (CI once read an empty gallery).
+    # The label takes its final status on the stream's last event, before the page has fetched
+    # the result into the gallery and reset its buttons; the output stops being busy only after
+    # (CI once read an empty gallery).
     page.wait_for_selector('.output[aria-busy="false"]', state="attached")
     assert page.locator("#error").is_hidden(), page.inner_text("#error")
 
