@@ -1,15 +1,17 @@
-"""The tiny refiner: the sharpness ruler it is judged by, the stage that trains it, and the shipped
-folder loading with the base's shared parts exactly as the README's loader call does."""
+"""The tiny refiner: the sharpness ruler it is judged by, the stage that trains it, the shipped
+folder loading with the base's shared parts exactly as the README's loader call does, and the VAE
+switches and measure of the experiment toward a VAE that records soft edges (#16)."""
 
 import json
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from configs.model_spec import TINY_MODEL_DIR, TINY_REFINER_DIR
 from training import judge, shapes
-from training.train_tiny import SOFT_SCORE, main as train_main, soft_render
+from training.evaluate import vae_softness
+from training.train_tiny import SOFT_SCORE, main as train_main, sobel
 
 
 def _blur(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -23,7 +25,7 @@ def test_edge_sharpness_ranks_renders_above_softened_ones_and_ignores_noise():
     sharp, soft, softer = (judge.edge_sharpness(x) for x in (images, _blur(images, 3), _blur(images, 7)))
     assert 0.4 < sharp.mean() < 0.5  # one pixel of anti-aliasing: about half the contrast per pixel
     assert (sharp > soft + 0.1).all() and (soft > softer + 0.05).all()
-    assert (judge.edge_sharpness(soft_render(scene, torch.full((16,), 3.0), 128)) < sharp - 0.15).all()
+    assert (judge.edge_sharpness(shapes.soft_render(scene, torch.full((16,), 3.0), 128)) < sharp - 0.15).all()
     assert (judge.edge_sharpness((images + noise).clamp(0, 1)) - sharp).abs().max() < 0.05
     assert (judge.edge_sharpness((_blur(images, 3) + noise).clamp(0, 1)) < sharp - 0.1).all()
 
@@ -32,7 +34,7 @@ def test_soft_renders_keep_the_outline():
     """Soft edges without moving the outline: the pixels at least half way to the shape's colour
     are the silhouette's, the ramp reaches past it, and every shape still reads as itself."""
     scene = shapes.sample_scenes(16, torch.Generator().manual_seed(2))
-    soft = soft_render(scene, torch.full((16,), 5.0), 128)
+    soft = shapes.soft_render(scene, torch.full((16,), 5.0), 128)
     foreground, background = (shapes.palette()[index][:, :, None, None] for index in (scene.colour, scene.background))
     share = ((soft - background) * (foreground - background)).sum(1) / (foreground - background).pow(2).sum(1)
     silhouette = shapes.silhouette(scene)[:, 0] > 0
@@ -75,3 +77,33 @@ def test_shipped_refiner_loads_with_the_bases_shared_parts_and_refines_its_laten
         aesthetic_score=SOFT_SCORE, generator=torch.Generator().manual_seed(0),
     ).images
     assert not torch.equal(image, low)
+
+
+def test_sobel_reads_each_channels_slope_both_ways():
+    ramp = torch.linspace(0, 1, 9).expand(9, 9)  # rises 1/8 per pixel left to right
+    images = torch.stack([ramp, ramp.T, torch.zeros(9, 9)])[None]
+    gradients = sobel(images)[0, :, 2:-2, 2:-2]  # away from the replicated border
+    assert gradients.shape == (6, 5, 5)  # (x, y) per channel
+    expected = [1 / 8, 0.0, 0.0, 1 / 8, 0.0, 0.0]  # channel 0 rises along x, channel 1 along y, channel 2 flat
+    for output, value in enumerate(expected):
+        assert torch.allclose(gradients[output], torch.full((5, 5), value), atol=1e-6)
+
+
+def test_vae_recipe_switches_build_and_train_the_vae_asked_for(tmp_path):
+    """The #16 experiment switches (soft renders, the slope loss, a wider VAE) run the VAE stage and
+    write the widths asked for; the defaults leave the shipped layout."""
+    common = ["--smoke", "--resolution", "64", "--device", "cpu", "--stages", "vae"]
+    train_main(["--out", str(tmp_path / "wide"), *common, "--vae-soft-share", "0.5", "--vae-slope-weight", "8", "--vae-widths", "32,64,128,128"])
+    train_main(["--out", str(tmp_path / "shipped"), *common])
+    read = lambda name: json.loads((tmp_path / name / "models" / "tiny" / "vae" / "config.json").read_text())["block_out_channels"]
+    assert read("wide") == [32, 64, 128, 128]
+    assert read("shipped") == json.loads((TINY_MODEL_DIR / "vae" / "config.json").read_text())["block_out_channels"]
+
+
+def test_vae_softness_shows_the_shipped_vae_erases_most_of_an_edges_softness():
+    """The measure #16 turns on: renders lose sharpness steeply with their edge ramp, the shipped
+    VAE's round trips barely (README, "The tiny refiner")."""
+    scores = vae_softness(AutoencoderKL.from_pretrained(TINY_MODEL_DIR / "vae"), shapes.sample_scenes(8, torch.Generator().manual_seed(3), held_out=True))
+    assert scores["render_0px"] - scores["render_5px"] > 0.25
+    assert abs(scores["round_trip_0px"] - scores["round_trip_5px"]) < 0.05
+    assert scores["round_trip_mse"] < 0.005

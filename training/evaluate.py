@@ -2,6 +2,7 @@
 
     python -m training.evaluate                  # the shipped weights; prints a table, writes JSON
     python -m training.evaluate --out bench-out/eval.json
+    python -m training.evaluate --vae /tmp/tiny/models/tiny/vae   # one VAE: does it record soft edges?
 
 The semantic tests (`tests/test_semantics.py`) assert thresholds on these same measures; the README
 records the numbers. Prompts come from held-out (shape, colour, background) triples.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     ControlNetModel,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -152,6 +154,25 @@ def refiner_sharpness(pipe, refiner: StableDiffusionXLImg2ImgPipeline, scene: sh
     return scores
 
 
+@torch.no_grad()
+def vae_softness(vae, scene: shapes.Scene, half_widths=(0.0, 1.0, 2.0, 3.5, 5.0)) -> dict:
+    """Whether the VAE's latents record how soft an edge is: `judge.edge_sharpness` of renders
+    whose edges ramp over ±w pixels (`shapes.soft_render`; 0 is the crisp render) and of their round trips
+    through the VAE (latent means), and the crisp round trip's mean squared error. A refiner can
+    only sharpen what the round trip of a soft render shows as softer than a crisp one's."""
+    device = next(vae.parameters()).device
+    scene = scene.to(device)
+    scores = {}
+    for width in half_widths:
+        images = shapes.render(scene) if width == 0 else shapes.soft_render(scene, torch.full((len(scene),), width, device=device), 128)
+        decoded = (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+        scores[f"render_{width:g}px"] = judge.edge_sharpness(images.cpu()).nanmean().item()
+        scores[f"round_trip_{width:g}px"] = judge.edge_sharpness(decoded.cpu()).nanmean().item()
+        if width == 0:
+            scores["round_trip_mse"] = torch.nn.functional.mse_loss(decoded, images).item()
+    return scores
+
+
 def lora_palette(scene: shapes.Scene, plain: torch.Tensor) -> dict:
     """The pastel LoRA on the same prompts and seeds as `plain`: saturation with and without, and
     whether the backgrounds keep their (pastel) colour."""
@@ -171,7 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="write the scores here as JSON")
     parser.add_argument("-n", type=int, default=48, help="held-out prompts for text-to-image and the LoRA")
+    parser.add_argument("--vae", type=Path, default=None, help="score only this VAE folder's `vae_softness` (#16's experiments)")
     args = parser.parse_args(argv)
+    if args.vae:
+        return _report({"vae": vae_softness(AutoencoderKL.from_pretrained(args.vae), held_out_scenes(64, seed=5))}, args.out)
     pipe = StableDiffusionXLPipeline.from_pretrained(TINY_MODEL_DIR)
     pipe.set_progress_bar_config(disable=True)
     scene = held_out_scenes(args.n, seed=1234)
@@ -185,13 +209,18 @@ def main(argv: list[str] | None = None) -> dict:
         "inpainting": inpainting(pipe),
         "img2img_distance": img2img(pipe, held_out_scenes(8, seed=7)),
         "lora": lora_palette(scene, plain),
+        "vae": vae_softness(pipe.vae, held_out_scenes(64, seed=5)),
         "refiner": refiner_sharpness(pipe, load_refiner(TinyRefinerSpec(), TinySpec(device="cpu")), scene),
     }
+    return _report(scores, args.out)
+
+
+def _report(scores: dict, out: Path | None) -> dict:
     for group, values in scores.items():
         print(f"{group:<18}" + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(scores, indent=2) + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(scores, indent=2) + "\n")
     return scores
 
 

@@ -215,3 +215,18 @@ def _star(x, y, r):
     h = torch.minimum(h, outer)
     dx, dy = px - bax * h, py - bay * h
     return torch.sqrt(dx * dx + dy * dy) * torch.sign(py * bax - px * bay)
+
+
+def soft_render(scene: Scene, half_widths: torch.Tensor, resolution: int, samples: int = 8) -> torch.Tensor:
+    """Images (B, 3, H, W) whose edges ramp over ±`half_widths` (B,) pixels while the outline stays
+    where `render` draws it: the mean of `samples` renders scaled about the shape's centre,
+    from -half_width to +half_width pixels at its radius. A Gaussian blur also rounds corners and
+    erases a small star's points, which base samples keep (only their edges are soft): a refiner
+    trained on blurred renders turned 4 of 48 held-out images, all small stars, into pentagons."""
+    centres, radii = geometry(scene)
+    spread = half_widths / (radii * resolution)
+    offsets = torch.linspace(-1, 1, samples, device=radii.device)
+    coverage = torch.stack([shape_coverage(scene.shape, centres, radii * (1 + o * spread), resolution) for o in offsets]).mean(0)
+    colours = palette().to(radii.device)
+    foreground, background = colours[scene.colour][:, :, None, None], colours[scene.background][:, :, None, None]
+    return background + (foreground - background) * coverage[:, None]

@@ -8,6 +8,8 @@ Stages, in order (``--stages`` picks some; a stage that is not run reads its inp
 
 1. ``vae``: the AutoencoderKL of ``configs/models/tiny/vae`` (scale factor 8), on normal and pastel
    renders; its ``scaling_factor`` is then set to 1 / std of the latents, as for SDXL.
+   ``--vae-soft-share``, ``--vae-slope-weight`` and ``--vae-widths`` are experiment switches (soft
+   renders, a Sobel-gradient loss, a wider VAE), off in the shipped recipe (README, "The tiny refiner").
 2. ``base``: the UNet **and both text encoders**, with SDXL's objective: epsilon prediction under the
    model's own scheduler config (scaled-linear betas, 1000 steps), SDXL's size/crop time ids, and
    10% of captions dropped to zero embeddings (what the pipeline feeds as the unconditional half,
@@ -64,7 +66,7 @@ from diffusers import (
 from configs.model_spec import MODEL_CONFIG_ROOT
 from deployments.canny import canny
 from deployments.pipelines import build_random_pipeline, byte_level_tokenizer
-from training import shapes
+from training import judge, shapes
 
 logger = logging.getLogger("train_tiny")
 
@@ -86,7 +88,20 @@ SOFT_EDGE_PX = (2.0, 5.0)
 #: timesteps: the frozen VAE's encode is 60% of a CPU step (0.38 of 0.65 s at batch 32), so encoding
 #: each scene once lets the UNet take 3 times the steps in the same time (0.21 s).
 REFINER_REUSE = 10
+#: Half-width range, in pixels, of the edge ramp of the VAE's soft-edged renders when
+#: `--vae-soft-share` asks for them: from just past a render's anti-aliasing to the refiner's softest.
+VAE_SOFT_EDGE_PX = (0.5, 5.0)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
+
+@dataclass
+class VaeRecipe:
+    """Experiment switches of the VAE stage (issue #16: a VAE whose latents record how soft an edge
+    is). The defaults are the shipped recipe; `training.evaluate.vae_softness` scores the result."""
+
+    soft_share: float = 0.0  # share of the normal (not pastel) renders drawn with soft edges
+    slope_weight: float = 0.0  # weight of an L1 loss on Sobel gradients (edges are a few pixels)
+    widths: tuple[int, ...] | None = None  # block_out_channels; None: configs/models/tiny/vae's
 
 
 @dataclass
@@ -130,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True  # every step has the same shapes
     configs = {name: _stage_config(name, args) for name in STAGES}
     budgets = _budgets(args.budget_s)
-    trainer = Trainer(Path(args.out), device, args.seed, args.resolution, budgets)
+    vae_recipe = VaeRecipe(args.vae_soft_share, args.vae_slope_weight, args.vae_widths)
+    trainer = Trainer(Path(args.out), device, args.seed, args.resolution, budgets, vae_recipe)
     report = {"command": "python -m training.train_tiny " + " ".join(argv if argv is not None else sys.argv[1:])}
     report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     report["torch"] = torch.__version__
@@ -162,6 +178,13 @@ def _parse(argv):
         default=[],
         metavar="STAGE=SECONDS",
         help="fit a stage into a time budget: timed over steps 20-70, its step count then shrinks to fit",
+    )
+    parser.add_argument("--vae-soft-share", type=float, default=0.0, help="share of the VAE's normal renders drawn with soft edges")
+    parser.add_argument("--vae-slope-weight", type=float, default=0.0, help="weight of the VAE loss's Sobel-gradient term")
+    parser.add_argument(
+        "--vae-widths",
+        type=lambda text: tuple(int(width) for width in text.split(",")),
+        help="the VAE's block_out_channels, e.g. 32,64,128,128 (a new VAE only; default: its config's)",
     )
     for name in STAGES:
         parser.add_argument(f"--{name}-steps", type=int)
@@ -199,19 +222,12 @@ def _stable_seed(*parts) -> int:
     return zlib.crc32(":".join(map(str, parts)).encode())
 
 
-def soft_render(scene: shapes.Scene, half_widths: torch.Tensor, resolution: int, samples: int = 8) -> torch.Tensor:
-    """Images (B, 3, H, W) whose edges ramp over ±`half_widths` (B,) pixels while the outline stays
-    where `shapes.render` draws it: the mean of `samples` renders scaled about the shape's centre,
-    from -half_width to +half_width pixels at its radius. A Gaussian blur also rounds corners and
-    erases a small star's points, which base samples keep (only their edges are soft): a refiner
-    trained on blurred renders turned 4 of 48 held-out images, all small stars, into pentagons."""
-    centres, radii = shapes.geometry(scene)
-    spread = half_widths / (radii * resolution)
-    offsets = torch.linspace(-1, 1, samples, device=radii.device)
-    coverage = torch.stack([shapes.shape_coverage(scene.shape, centres, radii * (1 + o * spread), resolution) for o in offsets]).mean(0)
-    colours = shapes.palette().to(radii.device)
-    foreground, background = colours[scene.colour][:, :, None, None], colours[scene.background][:, :, None, None]
-    return background + (foreground - background) * coverage[:, None]
+def sobel(images: torch.Tensor) -> torch.Tensor:
+    """(B, 2C, H, W): horizontal and vertical Sobel gradients of each channel of images (B, C, H, W)."""
+    kernels = torch.stack([judge.SOBEL, judge.SOBEL.T])[:, None].to(images)
+    channels = images.shape[1]
+    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(padded, kernels.repeat(channels, 1, 1, 1), groups=channels)
 
 
 @dataclass
@@ -266,8 +282,11 @@ class LatentPool:
 class Trainer:
     """Holds the components between stages and writes each stage's result as soon as it ends."""
 
-    def __init__(self, out: Path, device: torch.device, seed: int, resolution: int, budgets: dict[str, float]):
+    def __init__(
+        self, out: Path, device: torch.device, seed: int, resolution: int, budgets: dict[str, float], vae_recipe: VaeRecipe = VaeRecipe()
+    ):
         self.out = out
+        self.vae_recipe = vae_recipe
         self.device = device
         self.seed = seed
         self.resolution = resolution
@@ -288,6 +307,9 @@ class Trainer:
                 pipe = StableDiffusionXLPipeline.from_pretrained(self.model_dir, dtype=torch.float32)
             else:
                 pipe = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", self.seed, torch.device("cpu"), torch.float32)
+                if self.vae_recipe.widths:
+                    torch.manual_seed(self.seed)
+                    pipe.register_modules(vae=AutoencoderKL.from_config(pipe.vae.config, block_out_channels=list(self.vae_recipe.widths)))
             self._pipe = pipe.to(self.device)
         return self._pipe
 
@@ -381,7 +403,7 @@ class Trainer:
     @torch.no_grad()
     def latent_pool(self, size: int, chunk: int = 64) -> LatentPool:
         """`size` training scenes (rounded up to `chunk`), each encoded as rendered and with soft
-        edges (`soft_render`, half-width drawn from SOFT_EDGE_PX)."""
+        edges (`shapes.soft_render`, half-width drawn from SOFT_EDGE_PX)."""
         stream = self.stream("refiner", chunk, drop_layout=0.2)
         generator = torch.Generator(self.device).manual_seed(_stable_seed(self.seed, "refiner", "pool"))
         means, stds, ids = [], [], []
@@ -389,7 +411,7 @@ class Trainer:
             batch = stream(step)
             low, high = SOFT_EDGE_PX
             widths = low + (high - low) * torch.rand(chunk, generator=generator, device=self.device)
-            images = torch.cat([shapes.render(batch.scene, self.resolution), soft_render(batch.scene, widths, self.resolution)])
+            images = torch.cat([shapes.render(batch.scene, self.resolution), shapes.soft_render(batch.scene, widths, self.resolution)])
             dist = self.pipe.vae.encode(images * 2 - 1).latent_dist
             means.append(dist.mean.unflatten(0, (2, -1)))
             stds.append(dist.std.unflatten(0, (2, -1)))
@@ -443,12 +465,21 @@ class Trainer:
                 shapes.render(scene, self.resolution, pastel=True),
                 shapes.render(scene, self.resolution),
             )
+            recipe = self.vae_recipe
+            if recipe.soft_share:
+                low, high = VAE_SOFT_EDGE_PX
+                soft = ~pastel & (torch.rand(config.batch, generator=generator, device=self.device) < recipe.soft_share)
+                widths = low + (high - low) * torch.rand(config.batch, generator=generator, device=self.device)
+                images = torch.where(soft[:, None, None, None], shapes.soft_render(scene, widths, self.resolution), images)
             dist = vae.encode(images * 2 - 1).latent_dist
             noise = torch.randn(dist.mean.shape, generator=generator, device=self.device)
             decoded = vae.decode(dist.mean + dist.std * noise).sample.float()
             target = images * 2 - 1
             kl = dist.kl().mean() / dist.mean[0].numel()
-            return F.l1_loss(decoded, target) + F.mse_loss(decoded, target) + 1e-6 * kl
+            loss = F.l1_loss(decoded, target) + F.mse_loss(decoded, target) + 1e-6 * kl
+            if recipe.slope_weight:
+                loss = loss + recipe.slope_weight * F.l1_loss(sobel(decoded), sobel(target))
+            return loss
 
         result = self._optimize("vae", list(vae.parameters()), loss_fn, config)
         vae.eval().requires_grad_(False)
