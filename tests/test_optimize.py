@@ -98,11 +98,23 @@ def test_block_compile_warms_every_block_within_dynamo_limit_and_keeps_the_image
         {"unguided_bucket": True},
         # A dynamic graph runs any batch size: without batch_buckets there is no bucket to add.
         {"unguided_bucket": True, "compile": "unet", "compile_dynamic": True},
+        # An eager UNet with buckets was served one image at a time (nothing timed the buckets,
+        # so every group split into one-image calls).
+        {"batch_buckets": [1, 8]},
     ],
 )
 def test_compile_settings_without_compile_are_refused(setting):
-    with pytest.raises(ValueError, match=next(iter(setting))):
+    """Each is refused naming the field and what it needs, and the same setting with a static
+    compile and buckets is accepted (so the refusal is about compile, not the value)."""
+    field = next(iter(setting))
+    with pytest.raises(ValueError, match=rf"{field}.* needs compile 'unet' or 'unet\+vae'"):
         OptimizeConfig(**setting)
+    OptimizeConfig(**{"batch_buckets": [1, 8], **setting, "compile": "unet", "compile_dynamic": False})
+
+
+def test_buckets_apply_to_a_compiled_unet_only():
+    assert OptimizeConfig(compile="unet", batch_buckets=[1, 8]).buckets() == [1, 8]
+    assert OptimizeConfig().buckets() is None  # eager: each group at its own size
 
 
 def test_bad_warmup_sizes_are_refused():
@@ -137,15 +149,6 @@ def test_fp8_quantizes_the_fused_projections(tiny_spec, monkeypatch):
 def test_bad_buckets_are_rejected():
     with pytest.raises(ValueError, match="batch_buckets"):
         OptimizeConfig(batch_buckets=[4, 2])
-
-
-def test_buckets_without_compile_are_refused_naming_the_field():
-    """An eager UNet with buckets was served one image at a time (nothing timed the buckets, so
-    every group split into one-image calls): refused, as the other compile-only settings are."""
-    with pytest.raises(ValueError, match=r"batch_buckets \[1, 8\] needs compile"):
-        OptimizeConfig(batch_buckets=[1, 8])
-    assert OptimizeConfig(compile="unet", batch_buckets=[1, 8]).buckets() == [1, 8]
-    assert OptimizeConfig().buckets() is None  # eager: each group at its own size
 
 
 def test_deep_cache_passes_compile_with_the_unet_and_keep_the_image(tiny_spec):
