@@ -4,6 +4,7 @@ switches and measure of the experiment toward a VAE that records soft edges (#16
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -98,6 +99,9 @@ def test_vae_recipe_switches_build_and_train_the_vae_asked_for(tmp_path):
     read = lambda name: json.loads((tmp_path / name / "models" / "tiny" / "vae" / "config.json").read_text())["block_out_channels"]
     assert read("wide") == [32, 64, 128, 128]
     assert read("shipped") == json.loads((TINY_MODEL_DIR / "vae" / "config.json").read_text())["block_out_channels"]
+    # A folder that already holds a VAE of other widths is refused, not trained as it is.
+    with pytest.raises(SystemExit, match="--vae-widths 32,64,128,128"):
+        train_main(["--out", str(tmp_path / "shipped"), *common, "--vae-widths", "32,64,128,128"])
 
 
 def test_vae_softness_shows_the_shipped_vae_erases_most_of_an_edges_softness():

@@ -305,6 +305,9 @@ class Trainer:
         if self._pipe is None:
             if (self.model_dir / "model_index.json").exists():
                 pipe = StableDiffusionXLPipeline.from_pretrained(self.model_dir, dtype=torch.float32)
+                widths = self.vae_recipe.widths
+                if widths and list(widths) != list(pipe.vae.config.block_out_channels):
+                    raise SystemExit(f"--vae-widths {','.join(map(str, widths))}: {self.model_dir} already holds a VAE of {pipe.vae.config.block_out_channels}")
             else:
                 pipe = build_random_pipeline(MODEL_CONFIG_ROOT / "tiny", self.seed, torch.device("cpu"), torch.float32)
                 if self.vae_recipe.widths:
