@@ -377,9 +377,8 @@ def _until(page, condition: str, timeout_s: float = WAIT_MS / 1000) -> None:
 
 def _wait_done(page, status: str = "succeeded") -> None:
     page.wait_for_selector(f"#progress-label[data-status={status}]")
-    # The label takes its final status on the stream's last event, before the page has fetched
-    # the result into the gallery and reset its buttons; the output stops being busy only after
-    # (CI once read an empty gallery).
+    # A cancelled or failed label is set on the stream's last event, before the page resets its
+    # buttons; the output stops being busy only after (CI once read a page mid-way).
     page.wait_for_selector('.output[aria-busy="false"]', state="attached")
     assert page.locator("#error").is_hidden(), page.inner_text("#error")
 
@@ -498,6 +497,33 @@ def test_txt2img_shows_progress_then_the_image_and_its_seed(open_page, app_url, 
     saved = tmp_path / "image.png"
     download.value.save_as(saved)
     assert Image.open(saved).size == (128, 128)
+
+
+def test_done_is_said_only_once_the_image_is_shown(open_page, app_url):
+    """The result is fetched after the job stream's last event: with that fetch held back, the
+    label says it is fetching, not done, and the gallery is still empty."""
+    page = open_page(app_url + "/playground/")
+    held = []
+
+    def hold(route):
+        held.append(route)  # answered below, once the page has been seen waiting
+
+    page.route("**/v1/jobs/*/result", hold)
+    page.fill("#prompt", "a red circle on a blue background")
+    _settings(page, steps=2, seed=5)
+    page.click("#generate")
+    page.wait_for_selector("#progress-label[data-status=fetching]")
+    deadline = time.time() + WAIT_MS / 1000
+    while not held:  # route handlers run while the page is waited on
+        assert time.time() < deadline, "the page never asked for the result"
+        page.wait_for_timeout(50)
+    assert page.inner_text("#progress-label") == "Fetching the result…"
+    assert page.get_attribute(".output", "aria-busy") == "true"
+    assert page.locator("#gallery li").count() == 0
+    held[0].continue_()
+    _wait_done(page)
+    assert page.inner_text("#progress-label").startswith("Done")
+    assert page.locator("#gallery li").count() == 1
 
 
 def test_inpainting_with_a_mask_painted_on_the_canvas(open_page, app_url):

@@ -676,8 +676,10 @@ async function follow(job, info) {
   }
   if (!final) final = await poll(job.id);
   showProgress(final);
-  if (final.status === "succeeded") await showResult(final, info);
-  else if (final.status === "failed") showError(new Error(`The job failed: ${final.error ? final.error.message : "no reason given"}`));
+  if (final.status === "succeeded") {
+    await showResult(final, info);
+    showProgress(final, { resultShown: true });
+  } else if (final.status === "failed") showError(new Error(`The job failed: ${final.error ? final.error.message : "no reason given"}`));
 }
 
 async function streamEvents(id) {
@@ -742,24 +744,28 @@ async function cancel() {
   }
 }
 
-function showProgress(job) {
+function showProgress(job, { resultShown = false } = {}) {
+  // A job that succeeded is done for the person watching once its result is on the page: until
+  // then (the result is fetched after the stream's last event) the label says so.
+  const status = job.status === "succeeded" && !resultShown ? "fetching" : job.status;
   const bar = $("progress");
   const progress = job.progress || {};
   const percent = Math.max(0, Math.min(100, Number(progress.percent) || 0));
   bar.value = percent;
-  bar.dataset.status = job.status;
+  bar.dataset.status = status;
   const label = $("progress-label");
   const seconds = state.job ? ((performance.now() - state.job.started) / 1000).toFixed(1) : null;
   const texts = {
     submitting: "Submitting…",
     queued: "Queued",
     running: `Running: step ${progress.step || 0} of ${progress.total || "?"} (${percent.toFixed(0)}%)`,
+    fetching: "Fetching the result…",
     succeeded: seconds ? `Done in ${seconds} s` : "Done",
     cancelled: "Cancelled",
     failed: "Failed",
   };
-  label.textContent = texts[job.status] || job.status;
-  label.dataset.status = job.status;
+  label.textContent = texts[status] || status;
+  label.dataset.status = status;
 }
 
 async function showResult(job, info) {
