@@ -3,6 +3,7 @@ folder loading with the base's shared parts exactly as the README's loader call 
 switches and measure of the experiment toward a VAE that records soft edges (#16)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,17 +92,15 @@ def test_sobel_reads_each_channels_slope_both_ways():
 
 
 def test_vae_recipe_switches_build_and_train_the_vae_asked_for(tmp_path):
-    """The #16 experiment switches (soft renders, the slope loss, a wider VAE) run the VAE stage and
-    write the widths asked for; the defaults leave the shipped layout."""
-    common = ["--smoke", "--resolution", "64", "--device", "cpu", "--stages", "vae"]
-    train_main(["--out", str(tmp_path / "wide"), *common, "--vae-soft-share", "0.5", "--vae-slope-weight", "8", "--vae-widths", "32,64,128,128"])
-    train_main(["--out", str(tmp_path / "shipped"), *common])
-    read = lambda name: json.loads((tmp_path / name / "models" / "tiny" / "vae" / "config.json").read_text())["block_out_channels"]
-    assert read("wide") == [32, 64, 128, 128]
-    assert read("shipped") == json.loads((TINY_MODEL_DIR / "vae" / "config.json").read_text())["block_out_channels"]
-    # A folder that already holds a VAE of other widths is refused, not trained as it is.
-    with pytest.raises(SystemExit, match="--vae-widths 32,64,128,128"):
-        train_main(["--out", str(tmp_path / "shipped"), *common, "--vae-widths", "32,64,128,128"])
+    """The #16 experiment switches (soft renders, the slope loss, a wider VAE, decoding the
+    posterior mean) run the VAE stage and write the widths asked for; other widths on a folder
+    that holds that VAE are refused, not trained as they are."""
+    common = ["--out", str(tmp_path), "--smoke", "--resolution", "64", "--device", "cpu", "--stages", "vae"]
+    train_main([*common, "--vae-soft-share", "0.5", "--vae-slope-weight", "8", "--vae-widths", "32,64,128,128", "--vae-decode-mean"])
+    config = json.loads((tmp_path / "models" / "tiny" / "vae" / "config.json").read_text())
+    assert config["block_out_channels"] == [32, 64, 128, 128]
+    with pytest.raises(SystemExit, match="--vae-widths 16,32,64,64"):
+        train_main([*common, "--vae-widths", "16,32,64,64"])
 
 
 def test_vae_softness_shows_the_shipped_vae_erases_most_of_an_edges_softness():
@@ -111,3 +110,20 @@ def test_vae_softness_shows_the_shipped_vae_erases_most_of_an_edges_softness():
     assert scores["render_0px"] - scores["render_5px"] > 0.25
     assert abs(scores["round_trip_0px"] - scores["round_trip_5px"]) < 0.05
     assert scores["round_trip_mse"] < 0.005
+
+
+def test_each_vae_switch_changes_the_vae_loss():
+    """The VAE's loss on the same weights, scenes and seed: each switch alone changes it (none is
+    accepted and ignored); the slope term only adds."""
+    from training.train_tiny import Trainer, VaeRecipe
+
+    vae = AutoencoderKL.from_pretrained(TINY_MODEL_DIR / "vae")
+    scene = shapes.sample_scenes(4, torch.Generator().manual_seed(8))
+    recipes = {"shipped": VaeRecipe(), "soft": VaeRecipe(soft_share=1.0), "slope": VaeRecipe(slope_weight=8.0), "mean": VaeRecipe(decode_mean=True)}
+    losses = {}
+    with torch.no_grad():
+        for name, recipe in recipes.items():
+            trainer = Trainer(Path("unused"), torch.device("cpu"), 0, 64, {}, recipe)
+            losses[name] = trainer.vae_loss(vae, scene, torch.Generator().manual_seed(0)).item()
+    assert len(set(losses.values())) == len(losses), losses
+    assert losses["slope"] > losses["shipped"], losses

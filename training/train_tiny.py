@@ -8,8 +8,9 @@ Stages, in order (``--stages`` picks some; a stage that is not run reads its inp
 
 1. ``vae``: the AutoencoderKL of ``configs/models/tiny/vae`` (scale factor 8), on normal and pastel
    renders; its ``scaling_factor`` is then set to 1 / std of the latents, as for SDXL.
-   ``--vae-soft-share``, ``--vae-slope-weight`` and ``--vae-widths`` are experiment switches (soft
-   renders, a Sobel-gradient loss, a wider VAE), off in the shipped recipe (README, "The tiny refiner").
+   ``--vae-soft-share``, ``--vae-slope-weight``, ``--vae-widths`` and ``--vae-decode-mean`` are
+   experiment switches (soft renders, a Sobel-gradient loss, a wider VAE, no posterior sampling),
+   off in the shipped recipe (README, "The tiny refiner").
 2. ``base``: the UNet **and both text encoders**, with SDXL's objective: epsilon prediction under the
    model's own scheduler config (scaled-linear betas, 1000 steps), SDXL's size/crop time ids, and
    10% of captions dropped to zero embeddings (what the pipeline feeds as the unconditional half,
@@ -102,6 +103,7 @@ class VaeRecipe:
     soft_share: float = 0.0  # share of the normal (not pastel) renders drawn with soft edges
     slope_weight: float = 0.0  # weight of an L1 loss on Sobel gradients (edges are a few pixels)
     widths: tuple[int, ...] | None = None  # block_out_channels; None: configs/models/tiny/vae's
+    decode_mean: bool = False  # decode the posterior mean in training, not a sample of it
 
 
 @dataclass
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True  # every step has the same shapes
     configs = {name: _stage_config(name, args) for name in STAGES}
     budgets = _budgets(args.budget_s)
-    vae_recipe = VaeRecipe(args.vae_soft_share, args.vae_slope_weight, args.vae_widths)
+    vae_recipe = VaeRecipe(args.vae_soft_share, args.vae_slope_weight, args.vae_widths, args.vae_decode_mean)
     trainer = Trainer(Path(args.out), device, args.seed, args.resolution, budgets, vae_recipe)
     report = {"command": "python -m training.train_tiny " + " ".join(argv if argv is not None else sys.argv[1:])}
     report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -185,6 +187,11 @@ def _parse(argv):
         "--vae-widths",
         type=lambda text: tuple(int(width) for width in text.split(",")),
         help="the VAE's block_out_channels, e.g. 32,64,128,128 (a new VAE only; default: its config's)",
+    )
+    parser.add_argument(
+        "--vae-decode-mean",
+        action="store_true",
+        help="train the VAE's decoder on the posterior mean: the shipped VAE's posterior noise (std 0.10) exceeds what separates a crisp edge's latents from a soft one's (0.086)",
     )
     for name in STAGES:
         parser.add_argument(f"--{name}-steps", type=int)
@@ -454,35 +461,42 @@ class Trainer:
 
     # -- stages -------------------------------------------------------------------------------
 
+    def vae_loss(self, vae: AutoencoderKL, scene: shapes.Scene, generator: torch.Generator) -> torch.Tensor:
+        """The VAE's objective on renders of `scene`: L1 + MSE of the decoded sample (a KL term
+        of 1e-6 keeps the latents near a unit Gaussian), with the `vae_recipe` switches."""
+        batch, recipe = len(scene), self.vae_recipe
+        # A third pastel, so the LoRA's colours stay within what the decoder can draw.
+        pastel = torch.rand(batch, generator=generator, device=self.device) < 1 / 3
+        images = torch.where(
+            pastel[:, None, None, None],
+            shapes.render(scene, self.resolution, pastel=True),
+            shapes.render(scene, self.resolution),
+        )
+        if recipe.soft_share:
+            low, high = VAE_SOFT_EDGE_PX
+            soft = ~pastel & (torch.rand(batch, generator=generator, device=self.device) < recipe.soft_share)
+            widths = low + (high - low) * torch.rand(batch, generator=generator, device=self.device)
+            images = torch.where(soft[:, None, None, None], shapes.soft_render(scene, widths, self.resolution), images)
+        dist = vae.encode(images * 2 - 1).latent_dist
+        if recipe.decode_mean:
+            decoded = vae.decode(dist.mean).sample.float()
+        else:
+            noise = torch.randn(dist.mean.shape, generator=generator, device=self.device)
+            decoded = vae.decode(dist.mean + dist.std * noise).sample.float()
+        target = images * 2 - 1
+        kl = dist.kl().mean() / dist.mean[0].numel()
+        loss = F.l1_loss(decoded, target) + F.mse_loss(decoded, target) + 1e-6 * kl
+        if recipe.slope_weight:
+            loss = loss + recipe.slope_weight * F.l1_loss(sobel(decoded), sobel(target))
+        return loss
+
     def train_vae(self, config: StageConfig) -> dict:
         vae: AutoencoderKL = self.pipe.vae
         vae.train().requires_grad_(True)
         stream = self.stream("vae", config.batch)
 
         def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
-            scene = stream(step).scene
-            # A third pastel, so the LoRA's colours stay within what the decoder can draw.
-            pastel = torch.rand(config.batch, generator=generator, device=self.device) < 1 / 3
-            images = torch.where(
-                pastel[:, None, None, None],
-                shapes.render(scene, self.resolution, pastel=True),
-                shapes.render(scene, self.resolution),
-            )
-            recipe = self.vae_recipe
-            if recipe.soft_share:
-                low, high = VAE_SOFT_EDGE_PX
-                soft = ~pastel & (torch.rand(config.batch, generator=generator, device=self.device) < recipe.soft_share)
-                widths = low + (high - low) * torch.rand(config.batch, generator=generator, device=self.device)
-                images = torch.where(soft[:, None, None, None], shapes.soft_render(scene, widths, self.resolution), images)
-            dist = vae.encode(images * 2 - 1).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=generator, device=self.device)
-            decoded = vae.decode(dist.mean + dist.std * noise).sample.float()
-            target = images * 2 - 1
-            kl = dist.kl().mean() / dist.mean[0].numel()
-            loss = F.l1_loss(decoded, target) + F.mse_loss(decoded, target) + 1e-6 * kl
-            if recipe.slope_weight:
-                loss = loss + recipe.slope_weight * F.l1_loss(sobel(decoded), sobel(target))
-            return loss
+            return self.vae_loss(vae, stream(step).scene, generator)
 
         result = self._optimize("vae", list(vae.parameters()), loss_fn, config)
         vae.eval().requires_grad_(False)
