@@ -28,7 +28,8 @@
 # `variants` spreads its four jobs over the visible GPUs (one job a GPU on a 4-GPU host, in turn
 # on fewer); every job measures its own fp16 baseline, so each comparison is within one process.
 # Wheels the bundle lacks (xformers) are installed from .gpu/whl/ when that folder holds any.
-# The device tool returns at most 8 files from $OUT: the steps keep to fewer (one log per step).
+# The device tool returns at most 8 files from $OUT: the steps keep to fewer (one log per step,
+# `gpu-STEP.txt`: versions, then everything the step printed).
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
@@ -70,6 +71,10 @@ compiled() {
   python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1
   python3 -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
 } | tee "$OUT/gpu-$step.txt"
+# Everything the step prints goes on into that file as well: a call killed by its time limit
+# returns its $OUT, while a caller's pipe (`| tail`) loses what it held (a 10-minute call once
+# returned nothing). Not a new file: the device tool returns 8 at most.
+exec > >(tee -a "$OUT/gpu-$step.txt") 2>&1
 # The card's clocks, power, temperature, load and throttle reasons every 5 s while the step runs:
 # two processes on one machine have served 1.5-2x apart (BENCHMARKS.md, scheduling runs 4 and 5),
 # and this log says whether the card or the process was slow.
