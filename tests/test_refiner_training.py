@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDif
 from configs.model_spec import TINY_MODEL_DIR, TINY_REFINER_DIR
 from training import judge, shapes
 from training.evaluate import vae_softness
-from training.train_tiny import SOFT_SCORE, main as train_main, sobel
+from training.train_tiny import SOFT_SCORE, main as train_main
 
 
 def _blur(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -84,7 +84,7 @@ def test_shipped_refiner_loads_with_the_bases_shared_parts_and_refines_its_laten
 def test_sobel_reads_each_channels_slope_both_ways():
     ramp = torch.linspace(0, 1, 9).expand(9, 9)  # rises 1/8 per pixel left to right
     images = torch.stack([ramp, ramp.T, torch.zeros(9, 9)])[None]
-    gradients = sobel(images)[0, :, 2:-2, 2:-2]  # away from the replicated border
+    gradients = judge.sobel(images)[0, :, 2:-2, 2:-2]  # away from the replicated border
     assert gradients.shape == (6, 5, 5)  # (x, y) per channel
     expected = [1 / 8, 0.0, 0.0, 1 / 8, 0.0, 0.0]  # channel 0 rises along x, channel 1 along y, channel 2 flat
     for output, value in enumerate(expected):

@@ -16,7 +16,7 @@ _FIT_RADII = torch.linspace(0.04, 0.32, 29)
 #: Masks are compared at this resolution at most (fitting cost grows with the pixel count).
 _FIT_RESOLUTION = 64
 #: Sobel kernels (d/dx, d/dy), scaled to give the slope per pixel of a linear ramp.
-SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+_SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
 
 
 def nearest_colours(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
@@ -136,12 +136,20 @@ def edge_sharpness(images: torch.Tensor, pastel: bool = False) -> torch.Tensor:
         bg = pixels[i][:, labels[i] == background[i]].median(dim=1).values
         axis = pixels[i][:, labels[i] == foreground[i]].median(dim=1).values - bg
         t = ((images[i] - bg[:, None, None]) * axis[:, None, None]).sum(0) / axis.pow(2).sum().clamp(min=1e-6)
-        kernels = torch.stack([SOBEL, SOBEL.T])[:, None].to(images.device)
-        slope = F.conv2d(F.pad(t[None, None], (1, 1, 1, 1), mode="replicate"), kernels)[0].norm(dim=0)
+        slope = sobel(t[None, None])[0].norm(dim=0)
         outline = _outline(t > 0.5)
         if outline.any():
             result[i] = slope[outline].mean().item()
     return result
+
+
+def sobel(images: torch.Tensor) -> torch.Tensor:
+    """(B, 2C, H, W): horizontal and vertical Sobel gradients of each channel of images (B, C, H, W),
+    borders replicated."""
+    kernels = torch.stack([_SOBEL, _SOBEL.T])[:, None].to(images)
+    channels = images.shape[1]
+    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+    return F.conv2d(padded, kernels.repeat(channels, 1, 1, 1), groups=channels)
 
 
 def _outline(mask: torch.Tensor) -> torch.Tensor:

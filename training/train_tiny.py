@@ -229,14 +229,6 @@ def _stable_seed(*parts) -> int:
     return zlib.crc32(":".join(map(str, parts)).encode())
 
 
-def sobel(images: torch.Tensor) -> torch.Tensor:
-    """(B, 2C, H, W): horizontal and vertical Sobel gradients of each channel of images (B, C, H, W)."""
-    kernels = torch.stack([judge.SOBEL, judge.SOBEL.T])[:, None].to(images)
-    channels = images.shape[1]
-    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
-    return F.conv2d(padded, kernels.repeat(channels, 1, 1, 1), groups=channels)
-
-
 @dataclass
 class Batch:
     scene: shapes.Scene  # on the device
@@ -487,7 +479,7 @@ class Trainer:
         kl = dist.kl().mean() / dist.mean[0].numel()
         loss = F.l1_loss(decoded, target) + F.mse_loss(decoded, target) + 1e-6 * kl
         if recipe.slope_weight:
-            loss = loss + recipe.slope_weight * F.l1_loss(sobel(decoded), sobel(target))
+            loss = loss + recipe.slope_weight * F.l1_loss(judge.sobel(decoded), judge.sobel(target))
         return loss
 
     def train_vae(self, config: StageConfig) -> dict:
