@@ -20,6 +20,7 @@
 #   bash benchmarks/gpu_suite.sh deepcache  # in-process: deep-feature caching, intervals 2/3/5 eager, then compiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh deepcache_http # over HTTP: a deep-cache deployment, plain requests then interval 3
 #   bash benchmarks/gpu_suite.sh deepcache_eager_http # over HTTP: the same uncompiled (ready in seconds), interval 3
+#   bash benchmarks/gpu_suite.sh deepcache_default_http # over HTTP: regional compile, interval 3 the deployment's default, cold and warm, beside the unoptimized app
 #   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh training   # in-process: LoRA training steps/s (rank 16, 64), pause latency (needs no Ray)
 #   bash benchmarks/gpu_suite.sh soak       # over HTTP: a long mixed load (LoRAs, ControlNet, refiner), GPU memory sampled
@@ -33,7 +34,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, deepcache, deepcache_http, deepcache_eager_http, hires, training, soak or scaleout}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, deepcache, deepcache_http, deepcache_eager_http, deepcache_default_http, hires, training, soak or scaleout}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -278,6 +279,22 @@ deepcache_eager_http)
     --requests ${REQUESTS:-12} --rounds 2 --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 \
     --model "eager_interval3={\"model\": $eager, \"request\": {\"deep_cache_interval\": 3}}" \
     --out "$OUT"
+  ;;
+deepcache_default_http)
+  # Issue #21's candidate for a shipped GPU config: the UNet's transformer blocks compiled
+  # (regional: seconds, not minutes), deep caching at interval 3 as the deployment's default
+  # (`model.default_deep_cache_interval`; the requests send nothing). Cold from an empty compile
+  # cache (a lone client, then 16), deployed again on the warm cache (its ready time; a lone
+  # client), then the unoptimized app (BASELINE=0 leaves it out), all in one run. CANDIDATE_SPEC
+  # replaces the spec (its compile_cache_dir should be "$CACHE-regional", emptied first).
+  rm -rf "$CACHE-regional"
+  candidate=${CANDIDATE_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "default_deep_cache_interval": 3, "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet", "compile_scope": "regional", "batch_buckets": [1, 8], "deep_cache": true, "compile_cache_dir": "'"$CACHE-regional"'"}}'}
+  baseline=(--model "unoptimized={\"model\": $base}")
+  [ "${BASELINE:-1}" = 0 ] && baseline=()
+  python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus 8 --size 1024 --steps 30 \
+    --requests ${REQUESTS:-12} --rounds 2 --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 \
+    --model "regional_dc3_cold={\"model\": $candidate}" --model "regional_dc3_warm={\"model\": $candidate, \"concurrency\": [1]}" \
+    "${baseline[@]}" --out "$OUT"
   ;;
 hires)
   # 30 steps at 1024², then 15 at 2048² (38 scheduler steps at strength 0.4), eager fp16: one image

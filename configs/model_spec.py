@@ -21,6 +21,9 @@ TINY_CONTROLNET_CANNY_DIR = MODEL_CONFIG_ROOT / "tiny-controlnet-canny"
 TINY_LORA_DIR = Path(__file__).resolve().parent / "loras"
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+#: The largest deep-cache interval (steps between the UNet's full passes): the bound of a request's
+#: `deep_cache_interval` and of a deployment's `default_deep_cache_interval` alike.
+MAX_DEEP_CACHE_INTERVAL = 10
 
 
 class OptimizeConfig(BaseModel):
@@ -206,6 +209,17 @@ class _SpecBase(BaseModel):
         5.0, ge=0.0, le=50.0, description="Classifier-free guidance scale when a request gives none."
     )
     default_scheduler: str = Field("euler", description="Scheduler id when a request gives none.")
+    default_deep_cache_interval: int = Field(
+        1,
+        ge=1,
+        le=MAX_DEEP_CACHE_INTERVAL,
+        description=(
+            "`deep_cache_interval` when a request gives none: above 1, every request this deployment "
+            "serves reuses the UNet's deep features between full steps (an approximation: README, "
+            "\"Deep-feature caching\") unless it sends 1, and those with `controlnet` or `refiner` "
+            "(which deep caching cannot serve) run every step whole. Needs `optimize.deep_cache`."
+        ),
+    )
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig, description="Speed switches (GPU).")
 
     @field_validator("default_size")
@@ -219,6 +233,16 @@ class _SpecBase(BaseModel):
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
         return canonical_scheduler(value)
+
+    @model_validator(mode="after")
+    def _deep_cache_default_needs_deep_cache(self) -> "_SpecBase":
+        # Without the deep-cache passes the engine refuses every interval above 1: a default above
+        # 1 would turn every request that gives none into a 400.
+        if self.default_deep_cache_interval > 1 and not self.optimize.deep_cache:
+            raise ValueError(
+                f"default_deep_cache_interval {self.default_deep_cache_interval} needs optimize.deep_cache: true"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_attention_kernel(self) -> "_SpecBase":

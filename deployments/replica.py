@@ -207,6 +207,8 @@ class EngineReplica:
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
             "default_size": list(self._spec.default_size),
+            # Above 1, requests that give no interval are served approximately (deep caching).
+            "default_deep_cache_interval": self._spec.default_deep_cache_interval,
             "optimize": self._spec.optimize.model_dump(),
             "scheduling": engine.scheduling,
             "max_batch_size": engine.max_rows,

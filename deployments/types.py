@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from configs.app_args import LimitsConfig
+from configs.model_spec import MAX_DEEP_CACHE_INTERVAL
 from configs.schedulers import DISTILLED_SCHEDULE_STEPS, SCHEDULERS, canonical_scheduler
 
 MAX_SEED = 2**32 - 1
@@ -131,16 +132,18 @@ GuidanceEnd = Annotated[
     ),
 ]
 DeepCacheInterval = Annotated[
-    int,
+    Optional[int],
     Field(
         ge=1,
-        le=10,
+        le=MAX_DEEP_CACHE_INTERVAL,
         description=(
             "Reuse the UNet's deep features between steps (DeepCache; an approximation): the whole UNet "
             "runs on every deep_cache_interval-th step of a pass (the first included) and the steps between "
             "run only its full-resolution branch on the features kept from the last full step. "
-            "1 (the default): every step runs the whole UNet. Not with controlnet or refiner; needs a "
-            "deployment with model.optimize.deep_cache (400 deep_cache_disabled otherwise)."
+            "1: every step runs the whole UNet. Absent: the deployment's model.default_deep_cache_interval "
+            "(1 unless configured; /healthz states it), and 1 with controlnet or refiner. Above 1: "
+            "not with controlnet or refiner; needs a deployment with model.optimize.deep_cache (400 "
+            "deep_cache_disabled otherwise)."
         ),
     ),
 ]
@@ -538,6 +541,7 @@ class _SpecDefaults(Protocol):
     default_steps: int
     default_guidance_scale: float
     default_scheduler: str
+    default_deep_cache_interval: int
 
 
 class GenerationRequest(BaseModel):
@@ -552,7 +556,7 @@ class GenerationRequest(BaseModel):
     num_inference_steps: Steps = None
     guidance_scale: GuidanceScale = None
     guidance_end: GuidanceEnd = 1.0
-    deep_cache_interval: DeepCacheInterval = 1
+    deep_cache_interval: DeepCacheInterval = None
     scheduler: Scheduler = None
     timestep_spacing: TimestepSpacing = None
     seed: Seed = None
@@ -686,6 +690,11 @@ class GenerationRequest(BaseModel):
         guidance_scale = self.guidance_scale if self.guidance_scale is not None else spec.default_guidance_scale
         self._check_guidance_end(guidance_scale)
         self._check_deep_cache()
+        deep_cache_interval = self.deep_cache_interval
+        if deep_cache_interval is None:
+            # The deployment's default applies where deep caching can serve the request; a request
+            # that asks for it with controlnet or refiner is a 400 above instead.
+            deep_cache_interval = 1 if self.controlnets or self.refiner is not None else spec.default_deep_cache_interval
         resolved = self.model_copy(
             update={
                 "refiner": refiner,
@@ -695,6 +704,7 @@ class GenerationRequest(BaseModel):
                 "strength": self.strength if self.strength is not None else DEFAULT_STRENGTH.get(self.kind),
                 "num_inference_steps": steps,
                 "guidance_scale": guidance_scale,
+                "deep_cache_interval": deep_cache_interval,
                 "scheduler": self.scheduler or spec.default_scheduler,
                 "seed": self.seed if self.seed is not None else draw_seed(),
             }
@@ -761,7 +771,7 @@ class GenerationRequest(BaseModel):
         """A 400 naming `deep_cache_interval` with what its shallow steps would silently drop: a
         ControlNet's residuals enter the deep blocks those steps skip, and the refiner's ensemble
         continues the base's schedule on another engine (whose steps would restart the interval)."""
-        if self.deep_cache_interval == 1:
+        if self.deep_cache_interval in (None, 1):
             return
         for name, given in (("controlnet", bool(self.controlnets)), ("refiner", self.refiner is not None)):
             if given:

@@ -82,6 +82,7 @@ def page_config(args: AppArgs) -> dict[str, Any]:
             "steps": model.default_steps,
             "guidance_scale": model.default_guidance_scale,
             "scheduler": model.default_scheduler,
+            "deep_cache_interval": model.default_deep_cache_interval,
         },
         "limits": {
             "min_side": smallest,

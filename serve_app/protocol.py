@@ -178,7 +178,7 @@ class _Settings(_Strict):
     num_inference_steps: Steps = None
     guidance_scale: GuidanceScale = None
     guidance_end: GuidanceEnd = 1.0
-    deep_cache_interval: DeepCacheInterval = 1
+    deep_cache_interval: DeepCacheInterval = None
     scheduler: Scheduler = None
     timestep_spacing: TimestepSpacing = None
     loras: Loras = ()

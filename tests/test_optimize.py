@@ -12,7 +12,7 @@ from deployments.pipelines import load_pipeline
 from deployments.types import GenerationRequest
 
 REQUEST = GenerationRequest(prompt="a red circle", negative_prompt="blur", seed=3, width=64, height=64,
-                            num_inference_steps=3, guidance_scale=5.0, scheduler="euler")
+                            num_inference_steps=3, guidance_scale=5.0, scheduler="euler", deep_cache_interval=1)
 
 
 def _image(spec: TinySpec) -> np.ndarray:
@@ -151,16 +151,22 @@ def test_bad_buckets_are_rejected():
         OptimizeConfig(batch_buckets=[4, 2])
 
 
-def test_deep_cache_passes_compile_with_the_unet_and_keep_the_image(tiny_spec):
-    """`deep_cache` under `compile`: the factory compiles both passes as the UNet is and the
-    warm-up runs them (every full step is the full pass; a deep-cache request's second step the
-    shallow one); a request then draws what an eager engine draws."""
+@pytest.mark.parametrize("scope", ["full", "regional"])
+def test_deep_cache_passes_compile_with_the_unet_and_keep_the_image(tiny_spec, scope):
+    """`deep_cache` under `compile`: the factory compiles both passes as the UNet is (whole
+    graphs under `full`; under `regional` the passes stay eager and call the UNet's compiled
+    transformer blocks) and the warm-up runs them (every full step is the full pass; a
+    deep-cache request's second step the shallow one); a request then draws what an eager engine
+    draws."""
     from deployments.engine.deep_cache import DeepCacheUNet
     from deployments.engine.factory import EngineFactory
 
-    spec = _with(tiny_spec, compile="unet", compile_backend="eager", batch_buckets=[1], deep_cache=True)
+    spec = _with(tiny_spec, compile="unet", compile_scope=scope, compile_backend="eager", batch_buckets=[1], deep_cache=True)
     engine = EngineFactory(model_spec=spec.model_dump(mode="json"), batching={"max_batch_size": 2})()
-    assert all(hasattr(step, "_torchdynamo_orig_callable") for step in (engine.deep_cache._full, engine.deep_cache._shallow))
+    passes = (engine.deep_cache._full, engine.deep_cache._shallow)
+    assert all(hasattr(step, "_torchdynamo_orig_callable") == (scope == "full") for step in passes)
+    blocks = [module for module in engine.deep_cache.unet.modules() if type(module).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks) == (scope == "regional")
     request = REQUEST.model_copy(update={"deep_cache_interval": 2})
     (compiled,) = engine.generate([request])
     eager_pipe = load_pipeline(tiny_spec)

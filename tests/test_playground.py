@@ -169,7 +169,9 @@ def test_the_pages_are_served_open_and_outside_the_schema(app_url, auth_url):
         assert "guidance_scale > 1" in end["description"]
         form = paths["/v1/img2img"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
         cache = advanced["deep_cache_interval"]
-        assert (cache["type"], cache["minimum"], cache["maximum"], cache["default"]) == ("integer", 1, 10, 1)
+        assert (cache["type"], cache["minimum"], cache["maximum"]) == ("integer", 1, 10)
+        assert "default" not in cache  # empty: the deployment's default, which config.json's defaults state
+        assert config["defaults"]["deep_cache_interval"] == 1
         assert advanced == {name: form["properties"][name] for name in ("timestep_spacing", "guidance_end", "deep_cache_interval")}
     with httpx.Client(base_url=auth_url, follow_redirects=False, timeout=30) as http:
         assert http.get("/").headers["location"] == "ui/play/"
@@ -589,6 +591,7 @@ def test_advanced_settings_are_sent_and_the_servers_refusals_shown(open_page, ap
     assert page.locator("#timestep-spacing option").all_inner_texts() == ["default", "leading", "trailing", "linspace"]
     assert page.get_attribute("#guidance-end", "placeholder") == "1"
     assert page.get_attribute("#guidance-end", "max") == "1"
+    assert page.get_attribute("#deep-cache", "placeholder") == "1"  # the deployment's default interval
     page.select_option("#timestep-spacing", "trailing")
     page.fill("#guidance-end", "0.5")
     page.fill("#deep-cache", "2")

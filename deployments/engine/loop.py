@@ -975,6 +975,6 @@ def _unguided(request: GenerationRequest) -> GenerationRequest:
 def _is_resolved(request: GenerationRequest) -> bool:
     settings = (
         request.width, request.height, request.num_inference_steps, request.scheduler, request.guidance_scale,
-        request.seed,
+        request.deep_cache_interval, request.seed,
     )
     return None not in settings and (request.kind == "txt2img" or request.strength is not None)

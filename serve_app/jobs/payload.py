@@ -73,6 +73,9 @@ def _request_to_json(request: GenerationRequest) -> dict[str, Any]:
 
 
 def _request_from_json(data: dict[str, Any]) -> GenerationRequest:
+    # Stored before version 7, a request ran every step whole; absent now, the interval would be
+    # the serving deployment's default.
+    data = {"deep_cache_interval": 1, **data}
     images = {name: None if data.get(name) is None else png_pixels(data[name]) for name in _IMAGE_FIELDS}
     controlnets = [{**control, "image": png_pixels(control["image"])} for control in data.get("controlnets", [])]
     return GenerationRequest.model_validate({**data, **images, "controlnets": controlnets})

@@ -143,10 +143,10 @@ function fillForm(config) {
   const scheduler = $("scheduler");
   for (const [id, name] of Object.entries(config.schedulers)) scheduler.append(new Option(name, id, false, id === defaults.scheduler));
   $("batch-title").textContent = `Batch of prompts (up to ${limits.max_batch_items})`;
-  fillAdvanced(config.advanced);
+  fillAdvanced(config.advanced, defaults);
 }
 
-function fillAdvanced({ timestep_spacing: spacing, guidance_end: end, deep_cache_interval: cache }) {
+function fillAdvanced({ timestep_spacing: spacing, guidance_end: end, deep_cache_interval: cache }, defaults) {
   // The request schema's own values, bounds and descriptions (config.json): nothing copied here.
   const select = $("timestep-spacing");
   for (const value of spacing.enum) select.append(new Option(value, value));
@@ -156,7 +156,8 @@ function fillAdvanced({ timestep_spacing: spacing, guidance_end: end, deep_cache
   input.placeholder = String(end.default);
   const interval = $("deep-cache");
   applySchema(interval, cache);
-  interval.placeholder = String(cache.default);
+  // Empty: the deployment's default interval (its model.default_deep_cache_interval).
+  interval.placeholder = String(defaults.deep_cache_interval);
 }
 
 function applySchema(input, schema) {
