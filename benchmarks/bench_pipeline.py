@@ -40,6 +40,9 @@ from deployments.types import GenerationRequest  # noqa: E402
 #: One CFG step of the SDXL base UNet at 1024², batch 1 (2 with CFG): measured with FlopCounter.
 CFG_STEP_TFLOP_1024 = 13.52
 
+#: Each transformer block compiled (diffusers' compile_repeated_blocks): a bounded cold start.
+_REGIONAL = {"channels_last": True, "fuse_qkv": True, "compile": "unet", "compile_scope": "regional", "batch_buckets": [1, 8]}
+
 VARIANTS: dict[str, dict] = {
     "baseline": {"dtype": "float16", "optimize": {}},
     "bf16": {"dtype": "bfloat16", "optimize": {}},
@@ -53,17 +56,7 @@ VARIANTS: dict[str, dict] = {
         "dtype": "float16",
         "optimize": {"channels_last": True, "fuse_qkv": True, "compile": "unet", "batch_buckets": [1, 8]},
     },
-    # Each transformer block compiled (diffusers' compile_repeated_blocks): a bounded cold start.
-    "compile_regional": {
-        "dtype": "float16",
-        "optimize": {
-            "channels_last": True,
-            "fuse_qkv": True,
-            "compile": "unet",
-            "compile_scope": "regional",
-            "batch_buckets": [1, 8],
-        },
-    },
+    "compile_regional": {"dtype": "float16", "optimize": _REGIONAL},
     # Every transformer block, ResNet block and sampler compiled (the UNet's, and with unet+vae the
     # VAE decoder's), the glue between them eager: a cold start between regional's and full's?
     **{
@@ -131,14 +124,7 @@ VARIANTS: dict[str, dict] = {
     # process: in a Serve replica its 16-row UNet calls timed 0.49-0.71 s, twice an eager step's.
     "compile_regional_deep_cache_3": {
         "dtype": "float16",
-        "optimize": {
-            "channels_last": True,
-            "fuse_qkv": True,
-            "compile": "unet",
-            "compile_scope": "regional",
-            "batch_buckets": [1, 8],
-            "deep_cache": True,
-        },
+        "optimize": {**_REGIONAL, "deep_cache": True},
         "request": {"deep_cache_interval": 3},
     },
     "fp8": {"dtype": "bfloat16", "optimize": {"fp8": True, "fuse_qkv": True}},
