@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs.app_args import LimitsConfig
 from configs.model_spec import TinySpec
+from deployments.engine.factory import EngineFactory
+from deployments.replica import EngineReplica
 from deployments.types import GenerationRequest
 from serve_app.jobs.payload import JobPayload
 from tests.fakes import FakeEngine, decoded_rgb, finished_job, local_app, txt2img_rgb
@@ -118,16 +121,11 @@ def test_a_default_interval_needs_the_deep_cache_passes():
             TinySpec(default_deep_cache_interval=value, optimize={"deep_cache": True})
 
 
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_handle_callers_request_gets_the_replicas_default(anyio_backend):
     """Through the engine deployment's own door (what a `DeploymentHandle` calls), on the tiny
     engine: no interval means the replica's default, the same image as asking for it."""
-    from configs.app_args import LimitsConfig
-    from deployments.engine.factory import EngineFactory
-    from deployments.replica import EngineReplica
-
     model = {**CACHING_BY_DEFAULT["model"], "name": "sdxl-tiny"}
     replica = EngineReplica(model, LimitsConfig().model_dump(), EngineFactory(model, {"max_batch_size": 4}))
     try:
