@@ -14,7 +14,9 @@ after each batch's first call, as a replica's warm-up does, so forwards are plan
 costs (an unguided batch of 8 is 8 UNet rows: unmeasured, four calls of 2 would look cheaper than
 one of 16). Prints a table, writes `bench_pipeline.json` to --out. Run one variant per process
 (`--variants compile`) to measure a cold compile, then again with the same `--compile-cache` for
-the warm start.
+the warm start. `--served` builds each engine as a Serve replica does (`EngineFactory`: its
+warm-up, its timed call costs, the LoRA slot layers every served engine has), without Ray: what
+separates a replica's speed from this process's.
 """
 
 import argparse
@@ -31,7 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from configs.app_args import LorasConfig  # noqa: E402
 from configs.model_spec import SdxlArchSpec, TinySpec  # noqa: E402
+from deployments.engine.factory import EngineFactory  # noqa: E402
 from deployments.engine.loop import StepEngine  # noqa: E402
 from deployments.optimize import deep_cache_unet  # noqa: E402
 from deployments.pipelines import load_pipeline  # noqa: E402
@@ -233,14 +237,17 @@ def bench_variant(name: str, args) -> dict:
     # (a `blocks` compile: a graph per ResNet block and shape); this script compiles on first use.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
     started = time.perf_counter()
-    pipe = load_pipeline(spec)
-    engine = StepEngine(
-        pipe,
-        max_rows=max(args.batches),
-        buckets=spec.optimize.buckets(),
-        unguided_bucket=spec.optimize.unguided_bucket,
-        deep_cache=deep_cache_unet(pipe.unet, spec.optimize) if spec.optimize.deep_cache else None,
-    )
+    if args.served:
+        pipe, engine = None, _served_engine(spec, args)
+    else:
+        pipe = load_pipeline(spec)
+        engine = StepEngine(
+            pipe,
+            max_rows=max(args.batches),
+            buckets=spec.optimize.buckets(),
+            unguided_bucket=spec.optimize.unguided_bucket,
+            deep_cache=deep_cache_unet(pipe.unet, spec.optimize) if spec.optimize.deep_cache else None,
+        )
     fields = config.get("request", {})
     load_s = time.perf_counter() - started
     row: dict = {
@@ -249,8 +256,12 @@ def bench_variant(name: str, args) -> dict:
         "attention": spec.attention,
         "optimize": config["optimize"],
         "request": fields,
+        "served": args.served,
+        # with --served: loading, the replica's warm-up (its compiles) and its timed call costs
         "load_s": round(load_s, 1),
     }
+    if args.served:
+        row["unet_call_s_at_start"] = _call_costs(engine)
 
     first = time.perf_counter()
     (probe,) = engine.generate([_request(args, seed=0, **fields)])
@@ -264,6 +275,7 @@ def bench_variant(name: str, args) -> dict:
         row["batches"][batch] = {"first_call_s": round(time.perf_counter() - warm_up, 2)}
     if spec.optimize.buckets():
         engine.time_buckets(_request(args, seed=0))
+        row["unet_call_s"] = _call_costs(engine)
     for batch in args.batches:
         repeats = 3 if batch <= 4 else 2
         latency = _cuda_time(lambda: engine.generate(requests[batch]), repeats)
@@ -274,6 +286,18 @@ def bench_variant(name: str, args) -> dict:
     row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
     row["image"] = probe.image
     return row  # the pipeline goes with this frame, freeing the GPU for the next variant
+
+
+def _served_engine(spec, args) -> StepEngine:
+    """The engine a Serve replica builds for `spec`, without Ray: `EngineFactory`'s warm-up and
+    timed call costs, and the LoRA slot layers of the default `loras` config (none active)."""
+    loras = LorasConfig(dir=str(args.out / "loras")).model_dump(mode="json")
+    return EngineFactory(spec.model_dump(mode="json"), {"max_batch_size": max(args.batches)}, loras=loras)()
+
+
+def _call_costs(engine: StepEngine) -> dict[int, float]:
+    """Seconds of one UNet call per compiled size (rows), as the engine timed them."""
+    return {rows: round(seconds, 4) for rows, seconds in engine.forward_calls.costs.items()}
 
 
 def psnr(image: np.ndarray, reference: np.ndarray) -> float:
@@ -299,8 +323,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="check the script on the tiny model on CPU")
     parser.add_argument("--tag", default=None, help="name of the JSON file (default: the variants)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timings")
+    parser.add_argument("--served", action="store_true",
+                        help="build each engine as a Serve replica does (EngineFactory: warm-up, timed call costs, "
+                        "the default LoRA slot layers), without Ray; needs --no-stages")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.served and not args.no_stages:
+        parser.error("--served needs --no-stages (the stage timings call the pipeline's modules directly)")
     if args.smoke:
         args.size, args.steps = 64, 2
     args.out.mkdir(parents=True, exist_ok=True)
