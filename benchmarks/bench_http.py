@@ -149,6 +149,11 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
                     "mean_split": split,
                     # What the engine ran meanwhile: forwards, calls, rows a call, rows left a step.
                     "engine": {name: after[name] - before[name] for name in _ENGINE_COUNTS},
+                    # cudaMalloc/cudaFree calls and allocation retries meanwhile (GPU engines):
+                    # steady serving should add none.
+                    "cuda_allocator": {
+                        name: count - before["cuda_allocator"][name] for name, count in after.get("cuda_allocator", {}).items()
+                    },
                 }
             )
             print(f"  {label} concurrency {concurrency}: {rows[-1]['req_per_s']} req/s", flush=True)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.app_args import LorasConfig  # noqa: E402
 from configs.model_spec import SdxlArchSpec, TinySpec  # noqa: E402
 from deployments.engine.factory import EngineFactory  # noqa: E402
-from deployments.engine.loop import StepEngine  # noqa: E402
+from deployments.engine.loop import StepEngine, cuda_allocator_counts  # noqa: E402
 from deployments.optimize import deep_cache_unet  # noqa: E402
 from deployments.pipelines import load_pipeline  # noqa: E402
 from deployments.types import GenerationRequest  # noqa: E402
@@ -284,6 +284,8 @@ def bench_variant(name: str, args) -> dict:
     if not args.no_stages:
         row["stages"] = {batch: stage_times(pipe, batch, args.size) for batch in sorted({1, max(args.batches)})}
     row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+    if torch.cuda.is_available():  # to compare with a Serve replica's (bench_http.py's `cuda_allocator`)
+        row["cuda_allocator"] = cuda_allocator_counts(torch.cuda.memory_stats())
     row["image"] = probe.image
     return row  # the pipeline goes with this frame, freeing the GPU for the next variant
 

@@ -16,7 +16,7 @@ from configs.model_spec import TinySpec
 from configs.schedulers import SCHEDULERS
 from deployments.engine.calls import plan_calls
 from deployments.engine.control import RequestControl, RunOutput
-from deployments.engine.loop import StepEngine
+from deployments.engine.loop import StepEngine, cuda_allocator_counts
 from deployments.engine.sharing import forward_key
 from deployments.pipelines import make_scheduler
 from deployments.types import (
@@ -538,3 +538,11 @@ def test_warmup_compiles_every_bucket_then_times_each(tiny_pipe):
     assert all(0 < seconds < 60 for seconds in engine.forward_calls.costs.values())
     assert engine.forward_calls.costs != {2: 2.0, 4: 4.0}
     assert engine.stats()["admitted"] == 0  # the warm-up's requests are not counted
+
+
+def test_the_cuda_allocator_counts_read_torchs_names():
+    """`stats()["cuda_allocator"]` on a GPU engine (this machine has none): the driver calls and
+    retries `torch.cuda.memory_stats` reports, zero where a torch build lacks a counter."""
+    memory = {"num_device_alloc": 12, "num_device_free": 3, "num_alloc_retries": 1, "allocated_bytes.all.peak": 9}
+    assert cuda_allocator_counts(memory) == {"device_allocs": 12, "device_frees": 3, "alloc_retries": 1}
+    assert cuda_allocator_counts({}) == {"device_allocs": 0, "device_frees": 0, "alloc_retries": 0}

@@ -221,6 +221,7 @@ class StepEngine:
                 "allocated": round(torch.cuda.memory_allocated(self.device) / 2**20, 1),
                 "reserved": round(torch.cuda.memory_reserved(self.device) / 2**20, 1),
             }
+            stats["cuda_allocator"] = cuda_allocator_counts(torch.cuda.memory_stats(self.device))
         return stats
 
     # -- the loop (one thread) -------------------------------------------------------------------
@@ -970,6 +971,17 @@ def _synchronize(device: torch.device) -> None:
 def _unguided(request: GenerationRequest) -> GenerationRequest:
     """`request` without classifier-free guidance: one UNet row a step."""
     return request.model_copy(update={"guidance_scale": 1.0})
+
+
+def cuda_allocator_counts(memory_stats: Mapping[str, Any]) -> dict[str, int]:
+    """The caching allocator's calls to the driver since the process started (from
+    `torch.cuda.memory_stats`): `cudaMalloc`s, `cudaFree`s, and retries, each of which frees
+    cached blocks and synchronizes the device before allocating again. Steady serving should add
+    none; a replica that keeps adding them is paying for fragmented memory in every step (one
+    suspect for replicas whose 16-row calls ran ~2x slower than the same engine in a plain
+    process: BENCHMARKS.md, "Deep caching as a deployment's default")."""
+    names = {"device_allocs": "num_device_alloc", "device_frees": "num_device_free", "alloc_retries": "num_alloc_retries"}
+    return {name: int(memory_stats.get(key, 0)) for name, key in names.items()}
 
 
 def _is_resolved(request: GenerationRequest) -> bool:
