@@ -289,13 +289,15 @@ deepcache_default_http)
   # (`model.default_deep_cache_interval`; the requests send nothing). Cold from an empty compile
   # cache (a lone client, then 16), deployed again on the warm cache (its ready time; a lone
   # client), then the unoptimized app (BASELINE=0 leaves it out), all in one run. CANDIDATE_SPEC
-  # replaces the spec (its compile_cache_dir should be "$CACHE-regional", emptied first).
+  # replaces the spec (its compile_cache_dir should be "$CACHE-regional", emptied first);
+  # ENGINE_CPUS sets the replica's num_cpus (Ray sets its OMP_NUM_THREADS to it; default 4).
   rm -rf "$CACHE-regional"
+  engine_cpus=${ENGINE_CPUS:-4}
   candidate=${CANDIDATE_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "default_deep_cache_interval": 3, "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet", "compile_scope": "regional", "batch_buckets": [1, 8], "deep_cache": true, "compile_cache_dir": "'"$CACHE-regional"'"}}'}
   baseline=(--model "unoptimized={\"model\": $base}")
   [ "${BASELINE:-1}" = 0 ] && baseline=()
-  python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus 8 --size 1024 --steps 30 \
-    --requests ${REQUESTS:-12} --rounds 2 --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 \
+  python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus "$engine_cpus" --ray-cpus $((engine_cpus + 4)) \
+    --size 1024 --steps 30 --requests ${REQUESTS:-12} --rounds 2 --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 \
     --model "regional_dc3_cold={\"model\": $candidate}" --model "regional_dc3_warm={\"model\": $candidate, \"concurrency\": [1]}" \
     "${baseline[@]}" --out "$OUT"
   ;;
