@@ -689,12 +689,7 @@ class GenerationRequest(BaseModel):
         height = self.height if self.height is not None else height
         guidance_scale = self.guidance_scale if self.guidance_scale is not None else spec.default_guidance_scale
         self._check_guidance_end(guidance_scale)
-        self._check_deep_cache()
-        deep_cache_interval = self.deep_cache_interval
-        if deep_cache_interval is None:
-            # The deployment's default applies where deep caching can serve the request; a request
-            # that asks for it with controlnet or refiner is a 400 above instead.
-            deep_cache_interval = 1 if self.controlnets or self.refiner is not None else spec.default_deep_cache_interval
+        deep_cache_interval = self._deep_cache_interval(spec.default_deep_cache_interval)
         resolved = self.model_copy(
             update={
                 "refiner": refiner,
@@ -767,20 +762,24 @@ class GenerationRequest(BaseModel):
                 code="unsupported_value",
             )
 
-    def _check_deep_cache(self) -> None:
-        """A 400 naming `deep_cache_interval` with what its shallow steps would silently drop: a
-        ControlNet's residuals enter the deep blocks those steps skip, and the refiner's ensemble
-        continues the base's schedule on another engine (whose steps would restart the interval)."""
-        if self.deep_cache_interval in (None, 1):
-            return
-        for name, given in (("controlnet", bool(self.controlnets)), ("refiner", self.refiner is not None)):
-            if given:
-                raise InvalidRequestError(
-                    f"deep_cache_interval {self.deep_cache_interval} cannot be combined with {name} (yet): "
-                    "give 1 or leave it out",
-                    param="deep_cache_interval",
-                    code="unsupported_value",
-                )
+    def _deep_cache_interval(self, default: int) -> int:
+        """The interval this request runs at: its own, else the deployment's `default` where deep
+        caching can serve it and 1 where it cannot. What it cannot serve, its shallow steps would
+        silently drop: a ControlNet's residuals enter the deep blocks those steps skip, and the
+        refiner's ensemble continues the base's schedule on another engine (whose steps would
+        restart the interval). Asking for an interval above 1 with either is a 400 naming
+        `deep_cache_interval`."""
+        unservable = [name for name, given in (("controlnet", bool(self.controlnets)), ("refiner", self.refiner is not None)) if given]
+        if self.deep_cache_interval is None:
+            return 1 if unservable else default
+        if self.deep_cache_interval > 1 and unservable:
+            raise InvalidRequestError(
+                f"deep_cache_interval {self.deep_cache_interval} cannot be combined with {unservable[0]} (yet): "
+                "give 1 or leave it out",
+                param="deep_cache_interval",
+                code="unsupported_value",
+            )
+        return self.deep_cache_interval
 
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the image this (resolved) request answers: the hires pass's when it
