@@ -191,7 +191,7 @@ def _parse(argv):
     parser.add_argument(
         "--vae-decode-mean",
         action="store_true",
-        help="train the VAE's decoder on the posterior mean: the shipped VAE's posterior noise (std 0.10) exceeds what separates a crisp edge's latents from a soft one's (0.086)",
+        help="train the VAE's decoder on the posterior mean, not a sample of it (probed: no better at recording soft edges; README, \"The tiny refiner\")",
     )
     for name in STAGES:
         parser.add_argument(f"--{name}-steps", type=int)
