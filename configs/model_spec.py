@@ -25,6 +25,14 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 #: `deep_cache_interval` and of a deployment's `default_deep_cache_interval` alike.
 MAX_DEEP_CACHE_INTERVAL = 10
 
+# Fields the base, ControlNet and refiner specs declare alike, defined once.
+WeightsVariant = Annotated[Optional[str], Field(description="Weight file variant, e.g. `fp16`.")]
+LocalFilesOnly = Annotated[
+    bool, Field(description="Never reach the hub: load only what is on disk or in the HF cache.")
+]
+CheckpointPath = Annotated[str, Field(min_length=1, description="Path or URL of the `.safetensors` checkpoint.")]
+RandomWeightsSeed = Annotated[int, Field(ge=0, le=2**31 - 1, description="Seed of the random weights.")]
+
 
 class OptimizeConfig(BaseModel):
     """Speed switches of a GPU pipeline. Each is measured in BENCHMARKS.md; all default off except
@@ -276,21 +284,19 @@ class PretrainedSpec(_SpecBase):
         min_length=1,
         description="Hub id (e.g. `stabilityai/stable-diffusion-xl-base-1.0`) or a local diffusers folder.",
     )
-    variant: str | None = Field(None, description="Weight file variant, e.g. `fp16`.")
+    variant: WeightsVariant = None
     vae_path: str | None = Field(
         None,
         description="Optional separate VAE (hub id or folder), e.g. `madebyollin/sdxl-vae-fp16-fix`.",
     )
-    local_files_only: bool = Field(
-        False, description="Never reach the hub: load only what is on disk or in the HF cache."
-    )
+    local_files_only: LocalFilesOnly = False
 
 
 class SingleFileSpec(_SpecBase):
     """One original-format checkpoint (`.safetensors`), loaded with `from_single_file`."""
 
     source: Literal["single_file"]
-    path: str = Field(..., min_length=1, description="Path or URL of the `.safetensors` checkpoint.")
+    path: CheckpointPath
     config: str | None = Field(
         None,
         description=(
@@ -299,7 +305,7 @@ class SingleFileSpec(_SpecBase):
         ),
     )
     vae_path: str | None = Field(None, description="Optional separate VAE (hub id or folder).")
-    local_files_only: bool = Field(False, description="Never reach the hub.")
+    local_files_only: LocalFilesOnly = False
 
 
 class SdxlArchSpec(_SpecBase):
@@ -312,7 +318,7 @@ class SdxlArchSpec(_SpecBase):
         "sdxl-arch", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$", description="Public model id."
     )
     source: Literal["sdxl-arch"]
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random weights.")
+    seed: RandomWeightsSeed = 0
 
 
 ModelSpec = Annotated[
@@ -346,26 +352,26 @@ class PretrainedControlNetSpec(_ControlNetSpecBase):
 
     source: Literal["pretrained"]
     path: str = Field(..., min_length=1, description="Hub id (e.g. `diffusers/controlnet-canny-sdxl-1.0`) or a local folder.")
-    variant: str | None = Field(None, description="Weight file variant, e.g. `fp16`.")
-    local_files_only: bool = Field(False, description="Never reach the hub: load only what is on disk or in the HF cache.")
+    variant: WeightsVariant = None
+    local_files_only: LocalFilesOnly = False
 
 
 class SingleFileControlNetSpec(_ControlNetSpecBase):
     """One original-format ControlNet checkpoint (`ControlNetModel.from_single_file`)."""
 
     source: Literal["single_file"]
-    path: str = Field(..., min_length=1, description="Path or URL of the `.safetensors` checkpoint.")
+    path: CheckpointPath
     config: str | None = Field(
         None, description="Hub id or local folder holding the ControlNet's `config.json`; needed offline."
     )
-    local_files_only: bool = Field(False, description="Never reach the hub.")
+    local_files_only: LocalFilesOnly = False
 
 
 class SdxlArchControlNetSpec(_ControlNetSpecBase):
     """The public SDXL ControlNet architecture with random weights (GPU benchmarks only)."""
 
     source: Literal["sdxl-arch"]
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random weights.")
+    seed: RandomWeightsSeed = 0
 
 
 ControlNetSpec = Annotated[
@@ -399,26 +405,26 @@ class PretrainedRefinerSpec(_RefinerSpecBase):
     path: str = Field(
         ..., min_length=1, description="Hub id (e.g. `stabilityai/stable-diffusion-xl-refiner-1.0`) or a local folder."
     )
-    variant: str | None = Field(None, description="Weight file variant, e.g. `fp16`.")
-    local_files_only: bool = Field(False, description="Never reach the hub: load only what is on disk or in the HF cache.")
+    variant: WeightsVariant = None
+    local_files_only: LocalFilesOnly = False
 
 
 class SingleFileRefinerSpec(_RefinerSpecBase):
     """One original-format refiner checkpoint (`StableDiffusionXLImg2ImgPipeline.from_single_file`)."""
 
     source: Literal["single_file"]
-    path: str = Field(..., min_length=1, description="Path or URL of the `.safetensors` checkpoint.")
+    path: CheckpointPath
     config: str | None = Field(
         None, description="Hub id or local folder of the refiner's diffusers configs; needed offline."
     )
-    local_files_only: bool = Field(False, description="Never reach the hub.")
+    local_files_only: LocalFilesOnly = False
 
 
 class SdxlArchRefinerSpec(_RefinerSpecBase):
     """The public SDXL refiner architecture with random weights (GPU benchmarks only)."""
 
     source: Literal["sdxl-arch"]
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random weights.")
+    seed: RandomWeightsSeed = 0
 
 
 RefinerSpec = Annotated[
