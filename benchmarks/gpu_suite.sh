@@ -21,6 +21,7 @@
 #   bash benchmarks/gpu_suite.sh deepcache_http # over HTTP: a deep-cache deployment, plain requests then interval 3
 #   bash benchmarks/gpu_suite.sh deepcache_eager_http # over HTTP: the same uncompiled (ready in seconds), interval 3
 #   bash benchmarks/gpu_suite.sh deepcache_default_http # over HTTP: regional compile, interval 3 the deployment's default, cold and warm, beside the unoptimized app
+#   bash benchmarks/gpu_suite.sh overhead   # in-process: what an engine step costs besides its UNet call, 1 and 8 images, Euler and DPM++ 2M (needs no Ray)
 #   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh training   # in-process: LoRA training steps/s (rank 16, 64), pause latency (needs no Ray)
 #   bash benchmarks/gpu_suite.sh soak       # over HTTP: a long mixed load (LoRAs, ControlNet, refiner), GPU memory sampled
@@ -34,7 +35,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, deepcache, deepcache_http, deepcache_eager_http, deepcache_default_http, hires, training, soak or scaleout}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, deepcache, deepcache_http, deepcache_eager_http, deepcache_default_http, overhead, hires, training, soak or scaleout}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -300,6 +301,11 @@ deepcache_default_http)
     --size 1024 --steps 30 --requests ${REQUESTS:-12} --rounds 2 --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 \
     --model "regional_dc3_cold={\"model\": $candidate}" --model "regional_dc3_warm={\"model\": $candidate, \"concurrency\": [1]}" \
     "${baseline[@]}" --out "$OUT"
+  ;;
+overhead)
+  # The engine loop's own cost per step (issue #21's "per-step Python overhead"): eager fp16, 1024²,
+  # 1 and 8 guided images, Euler and DPM++ 2M; the UNet timed apart, the device synchronized.
+  python3 benchmarks/bench_engine_overhead.py --model "$base" --size 1024 --images 1,8 --out "$OUT"
   ;;
 hires)
   # 30 steps at 1024², then 15 at 2048² (38 scheduler steps at strength 0.4), eager fp16: one image
