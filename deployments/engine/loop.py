@@ -162,6 +162,9 @@ class StepEngine:
         self.vae_tiling_above = vae_tiling_above
         self._vae_dtype = pipeline.vae.dtype  # the dtype `_restore_vae` returns the VAE to
         self._warm_slot: Optional[int] = None  # the slot every row takes while warming up adapters
+        # Dynamo's graphs per code object the warm-up made room for (None: no warm-up), set again
+        # on each thread that steps (`_hold_warm_graphs`).
+        self._recompile_limit: Optional[int] = None
         self._observer = observer or _NoObserver()
         self.background = background
         self._busy_until = 0.0  # when the loop last stepped: background work waits `idle_s` after it
@@ -229,6 +232,7 @@ class StepEngine:
     def run(self, stop: threading.Event) -> None:
         """Step while there is work, run a unit of background work when there is none (a
         request arriving meanwhile waits for that unit only), sleep otherwise, until `stop`."""
+        self._hold_warm_graphs()
         background = self.background
         while not stop.is_set():
             with self._lock:
@@ -263,6 +267,7 @@ class StepEngine:
 
     def run_until_idle(self) -> None:
         """Step until no request is active or waiting (tests and benchmarks)."""
+        self._hold_warm_graphs()
         while True:
             with self._lock:
                 delay = self._idle_delay(time.perf_counter())
@@ -271,6 +276,17 @@ class StepEngine:
             if delay > 0:
                 time.sleep(delay)
             self.step()
+
+    def _hold_warm_graphs(self) -> None:
+        """Raise dynamo's `recompile_limit` on this thread to what the warm-up made room for.
+        In torch 2.13 dynamo's settings live in a ContextVar, so a thread sees only what was set
+        on it: a replica warms up on Serve's constructor thread and steps on its engine
+        thread, which started from the default (8), already full of warm-up graphs, so a size the
+        warm-up did not run could not compile there (a fullgraph compile failed the request;
+        `tests/test_optimize.py`)."""
+        if self._recompile_limit is not None:
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, self._recompile_limit)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -740,7 +756,8 @@ class StepEngine:
         if self.deep_cache is not None:  # the shallow pass (every full forward is the full pass already)
             requests += [plain.model_copy(update={"deep_cache_interval": 2}) for plain in list(requests) if not plain.controlnets]
         graphs_per_bucket = len(requests) * (2 if self.adapters is not None else 1)  # shapes × branches
-        _make_room_for(graphs_per_bucket * len(self.forward_calls.buckets or [1]), (self._pipe.unet, self._pipe.vae))
+        needed = _recompile_limit_for(graphs_per_bucket * len(self.forward_calls.buckets or [1]), (self._pipe.unet, self._pipe.vae))
+        self._recompile_limit = max(self._recompile_limit or 0, needed)
         self._warm_branches(requests, sizes)
         if self.adapters is not None:
             with self.adapters.zero_slot() as slot:
@@ -882,7 +899,7 @@ def _groups(rows: list[Row], key: Callable[[Row], Any]) -> list[list[Row]]:
     return list(groups.values())
 
 
-def _make_room_for(graphs: int, models: Sequence[torch.nn.Module]) -> None:
+def _recompile_limit_for(graphs: int, models: Sequence[torch.nn.Module]) -> int:
     """Dynamo keeps at most `recompile_limit` graphs per code object (8 by default); past it a
     frame runs eager, silently, and a regional or block (fullgraph) compile fails the call instead.
     The warm-up compiles `graphs` UNet graphs, one per latent shape, UNet bucket and branch (12 with
@@ -897,8 +914,7 @@ def _make_room_for(graphs: int, models: Sequence[torch.nn.Module]) -> None:
         type(module).forward for model in models for module in model.modules() if module._compiled_call_impl is not None
     )
     instances = max(compiled.values(), default=1)
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, graphs * instances + _UNWARMED_GRAPHS)
+    return graphs * instances + _UNWARMED_GRAPHS
 
 
 def _unet_buckets(buckets: Optional[Sequence[int]], unguided_bucket: bool) -> Optional[list[int]]:
