@@ -16,7 +16,10 @@ one of 16). Prints a table, writes `bench_pipeline.json` to --out. Run one varia
 (`--variants compile`) to measure a cold compile, then again with the same `--compile-cache` for
 the warm start. `--served` builds each engine as a Serve replica does (`EngineFactory`: its
 warm-up, its timed call costs, the LoRA slot layers every served engine has), without Ray: what
-separates a replica's speed from this process's.
+separates a replica's speed from this process's. `--replica-threads` (with `--served`) also
+runs the GPU work off this thread, as a replica does: the engine built on a thread of its own (Serve
+constructs a replica on its user-code thread) and its loop on another (the replica's engine thread),
+requests submitted to it and awaited.
 """
 
 import argparse
@@ -25,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -239,6 +243,8 @@ def bench_variant(name: str, args) -> dict:
     started = time.perf_counter()
     if args.served:
         pipe, engine = None, _served_engine(spec, args)
+        if args.replica_threads:
+            engine = _ReplicaThreads(engine)
     else:
         pipe = load_pipeline(spec)
         engine = StepEngine(
@@ -257,6 +263,7 @@ def bench_variant(name: str, args) -> dict:
         "optimize": config["optimize"],
         "request": fields,
         "served": args.served,
+        "replica_threads": args.replica_threads,
         # with --served: loading, the replica's warm-up (its compiles) and its timed call costs
         "load_s": round(load_s, 1),
     }
@@ -274,7 +281,7 @@ def bench_variant(name: str, args) -> dict:
         # includes this bucket's compile when on
         row["batches"][batch] = {"first_call_s": round(time.perf_counter() - warm_up, 2)}
     if spec.optimize.buckets():
-        engine.time_buckets(_request(args, seed=0))
+        _off_this_thread(args, lambda: engine.time_buckets(_request(args, seed=0)))
         row["unet_call_s"] = _call_costs(engine)
     for batch in args.batches:
         repeats = 3 if batch <= 4 else 2
@@ -287,6 +294,8 @@ def bench_variant(name: str, args) -> dict:
     if torch.cuda.is_available():  # to compare with a Serve replica's (bench_http.py's `cuda_allocator`)
         row["cuda_allocator"] = cuda_allocator_counts(torch.cuda.memory_stats())
     row["image"] = probe.image
+    if args.replica_threads:
+        engine.close()
     return row  # the pipeline goes with this frame, freeing the GPU for the next variant
 
 
@@ -294,7 +303,44 @@ def _served_engine(spec, args) -> StepEngine:
     """The engine a Serve replica builds for `spec`, without Ray: `EngineFactory`'s warm-up and
     timed call costs, and the LoRA slot layers of the default `loras` config (none active)."""
     loras = LorasConfig(dir=str(args.out / "loras")).model_dump(mode="json")
-    return EngineFactory(spec.model_dump(mode="json"), {"max_batch_size": max(args.batches)}, loras=loras)()
+    factory = EngineFactory(spec.model_dump(mode="json"), {"max_batch_size": max(args.batches)}, loras=loras)
+    return _off_this_thread(args, factory)
+
+
+def _off_this_thread(args, fn):
+    """`fn()`, on a thread of its own with `--replica-threads` (as a replica's constructor and
+    its warm-up run on Serve's user-code thread), else here."""
+    if not args.replica_threads:
+        return fn()
+    results = []
+    thread = threading.Thread(target=lambda: results.append(fn()), name="replica-constructor")
+    thread.start()
+    thread.join()
+    if not results:
+        raise RuntimeError("the call on the constructor's thread failed (its traceback is above)")
+    return results[0]
+
+
+class _ReplicaThreads:
+    """A served engine whose loop runs on its own thread, as `EngineReplica` runs it: `generate`
+    submits and waits for the outcomes instead of stepping on the caller's thread."""
+
+    def __init__(self, engine: StepEngine):
+        self._engine = engine
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=engine.run, args=(self._stop,), name="step-engine", daemon=True)
+        self._thread.start()
+
+    def generate(self, requests: list) -> list:
+        controls = [self._engine.submit(request) for request in requests]
+        return [control.wait() for control in controls]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
 
 
 def _call_costs(engine: StepEngine) -> dict[int, float]:
@@ -328,8 +374,13 @@ def main() -> None:
     parser.add_argument("--served", action="store_true",
                         help="build each engine as a Serve replica does (EngineFactory: warm-up, timed call costs, "
                         "the default LoRA slot layers), without Ray; needs --no-stages")
+    parser.add_argument("--replica-threads", action="store_true",
+                        help="with --served: build the engine on a thread of its own and run its loop on another, "
+                        "as a Serve replica does, instead of on this thread")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.replica_threads and not args.served:
+        parser.error("--replica-threads needs --served")
     if args.served and not args.no_stages:
         parser.error("--served needs --no-stages (the stage timings call the pipeline's modules directly)")
     if args.smoke:
