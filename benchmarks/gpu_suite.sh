@@ -254,11 +254,13 @@ deepcache)
   # run without the baseline). DEEPCACHE_VARIANTS="compile_vae,compile_vae_deep_cache_3" compares
   # the served compile with and without it (each bucket of each is ~90 s of cold compile:
   # DEEPCACHE_BATCHES=1 first, then 1,8 on the warm cache). DEEPCACHE_SERVED=1 builds each engine
-  # as a Serve replica does (its warm-up, timed call costs and LoRA slot layers), without Ray.
+  # as a Serve replica does (its warm-up, timed call costs and LoRA slot layers), without Ray;
+  # DEEPCACHE_REPLICA_THREADS=1 also builds it on a thread of its own and runs its loop on another.
   reference=()
   [ -n "${DEEPCACHE_REFERENCE:-}" ] && reference=(--reference "$DEEPCACHE_REFERENCE")
   served=()
   [ "${DEEPCACHE_SERVED:-0}" = 1 ] && served=(--served)
+  [ "${DEEPCACHE_REPLICA_THREADS:-0}" = 1 ] && served+=(--replica-threads)
   python3 benchmarks/bench_pipeline.py --variants "${DEEPCACHE_VARIANTS:-baseline,deep_cache_2,deep_cache_3,deep_cache_5}" \
     --batches "${DEEPCACHE_BATCHES:-1,8}" --no-stages --compile-cache "$CACHE" --save-reference "${reference[@]}" "${served[@]}" \
     --tag "deepcache_${DEEPCACHE_TAG:-eager}" --out "$OUT"
