@@ -254,8 +254,19 @@ def bench_variant(name: str, args) -> dict:
             unguided_bucket=spec.optimize.unguided_bucket,
             deep_cache=deep_cache_unet(pipe.unet, spec.optimize) if spec.optimize.deep_cache else None,
         )
-    fields = config.get("request", {})
     load_s = time.perf_counter() - started
+    try:
+        return _measured(name, args, spec, pipe, engine, load_s)
+    finally:
+        if args.replica_threads:
+            engine.close()  # its loop thread holds the pipeline: free the GPU for the next variant
+
+
+def _measured(name: str, args, spec, pipe, engine, load_s: float) -> dict:
+    """One variant's row: its first image, each batch's first call and latency, stage times,
+    peak memory and the seed-0 image."""
+    config = VARIANTS[name]
+    fields = config.get("request", {})
     row: dict = {
         "variant": name,
         "dtype": config["dtype"],
@@ -294,8 +305,6 @@ def bench_variant(name: str, args) -> dict:
     if torch.cuda.is_available():  # to compare with a Serve replica's (bench_http.py's `cuda_allocator`)
         row["cuda_allocator"] = cuda_allocator_counts(torch.cuda.memory_stats())
     row["image"] = probe.image
-    if args.replica_threads:
-        engine.close()
     return row  # the pipeline goes with this frame, freeing the GPU for the next variant
 
 
