@@ -175,29 +175,28 @@ def test_deep_cache_passes_compile_with_the_unet_and_keep_the_image(tiny_spec, s
     assert np.abs(compiled.image - eager.image).max() <= 1e-4
 
 
-def test_the_engine_thread_compiles_a_size_the_warm_up_did_not_run(tiny_spec, tmp_path):
+def test_the_engine_thread_compiles_a_size_the_warm_up_did_not_run(tiny_spec):
     """In torch 2.13 dynamo's settings live in a ContextVar, so each thread has its own: the
     `recompile_limit` a warm-up raises to hold its graphs is not raised on a replica's engine
-    thread, which starts from the default (8). Warmed with 8 graphs per block (buckets [1, 2] ×
-    the plain and deep-cache passes × the LoRA slots' two branches) and then serving on its own
-    thread as `EngineReplica` runs it, the engine must still compile a request at a size the
-    warm-up did not run; with the default limit that thread had no room and the request failed."""
+    thread, which starts from the default (8). Warmed with 12 graphs per block (UNet calls of 1, 2
+    and 4 rows × the plain and deep-cache passes × two sizes) and then serving on its own thread as
+    `EngineReplica` runs it, the engine must still compile a request at a size the warm-up did not
+    run; with the default limit that thread had no room and the request failed."""
     import threading
 
     import torch
 
-    from configs.app_args import BatchingConfig, LorasConfig
+    from configs.app_args import BatchingConfig
     from deployments.engine.control import RunOutput
     from deployments.engine.factory import EngineFactory
 
     torch._dynamo.reset()  # graphs earlier tests left on the same forwards count towards the limit
-    spec = _with(tiny_spec, compile="unet", compile_scope="regional", compile_backend="eager", batch_buckets=[1, 2], deep_cache=True)
+    spec = _with(
+        tiny_spec, compile="unet", compile_scope="regional", compile_backend="eager", batch_buckets=[1, 2],
+        unguided_bucket=True, deep_cache=True, warmup_sizes=[[72, 64]],
+    )
     spec = spec.model_copy(update={"default_size": (64, 64)})
-    engine = EngineFactory(
-        spec.model_dump(mode="json"),
-        BatchingConfig(max_batch_size=2).model_dump(mode="json"),
-        loras=LorasConfig(dir=str(tmp_path)).model_dump(mode="json"),
-    )(None)
+    engine = EngineFactory(spec.model_dump(mode="json"), BatchingConfig(max_batch_size=2).model_dump(mode="json"))(None)
     stop = threading.Event()
     thread = threading.Thread(target=engine.run, args=(stop,), name="step-engine", daemon=True)
     thread.start()
