@@ -130,6 +130,9 @@ def main() -> None:
     report = {**run_header("bench_engine_overhead"), "settings": {k: str(v) for k, v in vars(args).items()}, "rows": []}
     report["load_average_at_start"] = os.getloadavg()
 
+    def save() -> None:
+        (args.out / "bench_engine_overhead.json").write_text(json.dumps(report, indent=2))
+
     # 2. Each case on the same engine, one after the other.
     for scheduler in args.schedulers:
         for images in args.images:
@@ -142,10 +145,10 @@ def main() -> None:
             ]
             row = {"scheduler": scheduler, "images": images, **_measure(engine, timer, requests, args.steps, device)}
             report["rows"].append(row)
-            (args.out / "bench_engine_overhead.json").write_text(json.dumps(report, indent=2))
+            save()  # each case as it finishes: a run cut short keeps what it measured
             print(f"{scheduler} x{images}: {row}", flush=True)
     report["load_average_at_end"] = os.getloadavg()
-    (args.out / "bench_engine_overhead.json").write_text(json.dumps(report, indent=2))
+    save()
 
     # 3. The table.
     print(f"{'scheduler':>10} {'images':>6} {'step ms':>9} {'UNet ms':>9} {'rest ms':>8} {'rest %':>7} {'ops':>6} {'launching':>9}")
