@@ -105,7 +105,7 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     engine = serve.get_deployment_handle("SDXLBase", app_name="sdxl")
     info = engine.model_info.remote().result()
     # Its timed call costs decide how it splits a step's rows into calls ("Compiled batch shapes").
-    start = {name: info[name] for name in ("load_s", "warmup_s", "compile_cache", "unet_call_s", "decode_call_s")}
+    start = {name: info[name] for name in ("load_s", "warmup_s", "compile_cache", "unet_call_s", "decode_call_s", "unet_call_rounds_s")}
     print(f"  {label} ready in {ready_s:.1f} s: {start}", flush=True)
     base_url = f"http://127.0.0.1:{args.port}"
     body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps, **settings["request"]}
@@ -148,11 +148,16 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
                     "max_batch": max(batch_sizes),
                     "mean_split": split,
                     # What the engine ran meanwhile: forwards, calls, rows a call, rows left a step.
-                    "engine": {name: after[name] - before[name] for name in _ENGINE_COUNTS},
+                    "engine": {name: round(after[name] - before[name], 4) for name in _ENGINE_COUNTS},
                     # cudaMalloc/cudaFree calls and allocation retries meanwhile (GPU engines):
                     # steady serving should add none.
                     "cuda_allocator": {
                         name: count - before["cuda_allocator"][name] for name, count in after.get("cuda_allocator", {}).items()
+                    },
+                    # The replica's garbage collections meanwhile (every thread waits out each).
+                    "gc": {
+                        name: round(after["gc"][name] - before["gc"][name], 4)
+                        for name in ("collections", "full_collections", "seconds", "full_seconds")
                     },
                 }
             )
@@ -162,7 +167,7 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     return rows
 
 
-_ENGINE_COUNTS = ("forwards", "row_steps", "unet_calls", "unet_rows", "padded_unet_rows", "deferred_row_steps")
+_ENGINE_COUNTS = ("forwards", "forward_s", "row_steps", "unet_calls", "unet_rows", "padded_unet_rows", "deferred_row_steps")
 
 
 def main() -> None:

@@ -280,6 +280,7 @@ def _measured(name: str, args, spec, pipe, engine, load_s: float) -> dict:
     }
     if args.served:
         row["unet_call_s_at_start"] = _call_costs(engine)
+        row["unet_call_rounds_s_at_start"] = dict(engine.forward_calls.timing_rounds)
 
     first = time.perf_counter()
     (probe,) = engine.generate([_request(args, seed=0, **fields)])

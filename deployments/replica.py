@@ -217,6 +217,8 @@ class EngineReplica:
             # rows) and decodes (images) are split by.
             "unet_call_s": {size: round(s, 4) for size, s in engine.forward_calls.costs.items()},
             "decode_call_s": {size: round(s, 4) for size, s in engine.decode_calls.costs.items()},
+            # The timing rounds each cost is the least of (how far the warm-up's first ones were off).
+            "unet_call_rounds_s": engine.forward_calls.timing_rounds,
         }
 
     def stats(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The step engine on the tiny model (fp32 CPU, no Ray): fidelity against plain diffusers, rows
 joining and leaving a running batch, cancel, deadline, the two admission policies, buckets."""
 
+import gc
 import threading
 import time
 from typing import Callable
@@ -14,9 +15,10 @@ from PIL import Image
 
 from configs.model_spec import TinySpec
 from configs.schedulers import SCHEDULERS
-from deployments.engine.calls import plan_calls
+from deployments.engine.calls import CallPlanner, plan_calls
 from deployments.engine.control import RequestControl, RunOutput
-from deployments.engine.loop import StepEngine, cuda_allocator_counts
+from deployments.engine.gc_pauses import GcPauses
+from deployments.engine.loop import StepEngine, cuda_allocator_counts, settled_rounds
 from deployments.engine.sharing import forward_key
 from deployments.pipelines import make_scheduler
 from deployments.types import (
@@ -537,7 +539,42 @@ def test_warmup_compiles_every_bucket_then_times_each(tiny_pipe):
     assert set(engine.forward_calls.costs) == {2, 4} and set(engine.decode_calls.costs) == {1, 2}
     assert all(0 < seconds < 60 for seconds in engine.forward_calls.costs.values())
     assert engine.forward_calls.costs != {2: 2.0, 4: 4.0}
+    # Each cost is the least of at least two timing rounds (how they settled is kept).
+    for size, rounds in engine.forward_calls.timing_rounds.items():
+        assert len(rounds) >= 2 and engine.forward_calls.costs[size] == pytest.approx(min(rounds), abs=1e-4)
     assert engine.stats()["admitted"] == 0  # the warm-up's requests are not counted
+
+
+@pytest.mark.parametrize(
+    "values, rounds",
+    [
+        # The H200's pattern: the first rounds after a compiled warm-up slow, then steady.
+        ([0.65, 0.47, 0.30, 0.28, 0.5], [0.65, 0.47, 0.30, 0.28]),
+        ([0.28, 0.29, 0.9], [0.28, 0.29]),  # settled at once: two rounds
+        ([1.0, 2.0] * 5, [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]),  # never settles: capped
+    ],
+)
+def test_warm_up_timing_goes_on_until_two_rounds_agree(values, rounds):
+    """`settled_rounds` times until two rounds in a row agree within 10%; the planner prices a
+    bucket at the least round (`CallPlanner.timed`): a replica priced its 16-row call from the
+    first, slow round at 0.67 s (0.28 s steady) and split its groups into 2-row calls."""
+    taken = iter(values)
+    assert settled_rounds(lambda: next(taken)) == rounds
+    planner = CallPlanner([2, 16])
+    planner.timed(16, rounds)
+    assert planner.costs == {2: 2.0, 16: min(rounds)} and planner.timing_rounds == {16: rounds}
+
+
+def test_stats_count_the_processs_garbage_collections(tiny_pipe):
+    """`stats()["gc"]`: every thread stops while the cyclic collector runs, so a replica's
+    collections and their seconds are counted (process-wide, from `gc.callbacks`)."""
+    before = StepEngine(tiny_pipe, max_rows=2).stats()["gc"]
+    gc.collect()
+    after = StepEngine(tiny_pipe, max_rows=2).stats()["gc"]
+    assert after["collections"] == before["collections"] + 1
+    assert after["full_collections"] == before["full_collections"] + 1
+    assert after["full_seconds"] > before["full_seconds"] and after["longest_s"] > 0
+    assert gc.callbacks.count(GcPauses.installed()._on_collection) == 1  # one recorder, however many engines
 
 
 def test_the_cuda_allocator_counts_read_torchs_names():

@@ -46,6 +46,15 @@ class CallPlanner:
     def __init__(self, buckets: Optional[Sequence[int]]):
         self.buckets = sorted(buckets) if buckets else None
         self.costs: dict[int, float] = {size: float(size) for size in self.buckets or []}
+        #: Each timed bucket's rounds (seconds), as `timed` was given them: how the cost settled.
+        self.timing_rounds: dict[int, list[float]] = {}
+
+    def timed(self, size: int, rounds: Sequence[float]) -> None:
+        """Price bucket `size` from timing `rounds` (seconds of one call each): their least, since
+        a transient (the first seconds after a compiled warm-up, another process's burst) only
+        ever adds time."""
+        self.timing_rounds[size] = [round(seconds, 4) for seconds in rounds]
+        self.costs[size] = min(rounds)
 
     def split(self, count: int) -> list[int]:
         """Sizes of the calls that run `count` rows (one call without buckets)."""

@@ -49,6 +49,7 @@ from deployments.engine.calls import CallPlanner
 from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
 from deployments.engine.controlnets import check_hosted, residuals
 from deployments.engine.deep_cache import DeepCacheUNet
+from deployments.engine.gc_pauses import GcPauses
 from deployments.engine.lora import AdapterCache, rows_on_slots
 from deployments.engine.rows import Row, RowFactory, TextEmbeds, decode, to_pixels, vae_tiling
 from deployments.engine.sharing import forward_key
@@ -62,8 +63,18 @@ Scheduling = Literal["step", "request"]
 _RECENT = 10_000
 #: Row-steps per second are measured over this many recent seconds.
 _RATE_WINDOW_S = 10.0
-#: Calls timed per bucket at warm-up (the median is the bucket's cost).
+#: Calls a warm-up timing round makes per bucket (the round's value is their median).
 _TIMED_CALLS = 3
+#: A bucket's timing goes on round after round until two rounds agree within this fraction (at
+#: least `_TIMING_MIN_ROUNDS`, at most `_TIMING_ROUNDS` rounds); its cost is the least round. Right after a compiled
+#: warm-up the first round ran slow on the H200 in every process measured (16 UNet rows, regional
+#: compile: 0.39-0.75 s where the same call took 0.28 s a few seconds later; BENCHMARKS.md,
+#: "Warm-up timing"), and a replica whose 16-row call was priced at 0.67 s split its groups into
+#: 2-row calls and served at half its rate. A transient only ever adds time, so the least round is
+#: the steady cost.
+_TIMING_AGREEMENT = 0.1
+_TIMING_MIN_ROUNDS = 2
+_TIMING_ROUNDS = 6
 #: Graphs dynamo may compile per code object beyond the warm-up's: its default `recompile_limit`.
 _UNWARMED_GRAPHS = 8
 
@@ -173,6 +184,7 @@ class StepEngine:
         self._active: list[Row] = []
         self._steps = 0  # steps run so far: the clock rows' due steps are counted on
         self._stats = _Stats()
+        self._gc_pauses = GcPauses.installed()
         #: How the engine started (load and warm-up seconds, compile-cache lookups): set by its factory.
         self.startup: dict[str, Any] = {}
 
@@ -215,6 +227,7 @@ class StepEngine:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             stats = {**self._stats.snapshot(), "waiting": len(self._waiting), "active": len(self._active)}
+        stats["gc"] = self._gc_pauses.snapshot()  # process-wide: every thread stops while it collects
         if self.adapters is not None:
             stats["loras"] = self.adapters.stats()
         if self.background is not None:
@@ -812,10 +825,10 @@ class StepEngine:
     def time_buckets(self, request: GenerationRequest) -> None:
         """Measure the cost of one UNet call and one decode per bucket at `request`'s size (the
         warm-up's last part; a benchmark that compiles its buckets itself calls it to plan calls
-        as a served replica does). The median of `_TIMED_CALLS` calls per bucket: one call's time
-        is not enough to plan a replica's life on (H200, compiled, 16 UNet rows: one timing each
-        gave 267 ms on one replica and 441 ms on the next, and the second batched only from 8
-        images instead of 6)."""
+        as a served replica does). Rounds of `_TIMED_CALLS` calls per bucket until they settle
+        (`settled_rounds`; the least is the bucket's cost): one call's time is not enough to plan a replica's life on (H200,
+        compiled, 16 UNet rows: one timing each gave 267 ms on one replica and 441 ms on the next,
+        and the second batched only from 8 images instead of 6)."""
         requests = [request, _unguided(request)]
         row, unguided = (
             self._rows.prepare(each, RequestControl(), embeds, time.perf_counter())
@@ -826,10 +839,10 @@ class StepEngine:
             # A guided row fills even buckets only: the one-row bucket is timed with an unguided row.
             filling = row if size % row.unet_rows() == 0 else unguided
             rows = [filling] * (size // filling.unet_rows())
-            self.forward_calls.costs[size] = _median_seconds(lambda: self._unet(rows), device)
+            self.forward_calls.timed(size, settled_rounds(lambda: _median_seconds(lambda: self._unet(rows), device)))
         for size in self.decode_calls.buckets:
             latents = row.latents.repeat(size, 1, 1, 1)
-            self.decode_calls.costs[size] = _median_seconds(lambda: decode(self._pipe, latents), device)
+            self.decode_calls.timed(size, settled_rounds(lambda: _median_seconds(lambda: decode(self._pipe, latents), device)))
 
 
 class _Stats:
@@ -962,6 +975,15 @@ def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
     """`tensor` with copies of its last row appended up to `size` rows (outputs are dropped)."""
     missing = size - tensor.shape[0]
     return tensor if missing <= 0 else torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
+
+
+def settled_rounds(timed_round: Callable[[], float]) -> list[float]:
+    """`timed_round()`'s values, round after round until the last two of at least
+    `_TIMING_MIN_ROUNDS` agree within `_TIMING_AGREEMENT`, or `_TIMING_ROUNDS` were taken."""
+    rounds = [timed_round() for _ in range(_TIMING_MIN_ROUNDS)]
+    while len(rounds) < _TIMING_ROUNDS and abs(rounds[-1] - rounds[-2]) > _TIMING_AGREEMENT * min(rounds[-2:]):
+        rounds.append(timed_round())
+    return rounds
 
 
 def _median_seconds(call, device: torch.device) -> float:
