@@ -106,7 +106,9 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     info = engine.model_info.remote().result()
     # Its timed call costs decide how it splits a step's rows into calls ("Compiled batch shapes").
     start = {name: info[name] for name in ("load_s", "warmup_s", "compile_cache", "unet_call_s", "decode_call_s", "unet_call_rounds_s")}
-    print(f"  {label} ready in {ready_s:.1f} s: {start}", flush=True)
+    if "profile" in info:  # the spec's optimize.profile_warmup: one call per bucket, profiled
+        start["profile"] = info["profile"]
+    print(f"  {label} ready in {ready_s:.1f} s: { {k: v for k, v in start.items() if k != 'profile'} }", flush=True)
     base_url = f"http://127.0.0.1:{args.port}"
     body = {"prompt": "a red circle", "width": args.size, "height": args.size, "num_inference_steps": args.steps, **settings["request"]}
     rows = []

@@ -19,7 +19,8 @@ warm-up, its timed call costs, the LoRA slot layers every served engine has), wi
 separates a replica's speed from this process's. `--replica-threads` (with `--served`) also
 runs the GPU work off this thread, as a replica does: the engine built on a thread of its own (Serve
 constructs a replica on its user-code thread) and its loop on another (the replica's engine thread),
-requests submitted to it and awaited.
+requests submitted to it and awaited. `--profile-warmup` (with `--served`) keeps a profile of one
+UNet call per bucket from the warm-up (`optimize.profile_warmup`), as a replica can.
 """
 
 import argparse
@@ -226,6 +227,7 @@ def bench_variant(name: str, args) -> dict:
     if optimize.get("compile", "off") != "off":
         optimize["compile_cache_dir"] = args.compile_cache
         optimize["batch_buckets"] = sorted(set(args.batches))
+        optimize["profile_warmup"] = args.profile_warmup
     if args.smoke:  # the script's logic on the tiny model, on CPU
         spec = TinySpec(device="cpu", dtype="float32", optimize={**optimize, "compile_backend": "eager"})
     else:
@@ -281,6 +283,8 @@ def _measured(name: str, args, spec, pipe, engine, load_s: float) -> dict:
     if args.served:
         row["unet_call_s_at_start"] = _call_costs(engine)
         row["unet_call_rounds_s_at_start"] = dict(engine.forward_calls.timing_rounds)
+        if args.profile_warmup:
+            row["profile"] = engine.startup.get("profile")
 
     first = time.perf_counter()
     (probe,) = engine.generate([_request(args, seed=0, **fields)])
@@ -387,10 +391,15 @@ def main() -> None:
     parser.add_argument("--replica-threads", action="store_true",
                         help="with --served: build the engine on a thread of its own and run its loop on another, "
                         "as a Serve replica does, instead of on this thread")
+    parser.add_argument("--profile-warmup", action="store_true",
+                        help="with --served: profile one UNet call per bucket after the warm-up (optimize.profile_warmup), "
+                        "to compare kernel by kernel with a Serve replica's (bench_http.py records its `profile`)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.replica_threads and not args.served:
         parser.error("--replica-threads needs --served")
+    if args.profile_warmup and not args.served:
+        parser.error("--profile-warmup needs --served (the warm-up is the served engine's)")
     if args.served and not args.no_stages:
         parser.error("--served needs --no-stages (the stage timings call the pipeline's modules directly)")
     if args.smoke:

@@ -256,11 +256,14 @@ deepcache)
   # DEEPCACHE_BATCHES=1 first, then 1,8 on the warm cache). DEEPCACHE_SERVED=1 builds each engine
   # as a Serve replica does (its warm-up, timed call costs and LoRA slot layers), without Ray;
   # DEEPCACHE_REPLICA_THREADS=1 also builds it on a thread of its own and runs its loop on another.
+  # PROFILE_WARMUP=1 (with DEEPCACHE_SERVED=1) profiles one UNet call per bucket after the warm-up,
+  # as `deepcache_default_http` does in the replica with the same switch: compare the two.
   reference=()
   [ -n "${DEEPCACHE_REFERENCE:-}" ] && reference=(--reference "$DEEPCACHE_REFERENCE")
   served=()
   [ "${DEEPCACHE_SERVED:-0}" = 1 ] && served=(--served)
   [ "${DEEPCACHE_REPLICA_THREADS:-0}" = 1 ] && served+=(--replica-threads)
+  [ "${PROFILE_WARMUP:-0}" = 1 ] && served+=(--profile-warmup)
   python3 benchmarks/bench_pipeline.py --variants "${DEEPCACHE_VARIANTS:-baseline,deep_cache_2,deep_cache_3,deep_cache_5}" \
     --batches "${DEEPCACHE_BATCHES:-1,8}" --no-stages --compile-cache "$CACHE" --save-reference "${reference[@]}" "${served[@]}" \
     --tag "deepcache_${DEEPCACHE_TAG:-eager}" --out "$OUT"
@@ -297,6 +300,9 @@ deepcache_default_http)
   rm -rf "$CACHE-regional"
   engine_cpus=${ENGINE_CPUS:-4}
   candidate=${CANDIDATE_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "default_deep_cache_interval": 3, "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet", "compile_scope": "regional", "batch_buckets": [1, 8], "deep_cache": true, "compile_cache_dir": "'"$CACHE-regional"'"}}'}
+  # PROFILE_WARMUP=1: the replica profiles one UNet call per bucket after its warm-up (`profile`
+  # in the JSON's replica_start), to set beside the same in process (`deepcache` above).
+  [ "${PROFILE_WARMUP:-0}" = 1 ] && candidate=$(echo "$candidate" | sed 's/"deep_cache": true/"deep_cache": true, "profile_warmup": true/')
   baseline=(--model "unoptimized={\"model\": $base}")
   [ "${BASELINE:-1}" = 0 ] && baseline=()
   python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus "$engine_cpus" --ray-cpus $((engine_cpus + 4)) \

@@ -131,6 +131,16 @@ class OptimizeConfig(BaseModel):
         ),
     )
 
+    profile_warmup: bool = Field(
+        False,
+        description=(
+            "After the warm-up's timing, run one UNet call per bucket under torch.profiler and keep "
+            "a summary (wall and device seconds, the kernels and host ops that took longest) in the "
+            "replica's model info (`profile`): to compare a replica's calls with the same engine's in "
+            "a plain process. Needs `compile` (the warm-up)."
+        ),
+    )
+
     @field_validator("batch_buckets")
     @classmethod
     def _sorted_positive(cls, value: Optional[list[int]]) -> Optional[list[int]]:
@@ -154,6 +164,8 @@ class OptimizeConfig(BaseModel):
             raise ValueError(f"compile_scope {self.compile_scope!r} needs compile 'unet' or 'unet+vae'")
         if self.warmup_sizes and self.compile == "off":
             raise ValueError(f"warmup_sizes {self.warmup_sizes!r} needs compile 'unet' or 'unet+vae'")
+        if self.profile_warmup and self.compile == "off":
+            raise ValueError("profile_warmup needs compile 'unet' or 'unet+vae' (it profiles the warm-up's buckets)")
         # Buckets on an eager UNet only pad, and no warm-up times them: the planner's prior (a
         # call costs its padded size) then splits every group into one-image calls and steps one
         # call a step, so the replica served one image at a time (tiny model over HTTP, 4

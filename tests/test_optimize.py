@@ -101,6 +101,7 @@ def test_block_compile_warms_every_block_within_dynamo_limit_and_keeps_the_image
         # An eager UNet with buckets was served one image at a time (nothing timed the buckets,
         # so every group split into one-image calls).
         {"batch_buckets": [1, 8]},
+        {"profile_warmup": True},
     ],
 )
 def test_compile_settings_without_compile_are_refused(setting):
@@ -173,6 +174,24 @@ def test_deep_cache_passes_compile_with_the_unet_and_keep_the_image(tiny_spec, s
     (eager,) = StepEngine(eager_pipe, deep_cache=DeepCacheUNet(eager_pipe.unet)).generate([request])
     assert engine.stats()["shallow_unet_calls"] == 1
     assert np.abs(compiled.image - eager.image).max() <= 1e-4
+
+
+def test_profile_warmup_summarises_one_call_per_bucket(tiny_spec):
+    """`profile_warmup`: the replica's start info holds, per UNet bucket (in rows), one profiled
+    call's wall seconds and the host ops (on a GPU also the kernels) that took longest — the
+    UNet's convolutions among them — to compare a replica's calls with a plain process's."""
+    from deployments.engine.factory import EngineFactory
+
+    spec = _with(tiny_spec, compile="unet", compile_backend="eager", batch_buckets=[1, 2], profile_warmup=True)
+    engine = EngineFactory(spec.model_dump(mode="json"), {"max_batch_size": 2})()
+    profile = engine.startup["profile"]
+    assert sorted(profile) == [2, 4]  # UNet rows of one and two guided images
+    for call in profile.values():
+        assert call["wall_s"] > 0 and call["device_s"] == 0 and call["kernels"] == []  # no device here
+        assert 0 < len(call["host_ops"]) <= 25
+        assert any("convolution" in op["name"] and op["calls"] > 0 for op in call["host_ops"])
+    unprofiled = EngineFactory(_with(tiny_spec, compile="unet", compile_backend="eager", batch_buckets=[1]).model_dump(mode="json"), {"max_batch_size": 1})()
+    assert "profile" not in unprofiled.startup
 
 
 def test_the_engine_thread_compiles_a_size_the_warm_up_did_not_run(tiny_spec):

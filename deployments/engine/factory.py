@@ -93,7 +93,7 @@ class EngineFactory:
             observer=observer,
             background=self._training_queue(spec),
         )
-        compile_cache = None
+        compile_cache = profile = None
         if spec.optimize.compile != "off" and self.refiner is None:
             # Compile every bucket now (or load it from the compile cache), not on user requests;
             # two steps compile the same graphs as thirty. Every step whole, whatever the
@@ -104,11 +104,14 @@ class EngineFactory:
             ).with_defaults(spec)
             engine.warmup(warmup, spec.optimize.warmup_sizes)
             compile_cache = {name: count - before[name] for name, count in compile_cache_counts().items()}
+            profile = engine.profile_buckets(warmup) if spec.optimize.profile_warmup else None
         engine.startup = {
             "load_s": round(load_s, 3),
             "warmup_s": round(time.perf_counter() - started - load_s, 3),
             "compile_cache": compile_cache,
         }
+        if profile is not None:
+            engine.startup["profile"] = profile
         return engine
 
     def _training_queue(self, spec: Any) -> Any:

@@ -51,6 +51,7 @@ from deployments.engine.controlnets import check_hosted, residuals
 from deployments.engine.deep_cache import DeepCacheUNet
 from deployments.engine.gc_pauses import GcPauses
 from deployments.engine.lora import AdapterCache, rows_on_slots
+from deployments.engine.profiling import profile_call
 from deployments.engine.rows import Row, RowFactory, TextEmbeds, decode, to_pixels, vae_tiling
 from deployments.engine.sharing import forward_key
 from deployments.types import ControlRef, EngineError, GenerationRequest, InvalidRequestError, OverloadedError, ServiceError
@@ -826,23 +827,37 @@ class StepEngine:
         """Measure the cost of one UNet call and one decode per bucket at `request`'s size (the
         warm-up's last part; a benchmark that compiles its buckets itself calls it to plan calls
         as a served replica does). Rounds of `_TIMED_CALLS` calls per bucket until they settle
-        (`settled_rounds`; the least is the bucket's cost): one call's time is not enough to plan a replica's life on (H200,
-        compiled, 16 UNet rows: one timing each gave 267 ms on one replica and 441 ms on the next,
-        and the second batched only from 8 images instead of 6)."""
+        (`settled_rounds`; the least is the bucket's cost): one call's time is not enough to plan
+        a replica's life on (H200, compiled, 16 UNet rows: one timing each gave 267 ms on one
+        replica and 441 ms on the next, and the second batched only from 8 images instead of 6)."""
+        rows_by_size, row = self._bucket_rows(request)
+        device = row.latents.device
+        for size, rows in rows_by_size.items():
+            self.forward_calls.timed(size, settled_rounds(lambda: _median_seconds(lambda: self._unet(rows), device)))
+        for size in self.decode_calls.buckets:
+            latents = row.latents.repeat(size, 1, 1, 1)
+            self.decode_calls.timed(size, settled_rounds(lambda: _median_seconds(lambda: decode(self._pipe, latents), device)))
+
+    @torch.inference_mode()
+    def profile_buckets(self, request: GenerationRequest) -> dict[int, dict[str, Any]]:
+        """One UNet call per bucket at `request`'s size under the profiler
+        (`profiling.profile_call`): where each call's time goes, by UNet rows."""
+        rows_by_size, row = self._bucket_rows(request)
+        return {size: profile_call(lambda: self._unet(rows), row.latents.device) for size, rows in rows_by_size.items()}
+
+    def _bucket_rows(self, request: GenerationRequest) -> tuple[dict[int, list[Row]], Row]:
+        """Rows of `request` filling each UNet bucket (by its UNet rows), and one guided row."""
         requests = [request, _unguided(request)]
         row, unguided = (
             self._rows.prepare(each, RequestControl(), embeds, time.perf_counter())
             for each, embeds in zip(requests, self._rows.encode(requests))
         )
-        device = row.latents.device
-        for size in self.forward_calls.buckets:
-            # A guided row fills even buckets only: the one-row bucket is timed with an unguided row.
+        rows_by_size = {}
+        for size in self.forward_calls.buckets or []:
+            # A guided row fills even buckets only: the one-row bucket is filled with an unguided row.
             filling = row if size % row.unet_rows() == 0 else unguided
-            rows = [filling] * (size // filling.unet_rows())
-            self.forward_calls.timed(size, settled_rounds(lambda: _median_seconds(lambda: self._unet(rows), device)))
-        for size in self.decode_calls.buckets:
-            latents = row.latents.repeat(size, 1, 1, 1)
-            self.decode_calls.timed(size, settled_rounds(lambda: _median_seconds(lambda: decode(self._pipe, latents), device)))
+            rows_by_size[size] = [filling] * (size // filling.unet_rows())
+        return rows_by_size, row
 
 
 class _Stats:
