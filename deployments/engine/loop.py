@@ -67,12 +67,12 @@ _RATE_WINDOW_S = 10.0
 #: Calls a warm-up timing round makes per bucket (the round's value is their median).
 _TIMED_CALLS = 3
 #: A bucket's timing goes on round after round until two rounds agree within this fraction (at
-#: least `_TIMING_MIN_ROUNDS`, at most `_TIMING_ROUNDS` rounds); its cost is the least round. Right after a compiled
-#: warm-up the first round ran slow on the H200 in every process measured (16 UNet rows, regional
-#: compile: 0.39-0.75 s where the same call took 0.28 s a few seconds later; BENCHMARKS.md,
-#: "Warm-up timing"), and a replica whose 16-row call was priced at 0.67 s split its groups into
-#: 2-row calls and served at half its rate. A transient only ever adds time, so the least round is
-#: the steady cost.
+#: least `_TIMING_MIN_ROUNDS`, at most `_TIMING_ROUNDS`); its cost is the least round. In process
+#: on the H200 the warm-up's first round priced a 16-row call (regional compile) at 0.39-0.65 s
+#: in all four processes measured, where the same call took 0.28 s moments later, and a planner
+#: priced that way splits groups it should run whole; with rounds it priced 0.279 s. A transient
+#: only ever adds time, so the least round is the steady cost. (A Serve replica's 16-row call was
+#: slow in every round: that gap is not a transient; BENCHMARKS.md, "Warm-up timing".)
 _TIMING_AGREEMENT = 0.1
 _TIMING_MIN_ROUNDS = 2
 _TIMING_ROUNDS = 6
