@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 #: Rows each summary keeps: the kernels (and host ops) that took the most time.
@@ -30,8 +31,10 @@ def profile_call(call: Callable[[], Any], device: torch.device, top: int = TOP) 
             torch.cuda.synchronize(device)
         wall_s = time.perf_counter() - started
     events = recorded.key_averages()
-    kernels = sorted((event for event in events if event.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
-    host = sorted(events, key=lambda event: -event.self_cpu_time_total)
+    # Host ops carry the device time of the kernels they launched too: kernels are the device's
+    # own events, so nothing is counted twice.
+    kernels = sorted((e for e in events if e.device_type != DeviceType.CPU), key=lambda e: -e.self_device_time_total)
+    host = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
     return {
         "wall_s": round(wall_s, 4),
         "device_s": round(sum(event.self_device_time_total for event in kernels) / 1e6, 4),
