@@ -21,6 +21,7 @@
 #   bash benchmarks/gpu_suite.sh deepcache_http # over HTTP: a deep-cache deployment, plain requests then interval 3
 #   bash benchmarks/gpu_suite.sh deepcache_eager_http # over HTTP: the same uncompiled (ready in seconds), interval 3
 #   bash benchmarks/gpu_suite.sh deepcache_default_http # over HTTP: regional compile, interval 3 the deployment's default, cold and warm, beside the unoptimized app
+#   bash benchmarks/gpu_suite.sh replica_profile # a Serve replica's UNet calls beside the same engine's in process, kernel by kernel (issue #21's replica gap)
 #   bash benchmarks/gpu_suite.sh overhead   # in-process: what an engine step costs besides its UNet call, 1 and 8 images, Euler and DPM++ 2M (needs no Ray)
 #   bash benchmarks/gpu_suite.sh hires      # in-process: a 2048² hires image and a batch of 4, VAE tiled vs untiled (needs no Ray)
 #   bash benchmarks/gpu_suite.sh training   # in-process: LoRA training steps/s (rank 16, 64), pause latency (needs no Ray)
@@ -35,7 +36,7 @@
 # Two steps may run at once on one host (e.g. `variants` on GPUs 0-1 and `restart` on 2-3): each
 # unpacks the bundle into its own folder and serves HTTP on its own port.
 set -uo pipefail
-step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, deepcache, deepcache_http, deepcache_eager_http, deepcache_default_http, overhead, hires, training, soak or scaleout}
+step=${1:?pipeline, startup, graphs, http, variants, scaling, restart, wait, scheduling, loras, controlnet, controlnet_http, refiner, fewstep, deepcache, deepcache_http, deepcache_eager_http, deepcache_default_http, replica_profile, overhead, hires, training, soak or scaleout}
 OUT=${OUT:-bench-out/gpu}
 site=/tmp/site-$step
 # The app imports fastapi-offline, which the shared bundle script does not pack.
@@ -309,6 +310,18 @@ deepcache_default_http)
     --size 1024 --steps 30 --requests ${REQUESTS:-12} --rounds 2 --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 \
     --model "regional_dc3_cold={\"model\": $candidate}" --model "regional_dc3_warm={\"model\": $candidate, \"concurrency\": [1]}" \
     "${baseline[@]}" --out "$OUT"
+  ;;
+replica_profile)
+  # Where a Serve replica's 16-row UNet call spends the time it does not spend in process (issue
+  # #21's replica gap): the regional, deep-cache spec built as a replica builds it, in process
+  # (bench_pipeline --served) and in a Serve replica (bench_http, one lone client), each profiling
+  # one UNet call per bucket after its warm-up (optimize.profile_warmup); then both side by side.
+  spec='{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "default_deep_cache_interval": 3, "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet", "compile_scope": "regional", "batch_buckets": [1, 8], "deep_cache": true, "profile_warmup": true, "compile_cache_dir": "'"$CACHE-regional"'"}}'
+  python3 benchmarks/bench_pipeline.py --variants compile_regional_deep_cache_3 --batches 1,8 --no-stages --served \
+    --profile-warmup --compile-cache "$CACHE-regional" --tag replica_profile --out "$OUT"
+  python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus 4 --ray-cpus 8 --size 1024 --steps 30 \
+    --requests 4 --rounds 1 --concurrency 1 --max-batch-size 8 --model "replica={\"model\": $spec}" --out "$OUT"
+  python3 benchmarks/compare_profiles.py "$OUT/bench_pipeline_replica_profile.json" "$OUT/bench_http.json" --rows 16 --out "$OUT"
   ;;
 overhead)
   # The engine loop's own cost per step (issue #21's "per-step Python overhead"): eager fp16, 1024²,
