@@ -119,7 +119,13 @@ def test_each_vae_switch_changes_the_vae_loss():
 
     vae = AutoencoderKL.from_pretrained(TINY_MODEL_DIR / "vae")
     scene = shapes.sample_scenes(4, torch.Generator().manual_seed(8))
-    recipes = {"shipped": VaeRecipe(), "soft": VaeRecipe(soft_share=1.0), "slope": VaeRecipe(slope_weight=8.0), "mean": VaeRecipe(decode_mean=True)}
+    recipes = {
+        "shipped": VaeRecipe(),
+        "soft": VaeRecipe(soft_share=1.0),
+        "slope": VaeRecipe(slope_weight=8.0),
+        "mean": VaeRecipe(decode_mean=True),
+        "margin": VaeRecipe(soft_share=1.0, soft_margin=1.0),
+    }
     losses = {}
     with torch.no_grad():
         for name, recipe in recipes.items():
@@ -127,3 +133,5 @@ def test_each_vae_switch_changes_the_vae_loss():
             losses[name] = trainer.vae_loss(vae, scene, torch.Generator().manual_seed(0)).item()
     assert len(set(losses.values())) == len(losses), losses
     assert losses["slope"] > losses["shipped"], losses
+    # The shipped encoder keeps soft and crisp latents close, so the margin term adds to the loss.
+    assert losses["margin"] > losses["soft"], losses

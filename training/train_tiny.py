@@ -104,6 +104,14 @@ class VaeRecipe:
     slope_weight: float = 0.0  # weight of an L1 loss on Sobel gradients (edges are a few pixels)
     widths: tuple[int, ...] | None = None  # block_out_channels; None: configs/models/tiny/vae's
     decode_mean: bool = False  # decode the posterior mean in training, not a sample of it
+    # Hold a soft render's latent mean this far (mean square, scaled by its ramp over the softest)
+    # from its crisp render's: the encoder then records softness, which six VAEs trained on the
+    # reconstruction loss alone kept a fifteenth to a thirtieth of (needs soft_share).
+    soft_margin: float = 0.0
+
+    def __post_init__(self):
+        if self.soft_margin and not self.soft_share:
+            raise ValueError(f"soft_margin {self.soft_margin} needs soft_share above 0 (it holds soft renders apart from crisp ones)")
 
 
 @dataclass
@@ -147,7 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True  # every step has the same shapes
     configs = {name: _stage_config(name, args) for name in STAGES}
     budgets = _budgets(args.budget_s)
-    vae_recipe = VaeRecipe(args.vae_soft_share, args.vae_slope_weight, args.vae_widths, args.vae_decode_mean)
+    try:
+        vae_recipe = VaeRecipe(args.vae_soft_share, args.vae_slope_weight, args.vae_widths, args.vae_decode_mean, args.vae_soft_margin)
+    except ValueError as error:
+        raise SystemExit(f"--vae-soft-margin: {error}") from None
     trainer = Trainer(Path(args.out), device, args.seed, args.resolution, budgets, vae_recipe)
     report = {"command": "python -m training.train_tiny " + " ".join(argv if argv is not None else sys.argv[1:])}
     report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -192,6 +203,14 @@ def _parse(argv):
         "--vae-decode-mean",
         action="store_true",
         help="train the VAE's decoder on the posterior mean, not a sample of it (probed: no better at recording soft edges; README, \"The tiny refiner\")",
+    )
+    parser.add_argument(
+        "--vae-soft-margin",
+        type=float,
+        default=0.0,
+        help="hold a soft render's latent mean this far (mean square at the softest ramp, e.g. 0.5; the shipped "
+        "VAE's latents have a variance of ~10) from its crisp render's; needs --vae-soft-share (not yet run on a GPU; "
+        "README, \"The tiny refiner\")",
     )
     for name in STAGES:
         parser.add_argument(f"--{name}-steps", type=int)
@@ -464,6 +483,7 @@ class Trainer:
             shapes.render(scene, self.resolution, pastel=True),
             shapes.render(scene, self.resolution),
         )
+        crisp = images
         if recipe.soft_share:
             low, high = VAE_SOFT_EDGE_PX
             soft = ~pastel & (torch.rand(batch, generator=generator, device=self.device) < recipe.soft_share)
@@ -480,6 +500,10 @@ class Trainer:
         loss = F.l1_loss(decoded, target) + F.mse_loss(decoded, target) + 1e-6 * kl
         if recipe.slope_weight:
             loss = loss + recipe.slope_weight * F.l1_loss(judge.sobel(decoded), judge.sobel(target))
+        if recipe.soft_margin and soft.any():
+            crisp_mean = vae.encode(crisp[soft] * 2 - 1).latent_dist.mean
+            apart = (dist.mean[soft] - crisp_mean).pow(2).mean(dim=(1, 2, 3))
+            loss = loss + F.relu(recipe.soft_margin * widths[soft] / high - apart).mean()
         return loss
 
     def train_vae(self, config: StageConfig) -> dict:
