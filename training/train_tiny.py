@@ -209,8 +209,8 @@ def _parse(argv):
         type=float,
         default=0.0,
         help="hold a soft render's latent mean this far (mean square at the softest ramp, e.g. 0.5; the shipped "
-        "VAE's latents have a variance of ~10) from its crisp render's; needs --vae-soft-share (not yet run on a GPU; "
-        "README, \"The tiny refiner\")",
+        "VAE's latents have a variance of ~10) from its crisp render's; needs --vae-soft-share (a CPU fine-tune: no wider "
+        "separation, blurrier; not yet run on a GPU; README, \"The tiny refiner\")",
     )
     for name in STAGES:
         parser.add_argument(f"--{name}-steps", type=int)
