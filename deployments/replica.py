@@ -352,6 +352,11 @@ class _RayMetrics:
         self._gpu_memory = Gauge(
             "sdxl_gpu_memory_mib", description="An engine replica's GPU memory, allocated and reserved by torch.", tag_keys=("kind",)
         )
+        self._gc_pauses = MetricCounter(
+            "sdxl_gc_pause_s",
+            description="Seconds an engine replica's process stood still in garbage collections, full or young.",
+            tag_keys=("generation",),
+        )
         self._exported: dict[str, int] = {}
 
     def on_admit(self, queue_wait_s: float, into_running: bool) -> None:
@@ -373,11 +378,14 @@ class _RayMetrics:
             self._gpu_memory.set(mib, tags={"kind": kind})
         counters = [(self._outcomes, "outcome", name, name) for name in ("completed", "failed", "cancelled", "expired")]
         counters += [(self._oom, "event", "split", "oom_splits"), (self._oom, "event", "failure", "oom_failures")]
+        gc = stats["gc"]
+        counts = {**stats, "gc_full_s": gc["full_seconds"], "gc_young_s": gc["seconds"] - gc["full_seconds"]}
+        counters += [(self._gc_pauses, "generation", "full", "gc_full_s"), (self._gc_pauses, "generation", "young", "gc_young_s")]
         for metric, tag, value, name in counters:
-            moved = stats.get(name, 0) - self._exported.get(name, 0)
+            moved = counts.get(name, 0) - self._exported.get(name, 0)
             if moved > 0:
                 metric.inc(moved, tags={tag: value})
-            self._exported[name] = stats.get(name, 0)
+            self._exported[name] = counts.get(name, 0)
 
     def on_lora_load(self, seconds: float, resident: int) -> None:
         self._lora_loads.observe(seconds)

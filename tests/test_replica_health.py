@@ -25,7 +25,8 @@ class _Engine:
             stop.wait(0.05)
 
     def stats(self) -> dict:
-        return {"waiting": 1, "active": 2, "completed": 3, "failed": 0, "cancelled": 0, "expired": 0}
+        gc = {"collections": 4, "full_collections": 1, "seconds": 0.02, "full_seconds": 0.01}
+        return {"waiting": 1, "active": 2, "completed": 3, "failed": 0, "cancelled": 0, "expired": 0, "gc": gc}
 
 
 def _replica(alive: bool) -> EngineReplica:

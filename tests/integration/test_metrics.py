@@ -24,6 +24,7 @@ MOVES = [
     ("ray_sdxl_queue_wait_s_count", {}),
     ("ray_sdxl_engine_requests_total", {"outcome": "completed"}),
     ("ray_sdxl_lora_hits_total", {}),
+    ("ray_sdxl_gc_pause_s_total", {"generation": "young"}),
 ]
 #: Gauges: present (their value is the moment's).
 PRESENT = [("ray_sdxl_jobs", {"state": "queued"}), ("ray_sdxl_engine_queue", {"state": "waiting"}), ("ray_sdxl_lora_resident", {})]
