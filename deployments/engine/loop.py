@@ -293,7 +293,7 @@ class StepEngine:
 
     def _hold_warm_graphs(self) -> None:
         """Raise dynamo's `recompile_limit` on this thread to what the warm-up made room for.
-        In torch 2.13 dynamo's settings live in a ContextVar, so a thread sees only what was set
+        Since torch 2.12 dynamo's settings live in a ContextVar (pytorch/pytorch#186537): a thread sees only what was set
         on it: a replica warms up on Serve's constructor thread and steps on its engine
         thread, which started from the default (8), already full of warm-up graphs, so a size the
         warm-up did not run could not compile there (a fullgraph compile failed the request;
