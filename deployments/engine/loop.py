@@ -293,11 +293,11 @@ class StepEngine:
 
     def _hold_warm_graphs(self) -> None:
         """Raise dynamo's `recompile_limit` on this thread to what the warm-up made room for.
-        Since torch 2.12 dynamo's settings live in a ContextVar (pytorch/pytorch#186537): a thread sees only what was set
-        on it: a replica warms up on Serve's constructor thread and steps on its engine
-        thread, which started from the default (8), already full of warm-up graphs, so a size the
-        warm-up did not run could not compile there (a fullgraph compile failed the request;
-        `tests/test_optimize.py`)."""
+        Since torch 2.12 dynamo's settings live in a ContextVar (pytorch/pytorch#186537), so a
+        thread sees only what was set on it. A replica warms up on Serve's constructor thread and
+        steps on its engine thread, which started from the default (8), already full of warm-up
+        graphs, so a size the warm-up did not run could not compile there (a fullgraph compile
+        failed the request; `tests/test_optimize.py`)."""
         if self._recompile_limit is not None:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, self._recompile_limit)
