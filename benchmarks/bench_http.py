@@ -161,6 +161,9 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
                         name: round(after["gc"][name] - before["gc"][name], 4)
                         for name in ("collections", "full_collections", "seconds", "full_seconds")
                     },
+                    # The UNet buckets' prices after the run, and how many served calls priced each.
+                    "unet_call_s": after.get("unet_call_s"),
+                    "unet_calls_priced": after.get("unet_calls_priced"),
                 }
             )
             print(f"  {label} concurrency {concurrency}: {rows[-1]['req_per_s']} req/s", flush=True)

@@ -84,7 +84,12 @@ exec > >(tee -a "$OUT/gpu-$step.txt") 2>&1
 nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,memory.used,clocks_event_reasons.active \
   --format=csv -l 5 > "$OUT/gpu-clocks-$step.csv" 2>&1 &
 clock_log=$!
-trap 'kill $clock_log 2>/dev/null' EXIT
+# The busiest processes about every 5 s, by their CPU over the last second (top's second sample;
+# `ps` gives lifetime averages, which said nothing): a compiled replica's 2-row calls cost
+# 0.07-0.09 s served alone and 0.042 s between 16-row calls, so a lone request waits on the host.
+(while sleep 4; do date +%T; top -b -n 2 -d 1 -o %CPU -w 160 | awk '/^top -/{n++} n==2' | sed -n 8,13p; done) > "$OUT/cpu-$step.txt" 2>&1 &
+cpu_log=$!
+trap 'kill $clock_log $cpu_log 2>/dev/null' EXIT
 # The GPUs this step may use: those CUDA_VISIBLE_DEVICES names, else all of the host's.
 IFS=, read -r -a gpu_ids <<< "${CUDA_VISIBLE_DEVICES:-$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd,)}"
 gpus=${#gpu_ids[@]}
@@ -297,7 +302,8 @@ deepcache_default_http)
   # cache (a lone client, then 16), deployed again on the warm cache (its ready time; a lone
   # client), then the unoptimized app (BASELINE=0 leaves it out), all in one run. CANDIDATE_SPEC
   # replaces the spec (its compile_cache_dir should be "$CACHE-regional", emptied first);
-  # ENGINE_CPUS sets the replica's num_cpus (Ray sets its OMP_NUM_THREADS to it; default 4).
+  # ENGINE_CPUS sets the replica's num_cpus (Ray sets its OMP_NUM_THREADS to it; default 4);
+  # WARM_CONCURRENCY the warm deployment's client counts (default 1; e.g. 1,16).
   rm -rf "$CACHE-regional"
   engine_cpus=${ENGINE_CPUS:-4}
   candidate=${CANDIDATE_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "default_deep_cache_interval": 3, "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet", "compile_scope": "regional", "batch_buckets": [1, 8], "deep_cache": true, "compile_cache_dir": "'"$CACHE-regional"'"}}'}
@@ -308,7 +314,7 @@ deepcache_default_http)
   [ "${BASELINE:-1}" = 0 ] && baseline=()
   python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus "$engine_cpus" --ray-cpus $((engine_cpus + 4)) \
     --size 1024 --steps 30 --requests ${REQUESTS:-12} --rounds 2 --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 \
-    --model "regional_dc3_cold={\"model\": $candidate}" --model "regional_dc3_warm={\"model\": $candidate, \"concurrency\": [1]}" \
+    --model "regional_dc3_cold={\"model\": $candidate}" --model "regional_dc3_warm={\"model\": $candidate, \"concurrency\": [${WARM_CONCURRENCY:-1}]}" \
     "${baseline[@]}" --out "$OUT"
   ;;
 replica_profile)

@@ -221,6 +221,18 @@ def test_buckets_pad_a_caching_row_without_changing_it(tiny_pipe, engine):
         assert np.abs(_pixels(outcome) - _pixels(engine.generate([request])[0])).max() <= FIDELITY_ATOL
 
 
+def test_shallow_calls_do_not_price_their_bucket(tiny_pipe):
+    """A shallow call costs less than a full pass of the same size, which the warm-up priced:
+    only served full passes re-price the bucket."""
+    padded = StepEngine(tiny_pipe, max_rows=8, buckets=[4], deep_cache=DeepCacheUNet(tiny_pipe.unet))
+    padded.time_buckets(_resolved(deep_cache_interval=3))
+    before = padded.stats()
+    padded.generate([_resolved(deep_cache_interval=3, seed=17)])
+    after = padded.stats()
+    calls, shallow = (after[name] - before[name] for name in ("unet_calls", "shallow_unet_calls"))
+    assert shallow > 0 and after["unet_calls_priced"] == {8: calls - shallow}
+
+
 def test_the_image_keeps_the_prompts_colours_and_shapes(engine):
     scene = evaluate.held_out_scenes(16, seed=1234)
     requests = [

@@ -15,7 +15,7 @@ from PIL import Image
 
 from configs.model_spec import TinySpec
 from configs.schedulers import SCHEDULERS
-from deployments.engine.calls import CallPlanner, plan_calls
+from deployments.engine.calls import SERVED_MIN, SERVED_WINDOW, CallPlanner, plan_calls
 from deployments.engine.control import RequestControl, RunOutput
 from deployments.engine.gc_pauses import GcPauses
 from deployments.engine.loop import StepEngine, cuda_allocator_counts, settled_rounds
@@ -563,6 +563,51 @@ def test_warm_up_timing_goes_on_until_two_rounds_agree(values, rounds):
     planner = CallPlanner([2, 16])
     planner.timed(16, rounds)
     assert planner.costs == {2: 2.0, 16: min(rounds)} and planner.timing_rounds == {16: rounds}
+
+
+def test_a_bucket_is_priced_by_the_median_of_its_last_served_calls():
+    """The warm-up's price stands until `SERVED_MIN` served calls ran; then the median of the last
+    `SERVED_WINDOW` (a burst moves it by one place, a lasting change replaces it)."""
+    planner = CallPlanner([2, 16])
+    planner.timed(16, [0.38, 0.381])  # an H200 replica's warm-up (then served at 0.285 s)
+    for seconds in (0.29, 0.28):
+        planner.observed(16, seconds)
+    assert planner.costs == {2: 2.0, 16: 0.38}
+    planner.observed(16, 0.9)
+    assert planner.costs[16] == 0.29
+    for _ in range(SERVED_WINDOW):
+        planner.observed(16, 0.5)
+    assert planner.costs == {2: 2.0, 16: 0.5} and planner.served_calls == {16: 3 + SERVED_WINDOW}
+
+
+def test_a_bucket_on_trial_is_planned_as_if_batching_were_free():
+    """A bucket the warm-up priced too high would never run, and so never be re-priced: until
+    `SERVED_MIN` served calls price it, a group needing several calls of the bucket below runs as
+    one call of it; then its served price plans."""
+    planner = CallPlanner([2, 16])
+    planner.timed(2, [0.072, 0.072])
+    planner.timed(16, [0.60, 0.60])  # the H200 replica's warm-up; the call runs at ~0.28 s
+    assert planner.on_trial(16) and planner.split(10) == [10] and planner.split(2) == [2]
+    for _ in range(SERVED_MIN):
+        planner.observed(16, 0.60)  # it was that slow after all
+    assert not planner.on_trial(16) and planner.split(10) == [2, 2, 2, 2, 2]
+    untimed = CallPlanner([2, 16])  # prices set by hand (tests) or untimed are never on trial
+    untimed.costs = {2: 0.072, 16: 0.60}
+    assert not untimed.on_trial(16) and untimed.split(10) == [2, 2, 2, 2, 2]
+
+
+def test_served_calls_reprice_their_bucket_after_the_warm_up(tiny_pipe):
+    """From the end of the warm-up's timing on, the UNet calls served price their bucket; the
+    warm-up's own calls (which compile, on a GPU) price nothing."""
+    engine = StepEngine(tiny_pipe, max_rows=4, buckets=[1, 2])
+    engine.warmup(_resolved(GenerationRequest(prompt="w", seed=0, **{**SMALL, "num_inference_steps": 2})))
+    assert engine.stats()["unet_calls_priced"] == {}
+    four_rows = engine.forward_calls.costs[4]
+    engine.forward_calls.costs[2] = 50.0  # as if the warm-up had caught one image's call slow
+    engine.generate([_resolved(GenerationRequest(prompt="served", seed=1, **{**SMALL, "num_inference_steps": 4}))])
+    stats = engine.stats()
+    assert stats["unet_calls_priced"] == {2: 4}
+    assert 0 < stats["unet_call_s"][2] < 1.0 and stats["unet_call_s"][4] == round(four_rows, 4)
 
 
 def test_stats_count_the_processs_garbage_collections(tiny_pipe):

@@ -2,10 +2,19 @@
 
 A compiled graph exists per batch size in the buckets, so work of `count` rows runs as the set of
 calls with the least total time, each padded up to the smallest bucket that holds it. Costs are
-the seconds of one call per bucket, timed at warm-up; until then a call counts as its padded size.
+the seconds of one call per bucket, timed at warm-up, then from the calls the replica serves
+(`CallPlanner.observed`); until timed, a call counts as its padded size.
 """
 
+import statistics
+from collections import deque
 from typing import Optional, Sequence
+
+#: Served calls per bucket whose median is its price (`CallPlanner.observed`): the last few
+#: seconds of a loaded replica's calls, so a price follows the card within seconds.
+SERVED_WINDOW = 8
+#: Served calls a bucket needs before their median replaces its warm-up price.
+SERVED_MIN = 3
 
 
 def plan_calls(count: int, bucket_costs: dict[int, float]) -> list[int]:
@@ -48,6 +57,9 @@ class CallPlanner:
         self.costs: dict[int, float] = {size: float(size) for size in self.buckets or []}
         #: Each timed bucket's rounds (seconds), as `timed` was given them: how the cost settled.
         self.timing_rounds: dict[int, list[float]] = {}
+        #: The latest served calls' seconds per bucket (`observed`), and how many were observed.
+        self._served: dict[int, deque[float]] = {}
+        self.served_calls: dict[int, int] = {}
 
     def timed(self, size: int, rounds: Sequence[float]) -> None:
         """Price bucket `size` from timing `rounds` (seconds of one call each): their least, since
@@ -56,9 +68,38 @@ class CallPlanner:
         self.timing_rounds[size] = [round(seconds, 4) for seconds in rounds]
         self.costs[size] = min(rounds)
 
+    def observed(self, size: int, seconds: float) -> None:
+        """A served call of bucket `size` took `seconds`: once `SERVED_MIN` have run, the median of
+        the last `SERVED_WINDOW` is the bucket's price. Why: the warm-up's price can be wrong for
+        as long as a replica lives. An H200 Serve replica timed its 16-row call at 0.38-0.84 s in
+        every warm-up round, then ran it at 0.285 s seconds later (the same call in process: 0.282
+        s); priced at 0.38 s or more, every group of up to 13 rows ran as 2-row calls, the
+        others deferred (BENCHMARKS.md, "Prices from served calls")."""
+        window = self._served.setdefault(size, deque(maxlen=SERVED_WINDOW))
+        window.append(seconds)
+        self.served_calls[size] = self.served_calls.get(size, 0) + 1
+        if len(window) >= SERVED_MIN:
+            self.costs[size] = statistics.median(window)
+
+    def on_trial(self, size: int) -> bool:
+        """Whether bucket `size` has a warm-up price but not yet `SERVED_MIN` served calls."""
+        return size in self.timing_rounds and self.served_calls.get(size, 0) < SERVED_MIN
+
     def split(self, count: int) -> list[int]:
-        """Sizes of the calls that run `count` rows (one call without buckets)."""
-        return plan_calls(count, self.costs) if self.buckets else [count]
+        """Sizes of the calls that run `count` rows (one call without buckets), planned on
+        `costs` with each bucket on trial priced no higher than the bucket below it. Why: a
+        bucket priced too high at warm-up is never planned, so no served call ever corrects
+        it (an H200 replica priced its 16-row call at 0.60 s, ran 800 calls of 2 rows at 16
+        clients and none of 16; BENCHMARKS.md, "Prices from served calls"). Planned as if
+        batching were free, a group that needs more than one call of the bucket below runs as
+        one call of it, until `SERVED_MIN` such calls have priced it."""
+        if not self.buckets:
+            return [count]
+        costs = dict(self.costs)
+        for smaller, size in zip(self.buckets, self.buckets[1:]):
+            if self.on_trial(size):
+                costs[size] = min(costs[size], costs[smaller])
+        return plan_calls(count, costs)
 
     def padded(self, size: int) -> int:
         return padded_size(size, self.buckets)

@@ -38,6 +38,7 @@ import statistics
 import threading
 import time
 from collections import Counter, deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence
 
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel, StableDiffusionXLPipeline
 
+from deployments.engine.call_clock import CallClock
 from deployments.engine.calls import CallPlanner
 from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
 from deployments.engine.controlnets import check_hosted, residuals
@@ -167,6 +169,9 @@ class StepEngine:
         self.unguided_bucket = unguided_bucket
         self.forward_calls = CallPlanner(_unet_buckets(buckets, unguided_bucket))
         self.decode_calls = CallPlanner(buckets)
+        # Times served UNet calls into `forward_calls`' prices, from the end of the warm-up's
+        # timing on (None before: the warm-up's own calls include compiling).
+        self._call_clock: Optional[CallClock] = None
         self.adapters = adapters
         self.controlnets = dict(controlnets or {})
         self.deep_cache = deep_cache
@@ -229,6 +234,10 @@ class StepEngine:
         with self._lock:
             stats = {**self._stats.snapshot(), "waiting": len(self._waiting), "active": len(self._active)}
         stats["gc"] = self._gc_pauses.snapshot()  # process-wide: every thread stops while it collects
+        # The UNet buckets' prices now (warm-up timing, then served calls; copied whole, since the
+        # loop thread updates them) and how many served calls priced each.
+        stats["unet_call_s"] = {size: round(seconds, 4) for size, seconds in dict(self.forward_calls.costs).items()}
+        stats["unet_calls_priced"] = dict(self.forward_calls.served_calls)
         if self.adapters is not None:
             stats["loras"] = self.adapters.stats()
         if self.background is not None:
@@ -459,8 +468,13 @@ class StepEngine:
 
     def _forward(self, rows: list[Row]) -> None:
         started = time.perf_counter()
+        clock = self._call_clock
         try:
-            noise_preds = self._split_on_oom(rows, self._unet, "UNet forward", self.forward_calls, Row.unet_rows)
+            noise_preds = self._split_on_oom(
+                rows, lambda group: self._unet(group, clock), "UNet forward", self.forward_calls, Row.unet_rows
+            )
+            if clock is not None:  # the calls the device has finished by now, these or earlier ones
+                clock.harvest(self.forward_calls)
         except Exception:
             logger.exception("a UNet forward of %d row(s) failed", len(rows))
             for row in rows:
@@ -540,9 +554,11 @@ class StepEngine:
             )
         return results
 
-    def _unet(self, rows: list[Row]) -> list[torch.Tensor]:
+    def _unet(self, rows: list[Row], clock: Optional[CallClock] = None) -> list[torch.Tensor]:
         """One forward over every row (two UNet rows per image at a guided step), run as the
-        planned calls of compiled sizes; returns each row's noise prediction rows. The rows of a
+        planned calls of compiled sizes; returns each row's noise prediction rows. `clock` times
+        the full calls (a shallow call costs a fraction of one of the same size; a ControlNet
+        deployment's calls are all steered, so theirs are the prices it needs). The rows of a
         group reusing deep features run the UNet's shallow branch (`sharing.forward_key`). With
         `deep_cache`, every full forward runs its full pass, the UNet's own prediction plus the
         deep features, which are stored on the rows that cache them: one compiled graph per
@@ -571,7 +587,10 @@ class StepEngine:
             added = {"text_embeds": _pad(pooled[start:end], padded), "time_ids": _pad(time_ids[start:end], padded)}
             call_steered = steered[start:end] + steered[end - 1 : end] * (padded - size)
             call_deep = _pad(deep[start:end], padded) if reuse else None
-            with rows_on_slots(self.adapters, call_slots, inputs.device, ("unet",)):
+            priced = clock is not None and not reuse
+            with rows_on_slots(self.adapters, call_slots, inputs.device, ("unet",)), (
+                clock.timing(padded) if priced else nullcontext()
+            ):
                 output, features = self._unet_call(call_inputs, call_timesteps, call_prompt, added, call_steered, call_deep)
             outputs.append(output[:size])
             if keep:
@@ -829,7 +848,8 @@ class StepEngine:
         as a served replica does). Rounds of `_TIMED_CALLS` calls per bucket until they settle
         (`settled_rounds`; the least is the bucket's cost): one call's time is not enough to plan
         a replica's life on (H200, compiled, 16 UNet rows: one timing each gave 267 ms on one
-        replica and 441 ms on the next, and the second batched only from 8 images instead of 6)."""
+        replica and 441 ms on the next, and the second batched only from 8 images instead of 6).
+        From here on the UNet calls served re-price their buckets (`CallPlanner.observed`)."""
         rows_by_size, row = self._bucket_rows(request)
         device = row.latents.device
         for size, rows in rows_by_size.items():
@@ -837,6 +857,7 @@ class StepEngine:
         for size in self.decode_calls.buckets:
             latents = row.latents.repeat(size, 1, 1, 1)
             self.decode_calls.timed(size, settled_rounds(lambda: _median_seconds(lambda: decode(self._pipe, latents), device)))
+        self._call_clock = CallClock(device)
 
     @torch.inference_mode()
     def profile_buckets(self, request: GenerationRequest) -> dict[int, dict[str, Any]]:
