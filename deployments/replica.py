@@ -11,6 +11,7 @@ ControlNet variant, the refiner), under the deployment name the builder gives it
 import asyncio
 import logging
 import threading
+from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
 import numpy as np
@@ -51,13 +52,31 @@ class EngineReplica:
         self._spec = TypeAdapter(ModelSpec).validate_python(model_spec)
         self._limits = LimitsConfig.model_validate(limits)
         self._metrics = _RayMetrics()
-        self._engine = engine_factory(self._metrics)
+        self._stop = threading.Event()
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._build_and_run, args=(engine_factory, built), name="step-engine", daemon=True)
+        self._thread.start()
+        self._engine = built.result()  # a failed build (load, warm-up) fails the replica's start
         self._controls: dict[str, RequestControl] = {}
         self._lora_sets = _lora_routing(self._engine)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._engine.run, args=(self._stop,), name="step-engine", daemon=True)
-        self._thread.start()
         logger.info("engine for %r ready: %s", self._spec.name, self._engine.startup)
+
+    def _build_and_run(self, engine_factory: Callable[[Any], Any], built: Future) -> None:
+        """The engine's thread: build the engine (load, warm-up), hand it over, then step until
+        `close`. One thread does all of a replica's torch work because torch's OpenMP keeps a
+        team of worker threads per thread that ran parallel ops, and with more of them than the
+        host has cores libgomp stops its workers spinning between ops: every small op then waits
+        for a sleeping worker. On the 2-core CPU box a tiny replica with a warm-up (compiled UNet,
+        buckets [1, 8]) served 8 images (128², 20 steps) in 1.54 s when its warm-up had run on
+        the constructor's thread, 0.85 s built here (BENCHMARKS.md, "One thread for a replica's
+        torch work")."""
+        try:
+            engine = engine_factory(self._metrics)
+        except BaseException as error:  # handed to __init__, which raises it
+            built.set_exception(error)
+            return
+        built.set_result(engine)
+        engine.run(self._stop)
 
     async def generate(self, request: GenerationRequest, handoff: Optional[Handoff] = None) -> Union[GenerationResult, Handoff]:
         """Generate one image. Raises a `ServiceError` subclass (with `status_code`) on failure.
