@@ -186,6 +186,28 @@ def test_a_caching_row_sharing_forwards_equals_it_alone(engine):
         assert np.abs(_pixels(control.outcome) - expected).max() <= FIDELITY_ATOL
 
 
+def test_a_caching_request_joins_where_the_running_rows_take_a_full_step(tiny_pipe, engine):
+    """A request at interval 3 sent while a row of its size and interval is at its step 1 waits
+    two steps and joins at that row's step 3 (both then take full steps together), and its image
+    is its image alone; a plain request joins at once."""
+    aligned = StepEngine(tiny_pipe, max_rows=8, deep_cache=DeepCacheUNet(tiny_pipe.unet))
+    first, second = _resolved(deep_cache_interval=3, seed=21), _resolved(deep_cache_interval=3, seed=22)
+    controls = [aligned.submit(first)]
+    aligned.step()
+    controls.append(aligned.submit(second))
+    plain = aligned.submit(_resolved(seed=23, num_inference_steps=4))
+    aligned.step()  # the plain one joins; the caching one waits (the first row's step 1)
+    assert aligned.stats()["admitted"] == 2 and aligned.stats()["waiting"] == 1
+    aligned.step()  # step 2: still out of phase
+    assert aligned.stats()["admitted"] == 2
+    aligned.step()  # step 3, a full step of the first row: it joins
+    assert aligned.stats()["admitted"] == 3 and aligned.stats()["phase_waits"] == 2
+    aligned.run_until_idle()
+    assert isinstance(plain.outcome, RunOutput)
+    for control, request in zip(controls, (first, second)):
+        assert np.abs(_pixels(control.outcome) - _pixels(engine.generate([request])[0])).max() <= FIDELITY_ATOL
+
+
 def test_every_kind_and_a_lora_row_cache_and_each_equals_it_alone(tiny_dir, tmp_path):
     """img2img, inpaint (with blur and a crop) and a LoRA row, each caching at interval 2 or 3,
     one batch: each row's shallow steps run with its own latents, mask blend and LoRA slot, and
