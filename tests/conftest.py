@@ -52,6 +52,22 @@ def local_config(tmp_path_factory):
     return AppArgs.model_validate(app_args_for(tmp_path_factory.mktemp("state"))).with_state_paths()
 
 
+def _on_one_torch_thread(factory):
+    """`factory`, building (on its replica's engine thread) an engine whose thread runs torch's
+    ops on one thread. Several in-process replicas serve from threads here beside the tests' own
+    torch work, and each thread that runs parallel ops keeps an OpenMP team: more of them than
+    the box's 2 cores and every small op waits for a sleeping worker (BENCHMARKS.md, "One thread
+    for a replica's torch work")."""
+
+    def build(observer):
+        import torch
+
+        torch.set_num_threads(1)
+        return factory(observer)
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def tiny_replica(local_config):
     """The engine deployment's class around a real step engine on the tiny model, in this process
@@ -65,7 +81,7 @@ def tiny_replica(local_config):
         model, config.batching.model_dump(mode="json"), loras=config.loras.model_dump(mode="json"),
         training=config.training.model_dump(mode="json"),
     )
-    replica = EngineReplica(model, config.limits.model_dump(mode="json"), factory)
+    replica = EngineReplica(model, config.limits.model_dump(mode="json"), _on_one_torch_thread(factory))
     yield replica
     replica.close()
 
@@ -87,7 +103,7 @@ def tiny_controlnet_replicas(local_config):
                 model, config.batching.model_dump(mode="json"), loras=config.loras.model_dump(mode="json"),
                 controlnets=deployment.controlnets,
             )
-            replicas[role] = EngineReplica(model, config.limits.model_dump(mode="json"), factory)
+            replicas[role] = EngineReplica(model, config.limits.model_dump(mode="json"), _on_one_torch_thread(factory))
     yield replicas
     for replica in replicas.values():
         replica.close()
@@ -104,7 +120,7 @@ def tiny_refiner_replica(local_config):
     config = local_config
     model = config.model.model_dump(mode="json")
     factory = EngineFactory(model, config.batching.model_dump(mode="json"), refiner=engine_roles(config)[REFINER_ROLE].refiner)
-    replica = EngineReplica(model, config.limits.model_dump(mode="json"), factory)
+    replica = EngineReplica(model, config.limits.model_dump(mode="json"), _on_one_torch_thread(factory))
     yield replica
     replica.close()
 
