@@ -232,9 +232,9 @@ class EngineReplica:
             "scheduling": engine.scheduling,
             "max_batch_size": engine.max_rows,
             **engine.startup,
-            # Seconds of one call per compiled batch size, timed at warm-up (the UNet's then by
-            # the calls served: `stats()` has the prices now): what forwards (UNet rows) and
-            # decodes (images) are split by.
+            # Seconds of one call per compiled batch size, as priced now (timed at warm-up; the
+            # UNet's then by the calls served): what forwards (UNet rows) and decodes (images)
+            # are split by.
             "unet_call_s": {size: round(s, 4) for size, s in engine.forward_calls.costs.items()},
             "decode_call_s": {size: round(s, 4) for size, s in engine.decode_calls.costs.items()},
             # The timing rounds each cost is the least of (how far the warm-up's first ones were off).

@@ -74,8 +74,9 @@ _TIMED_CALLS = 3
 #: on the H200 the warm-up's first round priced a 16-row call (regional compile) at 0.39-0.65 s
 #: in all four processes measured, where the same call took 0.28 s moments later, and a planner
 #: priced that way splits groups it should run whole; with rounds it priced 0.279 s. A transient
-#: only ever adds time, so the least round is the steady cost. (A Serve replica's 16-row call was
-#: slow in every round: that gap is not a transient; BENCHMARKS.md, "Warm-up timing".)
+#: only ever adds time, so the least round is the steady cost. (A Serve replica's rounds were
+#: slow in every round while its served calls were not: served calls re-price the buckets,
+#: `CallPlanner.observed`; BENCHMARKS.md, "Prices from served calls".)
 _TIMING_AGREEMENT = 0.1
 _TIMING_MIN_ROUNDS = 2
 _TIMING_ROUNDS = 6
@@ -308,9 +309,10 @@ class StepEngine:
     def _hold_warm_graphs(self) -> None:
         """Raise dynamo's `recompile_limit` on this thread to what the warm-up made room for.
         Since torch 2.12 dynamo's settings live in a ContextVar (pytorch/pytorch#186537), so a
-        thread sees only what was set on it. A replica warms up on Serve's constructor thread and
-        steps on its engine thread, which started from the default (8), already full of warm-up
-        graphs, so a size the warm-up did not run could not compile there (a fullgraph compile
+        thread sees only what was set on it. An engine warmed up on one thread and stepping on
+        another (a replica did until it built its engine on its engine thread; a benchmark's
+        `--replica-threads` still does) started there from the default (8), already full of
+        warm-up graphs, so a size the warm-up did not run could not compile (a fullgraph compile
         failed the request; `tests/test_optimize.py`)."""
         if self._recompile_limit is not None:
             config = torch._dynamo.config
@@ -420,6 +422,8 @@ class StepEngine:
         stop overtaking it once their own due steps pass it: none waits forever."""
         if self.scheduling == "request":
             return [self._waiting.popleft() for _ in range(count)]
+        if not count:  # no room: nothing to choose, no phase to look at
+            return []
         ordered = list(self._waiting) if count >= len(self._waiting) else sorted(self._waiting, key=lambda item: item.due)
         in_phase = [self._in_phase(item) for item in ordered]
         self._stats.counts["phase_waits"] += in_phase[:count].count(False)
