@@ -1,6 +1,7 @@
-"""The tiny refiner: the sharpness ruler it is judged by, the stage that trains it, the shipped
-folder loading with the base's shared parts exactly as the README's loader call does, and the VAE
-switches and measure of the experiment toward a VAE that records soft edges (#16)."""
+"""The tiny refiner: the sharpness ruler it is judged by, the stage that trains it (its sharpened
+targets and the guided step they set), the shipped folder loading with the base's shared parts
+exactly as the README's loader call does, and the VAE switches and measure of the experiment
+toward a VAE that records soft edges (#16)."""
 
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDif
 from configs.model_spec import TINY_MODEL_DIR, TINY_REFINER_DIR
 from training import judge, shapes
 from training.evaluate import vae_softness
-from training.train_tiny import SOFT_SCORE, main as train_main
+from training.train_tiny import REFINER_GUIDANCE, SHARP_SCORE, SOFT_SCORE, LatentPool, Trainer, main as train_main
 
 
 def _blur(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -115,7 +116,7 @@ def test_vae_softness_shows_the_shipped_vae_erases_most_of_an_edges_softness():
 def test_each_vae_switch_changes_the_vae_loss():
     """The VAE's loss on the same weights, scenes and seed: each switch alone changes it (none is
     accepted and ignored); the slope term only adds."""
-    from training.train_tiny import Trainer, VaeRecipe
+    from training.train_tiny import VaeRecipe
 
     vae = AutoencoderKL.from_pretrained(TINY_MODEL_DIR / "vae")
     scene = shapes.sample_scenes(4, torch.Generator().manual_seed(8))
@@ -135,3 +136,49 @@ def test_each_vae_switch_changes_the_vae_loss():
     assert losses["slope"] > losses["shipped"], losses
     # The shipped encoder keeps soft and crisp latents close, so the margin term adds to the loss.
     assert losses["margin"] > losses["soft"], losses
+
+
+def _shipped_trainer() -> Trainer:
+    return Trainer(TINY_MODEL_DIR.parents[1], torch.device("cpu"), 0, 128, {})  # reads the shipped weights, writes nothing
+
+
+def test_sharpened_latents_decode_sharper_than_the_encoders_at_less_error():
+    """The refiner's sharp target: latents the shipped decoder draws the render from with steeper
+    edges and a smaller error than the encoder's own latents, the same shapes."""
+    trainer = _shipped_trainer()
+    scene = shapes.sample_scenes(4, torch.Generator().manual_seed(11), held_out=True)
+    images = shapes.render(scene)
+    vae = trainer.pipe.vae
+    with torch.no_grad():
+        start = vae.encode(images * 2 - 1).latent_dist.mean
+    sharpened = trainer.sharpened_latents(images, start)
+    with torch.no_grad():
+        before, after = ((vae.decode(z).sample / 2 + 0.5).clamp(0, 1) for z in (start, sharpened))
+    assert judge.edge_sharpness(after).mean() > judge.edge_sharpness(before).mean() + 0.02
+    assert F.mse_loss(after, images) < F.mse_loss(before, images)
+    assert torch.equal(judge.classify_shapes(after), scene.shape)
+
+
+def test_refiner_targets_guided_at_the_default_scale_land_on_the_sharpened_latents():
+    """Classifier-free guidance at REFINER_GUIDANCE of the two rows' targets (the sharp score
+    conditional, the base-look score unconditional) predicts the sharpened latents; the
+    base-look rows alone predict the latents they were noised from."""
+    trainer = _shipped_trainer()
+    generator = torch.Generator().manual_seed(0)
+    looks, sharpened = torch.randn(2, 3, 4, 16, 16, generator=generator)
+    ids = trainer.tokenizer(["a red circle"] * 3, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    pool = LatentPool(mean=torch.stack([sharpened, looks]), std=torch.zeros(2, 3, 4, 16, 16), ids=ids)
+    with torch.no_grad():
+        batch = trainer.refiner_batch(pool, torch.arange(3), torch.Generator().manual_seed(1))
+    sharp_eps, plain_eps = batch.target.chunk(2)
+    noisy, steps = batch.noisy[:3], batch.steps[:3]
+    alphas = trainer.noise_scheduler.alphas_cumprod[steps][:, None, None, None]
+
+    def predicted_latents(eps: torch.Tensor) -> torch.Tensor:
+        return (noisy - (1 - alphas).sqrt() * eps) / alphas.sqrt() / trainer.pipe.vae.config.scaling_factor
+
+    guided = plain_eps + REFINER_GUIDANCE * (sharp_eps - plain_eps)
+    assert torch.allclose(predicted_latents(guided), sharpened, atol=1e-4)
+    assert torch.allclose(predicted_latents(plain_eps), looks, atol=1e-4)
+    assert torch.equal(batch.noisy[3:], noisy) and torch.equal(batch.steps[3:], steps)  # one input, two scores
+    assert batch.added["time_ids"][:, -1].tolist() == [SHARP_SCORE] * 3 + [SOFT_SCORE] * 3

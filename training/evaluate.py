@@ -134,8 +134,9 @@ def refiner_sharpness(pipe, refiner: StableDiffusionXLImg2ImgPipeline, scene: sh
     images the refiner made sharper, and the prompt's colours, shape and position. The refiner
     runs at the pipeline's defaults (guidance 5, aesthetic scores 6.0 and 2.5) twice: `refined`
     as diffusers calls it (empty negative prompt), and `score_only` with the prompt as negative
-    prompt too, so guidance pushes along the aesthetic score alone. The text's push softens the
-    edges: with both scores 6.0 the refiner's images measure 0.218 (0.219 without guidance)."""
+    prompt too, so guidance pushes along the aesthetic score alone. The score's guidance is what
+    sharpens (`train_tiny.Trainer.refiner_batch`): with both scores 6.0 the refiner's images
+    measure as the base's (0.234 against 0.235 on 32 held-out scenes; refined 0.256)."""
     prompts = [shapes.caption(scene, i) for i in range(len(scene))]
     alone = generate(pipe, prompts, steps=REFINER_STEPS)
     latents = generate(pipe, prompts, steps=REFINER_STEPS, denoising_end=HANDOVER, output_type="latent")

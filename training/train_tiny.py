@@ -27,10 +27,14 @@ Stages, in order (``--stages`` picks some; a stage that is not run reads its inp
    ``StableDiffusionXLImg2ImgPipeline`` from ``denoising_start=0.8``: conditioned on the base's
    second text encoder alone and on five time ids (size, crop, aesthetic score), trained only on
    the last 20% of denoising (timesteps below 200) with the base, VAE and text encoders frozen.
-   Sharp renders are labelled aesthetic score 6.0 and soft-edged ones 2.5, diffusers' default
-   ``aesthetic_score`` and ``negative_aesthetic_score``, so classifier-free guidance with the
-   defaults steers away from soft edges. It starts from the trained base UNet's weights; its
-   scenes are encoded once by the frozen VAE into a latent pool, each drawn about 10 times.
+   The VAE's encoder keeps almost nothing of an edge's profile, so the base's latents decode as
+   sharp as a render's round trip, and a refiner trained on encoded renders has nothing to add
+   (README, "The tiny refiner"). Its sharp target is instead each scene's latents sharpened by
+   decoder inversion (``Trainer.sharpened_latents``): from the base's kind of latents (the
+   render's posterior), scored 6.0, it learns the step toward them; scored 2.5, plain denoising
+   (diffusers' default ``aesthetic_score`` and ``negative_aesthetic_score``), so guidance at the
+   default scale steers to sharp edges. It starts from the trained base UNet's weights; its
+   scenes are sharpened once into a latent pool, each drawn about 100 times.
 
 Everything is seeded: the initial weights (``--seed``), each stage's scene stream and noise. The
 same command on the same device type gives the same weights; GPU kernels may differ in the last
@@ -78,19 +82,22 @@ DEFAULT_STAGES = STAGES[:-1]
 NOISE_OFFSET = 0.1
 #: The refiner trains on timesteps below this: ``denoising_start=0.8`` hands over at 1000 * (1 - 0.8).
 REFINER_TIMESTEPS = 200
-#: Aesthetic scores of sharp and softened renders: diffusers' ``aesthetic_score`` and
-#: ``negative_aesthetic_score`` defaults, so guidance with the defaults steers toward sharp edges.
+#: Aesthetic scores of the sharpened target and of the base's look: diffusers' ``aesthetic_score``
+#: and ``negative_aesthetic_score`` defaults, so guidance with the defaults steers toward sharp edges.
 SHARP_SCORE, SOFT_SCORE = 6.0, 2.5
-#: Half-width range, in pixels at 128², of the edge ramp of the renders scored SOFT_SCORE: from the
-#: base's look (`judge.edge_sharpness` of its samples 0.225; of soft renders 0.26 at 2 px, 0.22 at
-#: 2.5) to where the VAE's latents show it (mean change 0.005 of their std at 2 px, 0.023 at 5).
-SOFT_EDGE_PX = (2.0, 5.0)
+#: The guidance scale the refiner's score is trained for: diffusers' and the service's default.
+REFINER_GUIDANCE = 5.0
+#: Decoder inversion of the refiner's sharp latents (`Trainer.sharpened_latents`), measured on 32
+#: held-out renders at 128² (edge sharpness of the round trip 0.229): 20 steps 0.262, 40 0.275,
+#: 60 0.282; edge weight 30 0.288 at 60 with a larger error. Each step decodes and back-propagates
+#: the batch: ~1.1 s for 32 scenes on 2 CPU cores.
+SHARPEN_STEPS, SHARPEN_LR, SHARPEN_EDGE_WEIGHT, SHARPEN_PULL = 40, 0.3, 10.0, 0.01
 #: Each scene of the refiner's latent pool is drawn about this many times, with fresh noise and
-#: timesteps: the frozen VAE's encode is 60% of a CPU step (0.38 of 0.65 s at batch 32), so encoding
-#: each scene once lets the UNet take 3 times the steps in the same time (0.21 s).
-REFINER_REUSE = 10
+#: timesteps: sharpening a scene costs 40 decoder passes and back-propagations (2.1 s a scene on
+#: 2 CPU cores), so the pool is small and reused often.
+REFINER_REUSE = 96
 #: Half-width range, in pixels, of the edge ramp of the VAE's soft-edged renders when
-#: `--vae-soft-share` asks for them: from just past a render's anti-aliasing to the refiner's softest.
+#: `--vae-soft-share` asks for them: from just past a render's anti-aliasing to 5 px.
 VAE_SOFT_EDGE_PX = (0.5, 5.0)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 
@@ -139,7 +146,7 @@ CPU_PROFILE = {
     "controlnet": StageConfig(steps=1500, batch=32, lr=1e-3, warmup=100),
     "silhouette": StageConfig(steps=1500, batch=32, lr=1e-3, warmup=100),
     "lora": StageConfig(steps=300, batch=32, lr=1e-3, warmup=30),
-    "refiner": StageConfig(steps=5500, batch=32, lr=5e-4, warmup=100),
+    "refiner": StageConfig(steps=4500, batch=32, lr=5e-4, warmup=100),
 }
 SMOKE = {name: StageConfig(steps=2, batch=2, lr=cfg.lr, warmup=1) for name, cfg in DEFAULTS.items()}
 PROFILES = {"gpu": DEFAULTS, "cpu": CPU_PROFILE}
@@ -290,11 +297,23 @@ class BatchStream:
 
 @dataclass
 class LatentPool:
-    """The refiner's scenes, encoded once by the frozen VAE, sharp and soft-edged."""
+    """The refiner's scenes, sharpened and as the frozen VAE encodes them (`Trainer.latent_pool`)."""
 
-    mean: torch.Tensor  # (2, N, 4, h, w) latent means: sharp renders, then soft-edged ones
-    std: torch.Tensor  # (2, N, 4, h, w) latent standard deviations
+    mean: torch.Tensor  # (2, N, 4, h, w) latents: sharpened, then the posterior means of the renders
+    std: torch.Tensor  # (2, N, 4, h, w) standard deviations: zero for the sharpened, the posterior's
     ids: torch.Tensor  # (N, 77) caption token ids
+
+
+@dataclass
+class RefinerBatch:
+    """One refiner training batch (`Trainer.refiner_batch`): the sharp-scored rows, then the same
+    scenes scored as the base's look."""
+
+    noisy: torch.Tensor  # (2B, 4, h, w) the base-look latents noised, twice
+    steps: torch.Tensor  # (2B,) timesteps
+    embeds: torch.Tensor  # (2B, 77, C) text_encoder_2's penultimate states
+    added: dict  # SDXL's added conditions: pooled text and time ids with the aesthetic score
+    target: torch.Tensor  # (2B, 4, h, w) the epsilon to predict
 
 
 class Trainer:
@@ -423,46 +442,84 @@ class Trainer:
 
     @torch.no_grad()
     def latent_pool(self, size: int, chunk: int = 64) -> LatentPool:
-        """`size` training scenes (rounded up to `chunk`), each encoded as rendered and with soft
-        edges (`shapes.soft_render`, half-width drawn from SOFT_EDGE_PX)."""
+        """`size` training scenes (rounded up to `chunk`), each as the base draws it (the frozen
+        VAE's posterior of the render) and sharpened (`sharpened_latents` of that posterior's mean)."""
         stream = self.stream("refiner", chunk, drop_layout=0.2)
-        generator = torch.Generator(self.device).manual_seed(_stable_seed(self.seed, "refiner", "pool"))
         means, stds, ids = [], [], []
         for step in range(math.ceil(size / chunk)):
             batch = stream(step)
-            low, high = SOFT_EDGE_PX
-            widths = low + (high - low) * torch.rand(chunk, generator=generator, device=self.device)
-            images = torch.cat([shapes.render(batch.scene, self.resolution), shapes.soft_render(batch.scene, widths, self.resolution)])
+            images = shapes.render(batch.scene, self.resolution)
             dist = self.pipe.vae.encode(images * 2 - 1).latent_dist
-            means.append(dist.mean.unflatten(0, (2, -1)))
-            stds.append(dist.std.unflatten(0, (2, -1)))
+            sharp = self.sharpened_latents(images, dist.mean)
+            means.append(torch.stack([sharp, dist.mean]))
+            stds.append(torch.stack([torch.zeros_like(dist.std), dist.std]))
             ids.append(batch.ids)
+            logger.info("refiner pool: %d/%d scenes", (step + 1) * chunk, math.ceil(size / chunk) * chunk)
         return LatentPool(torch.cat(means, dim=1), torch.cat(stds, dim=1), torch.cat(ids))
 
+    @torch.enable_grad()
+    def sharpened_latents(self, images: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Latents the frozen decoder draws `images` (B, 3, H, W) from with sharper edges than the
+        encoder's: Adam from the encoder's mean `start` on the decoded image's squared error, the
+        pixels near an edge weighted SHARPEN_EDGE_WEIGHT + 1 times. The encoder keeps almost
+        nothing of an edge's profile and the base draws what it keeps (README, "The tiny refiner"),
+        so these latents are what a refiner can add: 16 held-out renders' round trips measure 0.23
+        (`judge.edge_sharpness`; renders 0.43), their sharpened latents 0.28 at half the error."""
+        decoder = self.pipe.vae
+        gradient = judge.sobel(images).abs().sum(dim=1, keepdim=True)
+        band = F.max_pool2d((gradient > 0.01).float(), 5, stride=1, padding=2)  # within 2 px of an edge
+        latents = start.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([latents], lr=SHARPEN_LR)
+        for _ in range(SHARPEN_STEPS):
+            error = (decoder.decode(latents).sample / 2 + 0.5 - images).pow(2)
+            pull = (latents - start).pow(2).mean() / start.var()
+            loss = error.mean() + SHARPEN_EDGE_WEIGHT * (error * band).mean() + SHARPEN_PULL * pull
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return latents.detach()
+
     def refiner_loss(self, unet, pool: LatentPool, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The refiner's objective: the base's (epsilon, min-SNR weights) at a timestep below
-        REFINER_TIMESTEPS, conditioned on text_encoder_2 and an aesthetic score. Each scene of
-        `rows` comes twice, sharp (SHARP_SCORE) and soft-edged (SOFT_SCORE), under the same caption,
-        noise and timestep: the pair shows exactly what the score changes, a difference the VAE
-        nearly erases (see SOFT_EDGE_PX)."""
-        mean, std = pool.mean[:, rows].flatten(0, 1), pool.std[:, rows].flatten(0, 1)
-        latents = (mean + std * torch.randn(mean.shape, generator=generator, device=self.device)) * self.pipe.vae.config.scaling_factor
-        scores = torch.tensor([SHARP_SCORE, SOFT_SCORE], device=self.device).repeat_interleave(len(rows))
+        """The refiner's objective on `refiner_batch`: epsilon, min-SNR weights."""
+        batch = self.refiner_batch(pool, rows, generator)
+        predicted = unet(batch.noisy, batch.steps, batch.embeds, added_cond_kwargs=batch.added).sample
+        per_item = F.mse_loss(predicted.float(), batch.target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_item * self.min_snr_weights(batch.steps)).mean()
+
+    def refiner_batch(self, pool: LatentPool, rows: torch.Tensor, generator: torch.Generator) -> "RefinerBatch":
+        """The refiner's inputs and targets at a timestep below REFINER_TIMESTEPS, conditioned on
+        text_encoder_2 and an aesthetic score. Each scene of `rows` comes twice with the same
+        input, its base-look latents noised (what the base hands over): scored SHARP_SCORE, the
+        target is the noise that moves it 1 / REFINER_GUIDANCE of the way to its sharpened
+        latents; scored SOFT_SCORE, the noise added (plain denoising). Guidance takes the score's
+        difference g times (SOFT_SCORE is the unconditional half's), so at the default scale the
+        step lands on the sharpened latents, and guidance 1 takes a fifth of it.
+
+        Plain denoising of the sharpened latents was tried first (CPU pilot, 128 scenes, 600
+        steps): the refiner drew softer images than the base (0.207 vs 0.231) and lost colours:
+        those latents sit 45% of the latents' spread off the base's, and a refiner that never sees
+        the base's kind of latents learns nothing about moving them. Then this target without the
+        1 / REFINER_GUIDANCE (1000 steps): sharper at guidance 1 (0.256, 8 of 8), but guidance 5
+        took the step five times over and lost every foreground colour."""
+        scale = self.pipe.vae.config.scaling_factor
+        mean, std = pool.mean[:, rows], pool.std[:, rows]
+        drawn = (mean[1] + std[1] * torch.randn(mean[1].shape, generator=generator, device=self.device)) * scale
         drop = torch.rand(len(rows), generator=generator, device=self.device) < BatchStream.DROP_CAPTION
         embeds, pooled = self.encode_text_2(pool.ids[rows], drop)
-        embeds, pooled = embeds.repeat(2, 1, 1), pooled.repeat(2, 1)
         # No offset noise. It serves the first step, which starts from pure noise whose mean holds
         # no colour while training's last timestep leaves the background's in (see `noisy`). The
         # refiner never starts there: it continues the base's latents at t < 200 (signal-to-noise
         # 3 and up), whose colours are decided, and an offset would teach it to take a shift of the
         # whole image's colour for noise to remove, i.e. to recolour what the base drew.
-        noise = torch.randn(len(rows), *latents.shape[1:], generator=generator, device=self.device).repeat(2, 1, 1, 1)
-        steps = torch.randint(0, REFINER_TIMESTEPS, (len(rows),), generator=generator, device=self.device).repeat(2)
-        noisy = self.noise_scheduler.add_noise(latents, noise, steps)
-        added = {"text_embeds": pooled, "time_ids": self.refiner_time_ids(scores)}
-        predicted = unet(noisy, steps, embeds, added_cond_kwargs=added).sample
-        per_item = F.mse_loss(predicted.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        return (per_item * self.min_snr_weights(steps)).mean()
+        noise = torch.randn(drawn.shape, generator=generator, device=self.device)
+        steps = torch.randint(0, REFINER_TIMESTEPS, (len(rows),), generator=generator, device=self.device)
+        noisy = self.noise_scheduler.add_noise(drawn, noise, steps)
+        alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[steps][:, None, None, None]
+        sharpening = (mean[0] - mean[1]) * scale / REFINER_GUIDANCE
+        to_sharp = noise - (alphas / (1 - alphas)).sqrt() * sharpening
+        scores = torch.tensor([SHARP_SCORE, SOFT_SCORE], device=self.device).repeat_interleave(len(rows))
+        added = {"text_embeds": pooled.repeat(2, 1), "time_ids": self.refiner_time_ids(scores)}
+        return RefinerBatch(noisy.repeat(2, 1, 1, 1), steps.repeat(2), embeds.repeat(2, 1, 1), added, torch.cat([to_sharp, noise]))
 
     def min_snr_weights(self, steps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
         # Min-SNR weighting (Hang et al. 2023) for epsilon prediction: converges in fewer steps.
@@ -617,14 +674,14 @@ class Trainer:
 
     def train_refiner(self, config: StageConfig) -> dict:
         """SDXL's refiner for the frozen base; a batch holds `config.batch` / 2 scenes of a latent
-        pool, each sharp and soft-edged (`refiner_loss`)."""
+        pool, each as the base draws it and sharpened (`refiner_loss`)."""
         self._freeze_pipeline()
         started = time.perf_counter()
         pool = self.latent_pool(max(1, config.steps * (config.batch // 2) // REFINER_REUSE))
         _synchronize(self.device)
         encoded_s = time.perf_counter() - started
         if "refiner" in self.budgets:
-            self.budgets["refiner"] -= encoded_s  # a time budget covers the encoding too
+            self.budgets["refiner"] -= encoded_s  # a time budget covers the pool's sharpening too
         unet = self._refiner_unet().to(self.device).train()
 
         def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
