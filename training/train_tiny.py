@@ -87,13 +87,15 @@ REFINER_TIMESTEPS = 200
 SHARP_SCORE, SOFT_SCORE = 6.0, 2.5
 #: The guidance scale the refiner's score is trained for: diffusers' and the service's default.
 REFINER_GUIDANCE = 5.0
-#: Decoder inversion of the refiner's sharp latents (`Trainer.sharpened_latents`), measured on 32
-#: held-out renders at 128² (edge sharpness of the round trip 0.229): 20 steps 0.262, 40 0.275,
-#: 60 0.282; edge weight 30 0.288 at 60 with a larger error. Each step decodes and back-propagates
-#: the batch: ~1.1 s for 32 scenes on 2 CPU cores.
+#: Decoder inversion of the refiner's sharp latents (`Trainer.sharpened_latents`), without the pull,
+#: on 32 held-out renders at 128² (edge sharpness of the round trip 0.229): 20 steps 0.262, 40
+#: 0.275, 60 0.282; edge weight 30 0.288 at 60 with a larger error. At 40 steps on 16 renders the
+#: latents moved 50% of their spread; a pull of 0.01 (mean square over their variance) halves that
+#: for 0.268 instead of 0.275, 0.03 gives 0.258. Each step decodes and back-propagates the batch:
+#: ~1.1 s for 32 scenes on 2 CPU cores.
 SHARPEN_STEPS, SHARPEN_LR, SHARPEN_EDGE_WEIGHT, SHARPEN_PULL = 40, 0.3, 10.0, 0.01
 #: Each scene of the refiner's latent pool is drawn about this many times, with fresh noise and
-#: timesteps: sharpening a scene costs 40 decoder passes and back-propagations (2.1 s a scene on
+#: timesteps: sharpening a scene costs 40 decoder passes and back-propagations (2.2 s a scene on
 #: 2 CPU cores), so the pool is small and reused often.
 REFINER_REUSE = 96
 #: Half-width range, in pixels, of the edge ramp of the VAE's soft-edged renders when
@@ -461,10 +463,10 @@ class Trainer:
     def sharpened_latents(self, images: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """Latents the frozen decoder draws `images` (B, 3, H, W) from with sharper edges than the
         encoder's: Adam from the encoder's mean `start` on the decoded image's squared error, the
-        pixels near an edge weighted SHARPEN_EDGE_WEIGHT + 1 times. The encoder keeps almost
-        nothing of an edge's profile and the base draws what it keeps (README, "The tiny refiner"),
-        so these latents are what a refiner can add: 16 held-out renders' round trips measure 0.23
-        (`judge.edge_sharpness`; renders 0.43), their sharpened latents 0.28 at half the error."""
+        pixels near an edge weighted SHARPEN_EDGE_WEIGHT + 1 times, pulled toward `start` by
+        SHARPEN_PULL. The encoder keeps almost nothing of an edge's profile and the base draws what
+        it keeps (README, "The tiny refiner"), so these latents are what a refiner can add: 16 held-out renders' round trips measure 0.233
+        (`judge.edge_sharpness`; renders 0.43), their sharpened latents 0.268 at 56% of the error."""
         decoder = self.pipe.vae
         gradient = judge.sobel(images).abs().sum(dim=1, keepdim=True)
         band = F.max_pool2d((gradient > 0.01).float(), 5, stride=1, padding=2)  # within 2 px of an edge
