@@ -167,7 +167,7 @@ def test_refiner_targets_guided_at_the_default_scale_land_on_the_sharpened_laten
     generator = torch.Generator().manual_seed(0)
     looks, sharpened = torch.randn(2, 3, 4, 16, 16, generator=generator)
     ids = trainer.tokenizer(["a red circle"] * 3, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    pool = LatentPool(mean=torch.stack([sharpened, looks]), std=torch.zeros(2, 3, 4, 16, 16), ids=ids)
+    pool = LatentPool(mean=looks, std=torch.zeros(3, 4, 16, 16), sharpened=sharpened, ids=ids)
     with torch.no_grad():
         batch = trainer.refiner_batch(pool, torch.arange(3), torch.Generator().manual_seed(1))
     sharp_eps, plain_eps = batch.target.chunk(2)

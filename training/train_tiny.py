@@ -299,10 +299,11 @@ class BatchStream:
 
 @dataclass
 class LatentPool:
-    """The refiner's scenes, sharpened and as the frozen VAE encodes them (`Trainer.latent_pool`)."""
+    """The refiner's scenes, as the frozen VAE encodes them and sharpened (`Trainer.latent_pool`)."""
 
-    mean: torch.Tensor  # (2, N, 4, h, w) latents: sharpened, then the posterior means of the renders
-    std: torch.Tensor  # (2, N, 4, h, w) standard deviations: zero for the sharpened, the posterior's
+    mean: torch.Tensor  # (N, 4, h, w) the renders' posterior means: what the base draws
+    std: torch.Tensor  # (N, 4, h, w) the posterior's standard deviations
+    sharpened: torch.Tensor  # (N, 4, h, w) `Trainer.sharpened_latents` of `mean`
     ids: torch.Tensor  # (N, 77) caption token ids
 
 
@@ -447,17 +448,17 @@ class Trainer:
         """`size` training scenes (rounded up to `chunk`), each as the base draws it (the frozen
         VAE's posterior of the render) and sharpened (`sharpened_latents` of that posterior's mean)."""
         stream = self.stream("refiner", chunk, drop_layout=0.2)
-        means, stds, ids = [], [], []
+        means, stds, sharpened, ids = [], [], [], []
         for step in range(math.ceil(size / chunk)):
             batch = stream(step)
             images = shapes.render(batch.scene, self.resolution)
             dist = self.pipe.vae.encode(images * 2 - 1).latent_dist
-            sharp = self.sharpened_latents(images, dist.mean)
-            means.append(torch.stack([sharp, dist.mean]))
-            stds.append(torch.stack([torch.zeros_like(dist.std), dist.std]))
+            means.append(dist.mean)
+            stds.append(dist.std)
+            sharpened.append(self.sharpened_latents(images, dist.mean))
             ids.append(batch.ids)
             logger.info("refiner pool: %d/%d scenes", (step + 1) * chunk, math.ceil(size / chunk) * chunk)
-        return LatentPool(torch.cat(means, dim=1), torch.cat(stds, dim=1), torch.cat(ids))
+        return LatentPool(torch.cat(means), torch.cat(stds), torch.cat(sharpened), torch.cat(ids))
 
     @torch.enable_grad()
     def sharpened_latents(self, images: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -465,8 +466,9 @@ class Trainer:
         encoder's: Adam from the encoder's mean `start` on the decoded image's squared error, the
         pixels near an edge weighted SHARPEN_EDGE_WEIGHT + 1 times, pulled toward `start` by
         SHARPEN_PULL. The encoder keeps almost nothing of an edge's profile and the base draws what
-        it keeps (README, "The tiny refiner"), so these latents are what a refiner can add: 16 held-out renders' round trips measure 0.233
-        (`judge.edge_sharpness`; renders 0.43), their sharpened latents 0.268 at 56% of the error."""
+        it keeps (README, "The tiny refiner"), so these latents are what a refiner can add: 16
+        held-out renders' round trips measure 0.233 (`judge.edge_sharpness`; renders 0.43), their
+        sharpened latents 0.268 at 56% of the error."""
         decoder = self.pipe.vae
         gradient = judge.sobel(images).abs().sum(dim=1, keepdim=True)
         band = F.max_pool2d((gradient > 0.01).float(), 5, stride=1, padding=2)  # within 2 px of an edge
@@ -488,7 +490,7 @@ class Trainer:
         per_item = F.mse_loss(predicted.float(), batch.target, reduction="none").mean(dim=(1, 2, 3))
         return (per_item * self.min_snr_weights(batch.steps)).mean()
 
-    def refiner_batch(self, pool: LatentPool, rows: torch.Tensor, generator: torch.Generator) -> "RefinerBatch":
+    def refiner_batch(self, pool: LatentPool, rows: torch.Tensor, generator: torch.Generator) -> RefinerBatch:
         """The refiner's inputs and targets at a timestep below REFINER_TIMESTEPS, conditioned on
         text_encoder_2 and an aesthetic score. Each scene of `rows` comes twice with the same
         input, its base-look latents noised (what the base hands over): scored SHARP_SCORE, the
@@ -504,8 +506,8 @@ class Trainer:
         1 / REFINER_GUIDANCE (1000 steps): sharper at guidance 1 (0.256, 8 of 8), but guidance 5
         took the step five times over and lost every foreground colour."""
         scale = self.pipe.vae.config.scaling_factor
-        mean, std = pool.mean[:, rows], pool.std[:, rows]
-        drawn = (mean[1] + std[1] * torch.randn(mean[1].shape, generator=generator, device=self.device)) * scale
+        mean = pool.mean[rows]
+        drawn = (mean + pool.std[rows] * torch.randn(mean.shape, generator=generator, device=self.device)) * scale
         drop = torch.rand(len(rows), generator=generator, device=self.device) < BatchStream.DROP_CAPTION
         embeds, pooled = self.encode_text_2(pool.ids[rows], drop)
         # No offset noise. It serves the first step, which starts from pure noise whose mean holds
@@ -517,7 +519,7 @@ class Trainer:
         steps = torch.randint(0, REFINER_TIMESTEPS, (len(rows),), generator=generator, device=self.device)
         noisy = self.noise_scheduler.add_noise(drawn, noise, steps)
         alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[steps][:, None, None, None]
-        sharpening = (mean[0] - mean[1]) * scale / REFINER_GUIDANCE
+        sharpening = (pool.sharpened[rows] - mean) * scale / REFINER_GUIDANCE
         to_sharp = noise - (alphas / (1 - alphas)).sqrt() * sharpening
         scores = torch.tensor([SHARP_SCORE, SOFT_SCORE], device=self.device).repeat_interleave(len(rows))
         added = {"text_embeds": pooled.repeat(2, 1), "time_ids": self.refiner_time_ids(scores)}
@@ -681,9 +683,9 @@ class Trainer:
         started = time.perf_counter()
         pool = self.latent_pool(max(1, config.steps * (config.batch // 2) // REFINER_REUSE))
         _synchronize(self.device)
-        encoded_s = time.perf_counter() - started
+        pool_s = time.perf_counter() - started
         if "refiner" in self.budgets:
-            self.budgets["refiner"] -= encoded_s  # a time budget covers the pool's sharpening too
+            self.budgets["refiner"] -= pool_s  # a time budget covers the pool's sharpening too
         unet = self._refiner_unet().to(self.device).train()
 
         def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
@@ -693,7 +695,7 @@ class Trainer:
         result = self._optimize("refiner", list(unet.parameters()), loss_fn, config, ema_modules=[unet])
         unet.eval().requires_grad_(False)
         self._save_refiner(unet)
-        result |= {"pool_scenes": len(pool.ids), "pool_seconds": round(encoded_s, 1), "parameters": sum(p.numel() for p in unet.parameters())}
+        result |= {"pool_scenes": len(pool.ids), "pool_seconds": round(pool_s, 1), "parameters": sum(p.numel() for p in unet.parameters())}
         return result
 
     def _refiner_unet(self) -> UNet2DConditionModel:
