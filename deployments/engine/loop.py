@@ -425,14 +425,15 @@ class StepEngine:
         if not count:  # no room: nothing to choose, no phase to look at
             return []
         ordered = list(self._waiting) if count >= len(self._waiting) else sorted(self._waiting, key=lambda item: item.due)
-        in_phase = [self._in_phase(item) for item in ordered]
+        opens: dict[tuple[int, int, int], bool] = {}  # one look at the running rows per kind
+        in_phase = [self._in_phase(item, opens) for item in ordered]
         self._stats.counts["phase_waits"] += in_phase[:count].count(False)
         taken = [item for item, joins in zip(ordered, in_phase) if joins][:count]
         for item in taken:
             self._waiting.remove(item)
         return taken
 
-    def _in_phase(self, item: _Waiting) -> bool:
+    def _in_phase(self, item: _Waiting, opens: dict[tuple[int, int, int], bool]) -> bool:
         """Whether a waiting request may join this step as far as deep caching goes. A row with
         `deep_cache_interval` k takes full steps at its own steps 0, k, 2k, ... and shallow ones
         between, and a full and a shallow step never share a forward: rows of one size that
@@ -442,16 +443,20 @@ class StepEngine:
         is the same, since its own steps are. Over HTTP on an H200 (16 clients, interval 3),
         rows joined as they arrived: 32 requests ran 200 calls, 40 of them full passes of a
         single image besides 40 of 6 images on average (BENCHMARKS.md, "Prices from served
-        calls")."""
+        calls"). `opens` keeps the answer per (interval, width, height) for this step: the
+        running rows are counted once per kind, not once per waiting request."""
         request, interval = item.request, item.request.deep_cache_interval
         if interval <= 1 or self._steps - item.arrived >= interval:
             return True
-        phases = Counter(
-            row.index % interval
-            for row in self._active
-            if row.request.deep_cache_interval == interval and (row.request.width, row.request.height) == (request.width, request.height)
-        )
-        return not phases or phases[0] == max(phases.values())
+        kind = (interval, request.width, request.height)
+        if kind not in opens:
+            phases = Counter(
+                row.index % interval
+                for row in self._active
+                if row.request.deep_cache_interval == interval and (row.request.width, row.request.height) == kind[1:]
+            )
+            opens[kind] = not phases or phases[0] == max(phases.values())
+        return opens[kind]
 
     def _acquire(self, request: GenerationRequest) -> int:
         """The LoRA slot of a request (0: none), resident from here until its row ends."""
