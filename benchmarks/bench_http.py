@@ -172,7 +172,10 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     return rows
 
 
-_ENGINE_COUNTS = ("forwards", "forward_s", "row_steps", "unet_calls", "unet_rows", "padded_unet_rows", "deferred_row_steps")
+_ENGINE_COUNTS = (
+    "forwards", "forward_s", "encode_s", "row_steps", "unet_calls", "shallow_unet_calls", "unet_rows", "padded_unet_rows",
+    "deferred_row_steps", "phase_waits",
+)
 
 
 def main() -> None:

@@ -224,6 +224,7 @@ def test_a_heterogeneous_batch_gives_each_row_its_solo_image(engine):
     new_forwards = after["rows_per_forward"][len(before["rows_per_forward"]) :]
     assert max(new_forwards) == 5  # every 64² row shared a forward; the 64x96 one ran beside them
     assert after["forward_s"] > before["forward_s"]  # the busy time benchmarks size replicas by
+    assert after["encode_s"] > before["encode_s"]  # the prompts' share of a lone request's queue_s
     for request, outcome, image in zip(requests, together, alone):
         assert outcome.batch_size == (1 if request.height == 96 else 5)
         assert np.abs(outcome.image - image).max() <= FIDELITY_ATOL, request.prompt

@@ -377,6 +377,7 @@ class StepEngine:
         if not admitted:
             return
         into_running = bool(self._active)
+        started = time.perf_counter()
         try:
             embeds = self._split_on_oom(list(zip(admitted, slots)), self._encode, "prompt encode")
         except Exception:  # one bad batch of prompts must not stop the loop
@@ -386,6 +387,8 @@ class StepEngine:
                 self._fail(item.control)
             return
         now = time.perf_counter()
+        with self._lock:
+            self._stats.counts["encode_s"] += now - started
         for item, embed, slot in zip(admitted, embeds, slots):
             if embed is None:  # its prompts alone ran out of GPU memory
                 self._release_slot(slot)
@@ -927,6 +930,8 @@ class _Stats:
             "admitted": 0, "admitted_into_running": 0, "completed": 0, "cancelled": 0, "expired": 0,
             "failed": 0, "forwards": 0, "row_steps": 0, "deferred_row_steps": 0, "unet_calls": 0, "shallow_unet_calls": 0, "unet_rows": 0,
             "padded_unet_rows": 0, "forward_s": 0.0, "oom_splits": 0, "oom_failures": 0,
+            # Seconds in the admitted prompts' text-encoder passes (host time; part of `queue_s`).
+            "encode_s": 0.0,
             # Steps that waiting deep-cache requests waited to join in phase (`_in_phase`).
             "phase_waits": 0,
         }
@@ -964,6 +969,7 @@ class _Stats:
         return {
             **self.counts,
             "forward_s": round(self.counts["forward_s"], 4),
+            "encode_s": round(self.counts["encode_s"], 4),
             "rows_per_forward": list(self.rows_per_forward),
             "queue_wait_s": list(self.queue_wait_s),
             "row_steps_per_s": round(sum(recent) / _RATE_WINDOW_S, 3),
