@@ -161,6 +161,10 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
                         name: round(after["gc"][name] - before["gc"][name], 4)
                         for name in ("collections", "full_collections", "seconds", "full_seconds")
                     },
+                    # CUDA graph captures and replays meanwhile (`optimize.cuda_graphs`).
+                    "cuda_graphs": {
+                        name: count - before["cuda_graphs"][name] for name, count in after.get("cuda_graphs", {}).items()
+                    },
                     # The UNet buckets' prices after the run, and how many served calls priced each.
                     "unet_call_s": after.get("unet_call_s"),
                     "unet_calls_priced": after.get("unet_calls_priced"),

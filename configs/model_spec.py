@@ -131,6 +131,17 @@ class OptimizeConfig(BaseModel):
         ),
     )
 
+    cuda_graphs: bool = Field(
+        False,
+        description=(
+            "Replay the UNet calls of the smallest batch bucket (a lone image's calls: two UNet rows "
+            "when guided, one unguided) from CUDA graphs, one per call shape and pass, captured at "
+            "warm-up: a lone request's call is then one launch, where the host launching a compiled "
+            "UNet's kernels one by one kept the device waiting. Calls with a LoRA or a ControlNet run "
+            "as before. Needs `compile` with batch buckets and a CUDA device; not with `compile_mode` "
+            "`reduce-overhead` (which graphs the compiled UNet itself)."
+        ),
+    )
     profile_warmup: bool = Field(
         False,
         description=(
@@ -175,6 +186,13 @@ class OptimizeConfig(BaseModel):
                 f"batch_buckets {self.batch_buckets!r} needs compile 'unet' or 'unet+vae': an eager UNet "
                 "runs every batch at its own size"
             )
+        if self.cuda_graphs and self.buckets() is None:
+            raise ValueError(
+                "cuda_graphs needs compile 'unet' or 'unet+vae' with batch buckets (batch_buckets when "
+                "compile_dynamic is on): a graph holds one call shape"
+            )
+        if self.cuda_graphs and self.compile_mode == "reduce-overhead":
+            raise ValueError("cuda_graphs graphs whole UNet calls; compile_mode 'reduce-overhead' graphs the compiled UNet already: choose one")
         # A bucket exists only for compiled static shapes: a dynamic graph (or an eager UNet,
         # whose buckets are None: refused above) runs one row at its own size already.
         if self.unguided_bucket and self.buckets() is None:

@@ -42,6 +42,7 @@ class EngineFactory:
     training: Optional[dict[str, Any]] = None
 
     def __call__(self, observer: Any = None) -> Any:
+        from deployments.engine.cuda_graphs import GraphedCalls, cuda_capture
         from deployments.engine.lora import AdapterCache
         from deployments.engine.loop import StepEngine
         from deployments.optimize import compile_cache_counts, deep_cache_unet
@@ -62,6 +63,11 @@ class EngineFactory:
         # Deep-cache requests are plain base requests (no ControlNet, no refiner stage).
         serves_deep_cache = spec.optimize.deep_cache and self.refiner is None and not controlnets
         deep_cache = deep_cache_unet(pipeline.unet, spec.optimize) if serves_deep_cache else None
+        # Graphs for the smallest bucket's calls (a lone guided image is two UNet rows; the
+        # unguided bucket's one-row calls are smaller still). The refiner runs eager, unbucketed.
+        graphs = None
+        if spec.optimize.cuda_graphs and self.refiner is None:
+            graphs = GraphedCalls(max_rows=2 * spec.optimize.buckets()[0], capture=cuda_capture(pipeline.device))
         load_s = time.perf_counter() - started
         adapters = None
         if self.loras is not None:
@@ -88,6 +94,7 @@ class EngineFactory:
             adapters=adapters,
             controlnets=controlnets,
             deep_cache=deep_cache,
+            graphs=graphs,
             refiner=self.refiner is not None,
             vae_tiling_above=spec.optimize.vae_tiling_above_pixels,
             observer=observer,

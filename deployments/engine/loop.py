@@ -51,6 +51,7 @@ from deployments.engine.call_clock import CallClock
 from deployments.engine.calls import CallPlanner
 from deployments.engine.control import LatentsOutput, RequestControl, RunOutput
 from deployments.engine.controlnets import check_hosted, residuals
+from deployments.engine.cuda_graphs import GraphedCalls
 from deployments.engine.deep_cache import DeepCacheUNet
 from deployments.engine.gc_pauses import GcPauses
 from deployments.engine.lora import AdapterCache, rows_on_slots
@@ -143,6 +144,7 @@ class StepEngine:
         adapters: Optional[AdapterCache] = None,
         controlnets: Optional[Mapping[str, ControlNetModel]] = None,
         deep_cache: Optional[DeepCacheUNet] = None,
+        graphs: Optional[GraphedCalls] = None,
         refiner: bool = False,
         vae_tiling_above: Optional[int] = None,
         observer: Optional[EngineObserver] = None,
@@ -157,6 +159,7 @@ class StepEngine:
         LoRAs are refused). `controlnets`: the ControlNets this engine hosts, by name (requests
         naming another are refused). `deep_cache`: the UNet's two passes for rows that keep deep
         features between steps (None: requests with `deep_cache_interval` > 1 are refused).
+        `graphs`: small UNet calls without LoRA slots or ControlNets replay CUDA graphs (None: none do).
         `refiner`: `pipeline` is a refiner, which runs the refiner stage of requests (those with
         a `handoff`) and nothing else.
         `vae_tiling_above`: VAE encodes and decodes of images above this many pixels run tiled.
@@ -179,6 +182,7 @@ class StepEngine:
         self.adapters = adapters
         self.controlnets = dict(controlnets or {})
         self.deep_cache = deep_cache
+        self.graphs = graphs
         self.refiner = refiner
         self.vae_tiling_above = vae_tiling_above
         self._vae_dtype = pipeline.vae.dtype  # the dtype `_restore_vae` returns the VAE to
@@ -246,6 +250,8 @@ class StepEngine:
         stats["unet_calls_priced"] = dict(self.forward_calls.served_calls)
         if self.adapters is not None:
             stats["loras"] = self.adapters.stats()
+        if self.graphs is not None:
+            stats["cuda_graphs"] = dict(self.graphs.counts)
         if self.background is not None:
             stats["training"] = self.background.stats()
         if self.device.type == "cuda":  # what a long mixed load must keep flat (README, "Metrics")
@@ -629,10 +635,18 @@ class StepEngine:
             call_steered = steered[start:end] + steered[end - 1 : end] * (padded - size)
             call_deep = _pad(deep[start:end], padded) if reuse else None
             priced = clock is not None and not reuse
+            # A graph replays what it captured: only calls that read nothing but their tensors.
+            graphed = self.graphs is not None and self.graphs.takes(padded) and not any(call_slots) and not any(call_steered)
             with rows_on_slots(self.adapters, call_slots, inputs.device, ("unet",)), (
                 clock.timing(padded) if priced else nullcontext()
             ):
-                output, features = self._unet_call(call_inputs, call_timesteps, call_prompt, added, call_steered, call_deep)
+                if graphed:
+                    output, features = self.graphs.run(
+                        lambda *tensors: self._unet_call(*tensors[:4], call_steered, tensors[4]),
+                        call_inputs, call_timesteps, call_prompt, added, call_deep,
+                    )
+                else:
+                    output, features = self._unet_call(call_inputs, call_timesteps, call_prompt, added, call_steered, call_deep)
             outputs.append(output[:size])
             if keep:
                 kept.append(features[:size])
@@ -840,6 +854,10 @@ class StepEngine:
                     self._warm_branches(requests, sizes)
                 finally:
                     self._warm_slot = None
+        if self.graphs is not None:
+            # A graphed shape captures its graph at its second call: the smallest bucket's
+            # branches once more, so that no served request pays for a capture.
+            self._warm_branches(requests, sizes[:1])
         if self.decode_calls.buckets:
             # A hypothesis, not yet verified: in 2 of 4 GPU runs the replica that had just compiled
             # from an empty cache timed (and in one, served) 16-row calls at 407-435 ms where
