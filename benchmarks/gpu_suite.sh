@@ -297,25 +297,29 @@ deepcache_eager_http)
   ;;
 deepcache_default_http)
   # Issue #21's candidate for a shipped GPU config: the UNet's transformer blocks compiled
-  # (regional: seconds, not minutes), deep caching at interval 3 as the deployment's default
-  # (`model.default_deep_cache_interval`; the requests send nothing). Cold from an empty compile
-  # cache (a lone client, then 16), deployed again on the warm cache (its ready time; a lone
-  # client), then the unoptimized app (BASELINE=0 leaves it out), all in one run. CANDIDATE_SPEC
-  # replaces the spec (its compile_cache_dir should be "$CACHE-regional", emptied first);
-  # ENGINE_CPUS sets the replica's num_cpus (Ray sets its OMP_NUM_THREADS to it; default 4);
-  # WARM_CONCURRENCY the warm deployment's client counts (default 1; e.g. 1,16).
+  # (regional: seconds, not minutes), a lone image's UNet calls replayed from CUDA graphs, deep
+  # caching at interval 3 as the deployment's default (`model.default_deep_cache_interval`; the
+  # requests send nothing). Cold from an empty compile cache (a lone client, then 16), deployed
+  # again on the warm cache (its ready time; a lone client), then the unoptimized app (BASELINE=0
+  # leaves it out), all in one run. CANDIDATE_SPEC replaces the spec (its compile_cache_dir
+  # should be "$CACHE-regional", emptied first); ENGINE_CPUS sets the replica's num_cpus (Ray sets
+  # its OMP_NUM_THREADS to it; default 4); WARM_CONCURRENCY the warm deployment's client counts
+  # (default 1; e.g. 1,16); EXACT=1 deploys it a third time with every request sending
+  # deep_cache_interval 1 (exact images: what the same replica serves to clients that opt out).
   rm -rf "$CACHE-regional"
   engine_cpus=${ENGINE_CPUS:-4}
-  candidate=${CANDIDATE_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "default_deep_cache_interval": 3, "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet", "compile_scope": "regional", "batch_buckets": [1, 8], "deep_cache": true, "compile_cache_dir": "'"$CACHE-regional"'"}}'}
+  candidate=${CANDIDATE_SPEC:-'{"source": "sdxl-arch", "device": "cuda", "dtype": "float16", "attention": "sdpa", "default_deep_cache_interval": 3, "optimize": {"channels_last": true, "fuse_qkv": true, "compile": "unet", "compile_scope": "regional", "batch_buckets": [1, 8], "deep_cache": true, "cuda_graphs": true, "compile_cache_dir": "'"$CACHE-regional"'"}}'}
   # PROFILE_WARMUP=1: the replica profiles one UNet call per bucket after its warm-up (`profile`
   # in the JSON's replica_start), to set beside the same in process (`deepcache` above).
   [ "${PROFILE_WARMUP:-0}" = 1 ] && candidate=$(echo "$candidate" | sed 's/"deep_cache": true/"deep_cache": true, "profile_warmup": true/')
   baseline=(--model "unoptimized={\"model\": $base}")
   [ "${BASELINE:-1}" = 0 ] && baseline=()
+  exact=()
+  [ "${EXACT:-0}" = 1 ] && exact=(--model "regional_exact={\"model\": $candidate, \"request\": {\"deep_cache_interval\": 1}}")
   python3 benchmarks/bench_http.py --skip-direct --engine-gpus 1 --engine-cpus "$engine_cpus" --ray-cpus $((engine_cpus + 4)) \
     --size 1024 --steps 30 --requests ${REQUESTS:-12} --rounds 2 --concurrency ${CONCURRENCY:-1,16} --max-batch-size 8 \
     --model "regional_dc3_cold={\"model\": $candidate}" --model "regional_dc3_warm={\"model\": $candidate, \"concurrency\": [${WARM_CONCURRENCY:-1}]}" \
-    "${baseline[@]}" --out "$OUT"
+    "${exact[@]}" "${baseline[@]}" --out "$OUT"
   ;;
 replica_profile)
   # Where a Serve replica's 16-row UNet call spends the time it does not spend in process (issue
