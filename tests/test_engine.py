@@ -215,6 +215,21 @@ def _mixed() -> list[GenerationRequest]:
     ]
 
 
+def test_a_request_without_a_negative_prompt_runs_each_text_encoder_once(engine, tiny_pipe):
+    """SDXL zeroes the unconditional embeddings of a request without a negative prompt, so the
+    empty negative prompt is not encoded (an H200 spent 0.05-0.07 s of a lone request there)."""
+    calls = []
+    hooks = [encoder.register_forward_hook(lambda *_: calls.append(1)) for encoder in (tiny_pipe.text_encoder, tiny_pipe.text_encoder_2)]
+    try:
+        _alone(engine, GenerationRequest(prompt="a red circle", seed=1, **SMALL))
+        assert len(calls) == 2  # one pass of each encoder: the prompt
+        _alone(engine, GenerationRequest(prompt="a red circle", negative_prompt="blur", seed=1, **SMALL))
+        assert len(calls) == 6  # and the negative prompt's
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_a_heterogeneous_batch_gives_each_row_its_solo_image(engine):
     requests = _mixed()
     alone = [_alone(engine, request) for request in requests]

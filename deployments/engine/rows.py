@@ -227,12 +227,16 @@ class RowFactory:
         LoRAs). A request without a negative prompt gets what the plain pipeline gives it alone:
         zeros when the model sets `force_zeros_for_empty_prompt`, else the empty prompt's embedding."""
         guided = [request.guidance_scale > 1.0 for request in requests]
+        zeroed = [request.negative_prompt is None and self._base.config.force_zeros_for_empty_prompt for request in requests]
+        # Negative prompts are encoded only when a guided row uses its encoding: a request
+        # without one on SDXL (zeros) costs one pass of each text encoder, not two (a lone
+        # request's encoders took 0.05-0.07 s of host time on an H200, BENCHMARKS.md).
         with adapters:
             prompt, negative, pooled, negative_pooled = self._base.encode_prompt(
                 prompt=[request.prompt for request in requests],
                 device=self.device,
                 num_images_per_prompt=1,
-                do_classifier_free_guidance=any(guided),
+                do_classifier_free_guidance=any(g and not z for g, z in zip(guided, zeroed)),
                 negative_prompt=[request.negative_prompt or "" for request in requests],
             )
         embeds = []
@@ -240,9 +244,10 @@ class RowFactory:
             if not with_guidance:
                 embeds.append(TextEmbeds(prompt[row : row + 1], pooled[row : row + 1]))
                 continue
-            uncond, uncond_pooled = negative[row : row + 1], negative_pooled[row : row + 1]
-            if request.negative_prompt is None and self._base.config.force_zeros_for_empty_prompt:
-                uncond, uncond_pooled = torch.zeros_like(uncond), torch.zeros_like(uncond_pooled)
+            if zeroed[row]:
+                uncond, uncond_pooled = torch.zeros_like(prompt[row : row + 1]), torch.zeros_like(pooled[row : row + 1])
+            else:
+                uncond, uncond_pooled = negative[row : row + 1], negative_pooled[row : row + 1]
             embeds.append(
                 TextEmbeds(torch.cat([uncond, prompt[row : row + 1]]), torch.cat([uncond_pooled, pooled[row : row + 1]]))
             )
