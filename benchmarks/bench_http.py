@@ -98,7 +98,7 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
         "controlnets": {},
         "refiner": False,
     }
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     serve.run(build_app(app_args), name="sdxl", route_prefix="/")
     ready_s = time.perf_counter() - started
     # One replica's start: load and warm-up seconds, and whether its compile came from the cache.
@@ -106,6 +106,11 @@ def bench_http(args, label: str, spec_raw: dict, settings: dict) -> list[dict]:
     info = engine.model_info.remote().result()
     # Its timed call costs decide how it splits a step's rows into calls ("Compiled batch shapes").
     start = {name: info[name] for name in ("load_s", "warmup_s", "compile_cache", "unet_call_s", "decode_call_s", "unet_call_rounds_s")}
+    # Where the time to ready went: before the replica's constructor (placement, the worker
+    # process, imports), in it (load, warm-up, the rest of the constructor), after it.
+    start["before_constructor_s"] = round(info["started_at"] - started_at, 3)
+    start["constructor_s"] = info["start_s"]
+    start["after_constructor_s"] = round(ready_s - start["before_constructor_s"] - info["start_s"], 3)
     if "profile" in info:  # the spec's optimize.profile_warmup: one call per bucket, profiled
         start["profile"] = info["profile"]
     print(f"  {label} ready in {ready_s:.1f} s: { {k: v for k, v in start.items() if k != 'profile'} }", flush=True)

@@ -11,6 +11,7 @@ ControlNet variant, the refiner), under the deployment name the builder gives it
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
@@ -48,6 +49,11 @@ class EngineReplica:
     def __init__(self, model_spec: dict[str, Any], limits: dict[str, Any], engine_factory: Callable[[Any], Any]):
         """`engine_factory(observer)` returns the engine (`StepEngine`'s `submit`, `stats`, `run`,
         `startup`, `max_rows`, `scheduling` and call planners)."""
+        # When the constructor began (Unix seconds) and how long it took: a replica's time to
+        # ready is spent before it (placement, the worker process, imports), in it (load and
+        # warm-up) and after it (Serve marking the replica running); a warm restart on an H200
+        # took 41-46 s of which load and warm-up were 24 s (BENCHMARKS.md).
+        self._started_at = time.time()
         quiet_client_errors()
         self._spec = TypeAdapter(ModelSpec).validate_python(model_spec)
         self._limits = LimitsConfig.model_validate(limits)
@@ -59,6 +65,7 @@ class EngineReplica:
         self._engine = built.result()  # a failed build (load, warm-up) fails the replica's start
         self._controls: dict[str, RequestControl] = {}
         self._lora_sets = _lora_routing(self._engine)
+        self._start_s = time.time() - self._started_at
         logger.info("engine for %r ready: %s", self._spec.name, self._engine.startup)
 
     def _build_and_run(self, engine_factory: Callable[[Any], Any], built: Future) -> None:
@@ -231,6 +238,8 @@ class EngineReplica:
             "optimize": self._spec.optimize.model_dump(),
             "scheduling": engine.scheduling,
             "max_batch_size": engine.max_rows,
+            "started_at": round(self._started_at, 3),
+            "start_s": round(self._start_s, 3),
             **engine.startup,
             # Seconds of one call per compiled batch size, as priced now (timed at warm-up; the
             # UNet's then by the calls served): what forwards (UNet rows) and decodes (images)

@@ -79,3 +79,18 @@ def test_a_build_that_fails_fails_the_replicas_start():
 
     with pytest.raises(RuntimeError, match="warm-up failed"):
         EngineReplica(TinySpec(device="cpu").model_dump(mode="json"), LimitsConfig().model_dump(), failing)
+
+
+def test_model_info_says_when_the_constructor_began_and_how_long_it_took():
+    """Benchmarks split a replica's time to ready by these: before its constructor, in it, after."""
+    from deployments.engine.factory import EngineFactory
+
+    model = TinySpec(device="cpu").model_dump(mode="json")
+    before = time.time()
+    replica = EngineReplica(model, LimitsConfig().model_dump(), EngineFactory(model, {"max_batch_size": 2}))
+    try:
+        info = replica.model_info()
+        assert before - 0.001 <= info["started_at"] <= before + 1  # rounded to the millisecond
+        assert info["start_s"] >= info["load_s"] > 0  # the constructor's time includes the load
+    finally:
+        replica.close()
