@@ -144,3 +144,14 @@ def test_a_cpu_deployment_with_cuda_graphs_fails_at_load_naming_the_device(tiny_
     factory = EngineFactory(model_spec=spec.model_dump(), batching={}, pipeline_factory=lambda _: tiny_pipe)
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         factory()
+
+
+def test_a_controlnet_variants_engine_has_no_graphs(tiny_pipe):
+    """Its calls are all steered (a graph would freeze the residuals), so it captures none,
+    holds no graph memory, and needs no CUDA device for the switch."""
+    spec = TinySpec(device="cpu", optimize={"compile": "unet", "compile_backend": "eager", "cuda_graphs": True})
+    factory = EngineFactory(
+        model_spec=spec.model_dump(), batching={}, pipeline_factory=lambda _: tiny_pipe,
+        controlnets={"canny": {"source": "tiny", "map": "canny"}},
+    )
+    assert factory().graphs is None

@@ -64,9 +64,10 @@ class EngineFactory:
         serves_deep_cache = spec.optimize.deep_cache and self.refiner is None and not controlnets
         deep_cache = deep_cache_unet(pipeline.unet, spec.optimize) if serves_deep_cache else None
         # Graphs for the smallest bucket's calls (a lone guided image is two UNet rows; the
-        # unguided bucket's one-row calls are smaller still). The refiner runs eager, unbucketed.
+        # unguided bucket's one-row calls are smaller still). The refiner runs eager, unbucketed;
+        # a ControlNet variant's calls are all steered, which no graph holds.
         graphs = None
-        if spec.optimize.cuda_graphs and self.refiner is None:
+        if spec.optimize.cuda_graphs and self.refiner is None and not controlnets:
             graphs = GraphedCalls(max_rows=2 * spec.optimize.buckets()[0], capture=cuda_capture(pipeline.device))
         load_s = time.perf_counter() - started
         adapters = None
