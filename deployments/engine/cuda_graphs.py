@@ -4,7 +4,9 @@ A lone request's UNet calls are small: at 1024² a guided image's call is 2 rows
 runs in ~0.041 s when the host is ahead of it (queued behind 16-row calls under load), while the
 same calls served alone took 0.057–0.088 s by CUDA events (regional compile, BENCHMARKS.md
 "Prices from served calls"): alone, the device waits on the host launching the compiled blocks'
-kernels and the eager glue between them one by one. A CUDA graph launches a whole call at once.
+kernels and the eager glue between them one by one. A CUDA graph launches a whole call at once:
+over HTTP on that card a lone request's 30 UNet calls took 0.46 s with graphs against 0.67-0.99 s
+without, and the request 0.75-0.83 s against 0.84-1.35 s (BENCHMARKS.md, seventeenth session).
 
 A call shape's first call runs as it is (it may compile), its second captures a graph (after one
 run on a side stream, as `torch.cuda.graphs` asks), and every later one copies its inputs into the
