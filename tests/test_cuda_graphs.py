@@ -49,10 +49,8 @@ def _images(engine: StepEngine, requests: list[GenerationRequest]) -> list[np.nd
 
 def test_a_shape_runs_once_as_it_is_then_captures_then_replays_with_the_new_inputs():
     calls = GraphedCalls(max_rows=2, capture=replaying_capture)
-    ran = []
 
     def double(x, extra):
-        ran.append(1)
         return x * 2 + extra["b"], None
 
     for value in (1.0, 2.0, 3.0, 4.0):

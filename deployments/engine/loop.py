@@ -642,7 +642,9 @@ class StepEngine:
             ):
                 if graphed:
                     output, features = self.graphs.run(
-                        lambda *tensors: self._unet_call(*tensors[:4], call_steered, tensors[4]),
+                        lambda sample, timesteps, prompt, added, deep: self._unet_call(
+                            sample, timesteps, prompt, added, call_steered, deep
+                        ),
                         call_inputs, call_timesteps, call_prompt, added, call_deep,
                     )
                 else:

@@ -5,8 +5,9 @@ process took 0.28 s, while its 2-row calls matched (BENCHMARKS.md, "Warm-up timi
 the call ran the same kernels at the same speed in both ("Prices from served calls"): the
 timing was wrong, not the call. A replica's warm-up can record this summary
 (`optimize.profile_warmup`) beside the same summary in process (`bench_pipeline.py --served
---profile-warmup`), so the two can be compared kernel by kernel (`benchmarks/compare_profiles.py`). Times are under the profiler, which adds its own
-overhead to every op: compare two summaries, not a summary with a plain timing.
+--profile-warmup`), so the two can be compared kernel by kernel
+(`benchmarks/compare_profiles.py`). Times are under the profiler, which adds its own overhead to
+every op: compare two summaries, not a summary with a plain timing.
 """
 
 import time
